@@ -1,0 +1,5 @@
+import sys
+
+from ratatoskr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,436 @@
+"""Configuration: TOML (plus ``${ENV}`` expansion) parsed once into frozen dataclasses.
+
+Components receive their slice of :class:`Config` when they are built and never read the file or
+the environment again. Every problem is a :class:`~ratatoskr.errors.ConfigError` naming the key
+(``providers[1].kind``) and the problem in one line; secret values never appear in one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ratatoskr.errors import ConfigError
+
+ENV_VAR = "RATATOSKR_CFG"
+PROVIDER_KINDS = ("mailgun", "mandrill", "outbox")
+SECRET_KEYS = frozenset({"api_key", "api_tokens", "users"})
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str``, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: Listen = Listen("127.0.0.1", 2525)
+    hostname: str = "localhost"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_auth: bool = False
+    users: Mapping[str, Secret] = field(default_factory=dict)
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: Listen = Listen("127.0.0.1", 8025)
+    api_tokens: tuple[Secret, ...] = ()
+    max_body_size: int = 36_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path = Path("./var")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    max_queue_lifetime: float = 172_800.0
+    workers: int = 16
+    retry_initial: float = 60.0
+    retry_max: float = 3_600.0
+    circuit_failures: int = 5
+    circuit_cooldown: float = 15.0
+    circuit_cooldown_max: float = 600.0
+    shutdown_timeout: float = 20.0
+    max_recoveries: int = 5
+    bounce: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    api_key: Secret | None = None
+    domain: str = ""
+    base_url: str = ""
+    timeout: float = 10.0
+    path: Path = Path("./outbox")
+    circuit_failures: int | None = None
+    circuit_cooldown: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig = SmtpConfig()
+    http: HttpConfig = HttpConfig()
+    spool: SpoolConfig = SpoolConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    providers: tuple[ProviderConfig, ...] = (ProviderConfig(name="outbox", kind="outbox"),)
+    log: LogConfig = LogConfig()
+    source: str = "built-in development defaults"
+
+    def secrets(self) -> list[str]:
+        """Every secret value in this config, for the log redaction filter."""
+        found = [p.api_key.reveal() for p in self.providers if p.api_key]
+        found += [t.reveal() for t in self.http.api_tokens]
+        found += [h.reveal() for h in self.smtp.users.values()]
+        return [s for s in found if s]
+
+
+class _Table:
+    """One TOML table being read: knows its dotted key path and refuses keys nobody read."""
+
+    def __init__(self, path: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a table")
+        self.path = path
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = _expand_env(self.key(name), self.data[name], secret=name in SECRET_KEYS)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            wanted = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ConfigError(self.key(name), f"must be {_article(wanted)}")
+        return value  # type: ignore[return-value]
+
+    def positive(self, name: str, kind: type[T], default: T) -> T:
+        value = self.get(name, kind, default)
+        if value <= 0:  # type: ignore[operator]
+            raise ConfigError(self.key(name), f"must be greater than 0, got {value}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        self.seen.add(name)
+        return _Table(self.key(name), self.data.get(name, {}))
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                raise ConfigError(self.key(name), "unknown key")
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _expand_env(key: str, value: Any, *, secret: bool) -> Any:
+    if isinstance(value, list):
+        return [_expand_env(key, v, secret=secret) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(lookup, value)
+
+
+def parse_listen(key: str, text: str) -> Listen:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ConfigError(key, f"expected host:port or [ipv6]:port, got {text!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is out of range 0-65535")
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
+    return Listen(host, port)
+
+
+def _read_secret_file(key: str, path: str) -> Secret:
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(key, f"{path} is empty")
+    return Secret(value)
+
+
+def _smtp(t: _Table) -> SmtpConfig:
+    listen = parse_listen(t.key("listen"), t.get("listen", str, "127.0.0.1:2525"))
+    cert = t.get("tls_cert", str, "")
+    key = t.get("tls_key", str, "")
+    if bool(cert) != bool(key):
+        missing = "tls_key" if cert else "tls_cert"
+        raise ConfigError(t.key(missing), "tls_cert and tls_key must be given together")
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if value and not Path(value).is_file():
+            raise ConfigError(t.key(name), f"no such file: {value}")
+    users_table = t.table("users")
+    users = {}
+    for user in users_table.data:
+        hashed = users_table.get(user, str, "")
+        if not hashed.startswith("scrypt$"):
+            raise ConfigError(users_table.key(user), "not a hash from `ratatoskr hash-password`")
+        users[user] = Secret(hashed)
+    require_auth = t.get("require_auth", bool, not listen.is_loopback)
+    config = SmtpConfig(
+        listen=listen,
+        hostname=t.get("hostname", str, "localhost") or "localhost",
+        max_message_size=t.positive("max_message_size", int, 26_214_400),
+        max_recipients=t.positive("max_recipients", int, 100),
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+        require_auth=require_auth,
+        users=users,
+        max_connections=t.positive("max_connections", int, 1000),
+        max_connections_per_client=t.positive("max_connections_per_client", int, 50),
+        timeout=t.positive("timeout", float, 300.0),
+    )
+    _refuse_open_relay(t, config)
+    return config
+
+
+def _refuse_open_relay(t: _Table, smtp: SmtpConfig) -> None:
+    if smtp.listen.is_loopback:
+        return
+    if not smtp.require_auth:
+        raise ConfigError(
+            t.key("require_auth"),
+            f"false on non-loopback listener {smtp.listen} would make an open relay",
+        )
+    if not smtp.users:
+        raise ConfigError(
+            t.key("users"), f"no users configured, but non-loopback listener {smtp.listen} needs auth"
+        )
+    if smtp.tls_cert is None:
+        raise ConfigError(
+            t.key("tls_cert"),
+            f"required on non-loopback listener {smtp.listen}: credentials travel only over TLS",
+        )
+
+
+def _http(t: _Table) -> HttpConfig:
+    tokens = t.get("api_tokens", list, [])
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token:
+            raise ConfigError(f"{t.key('api_tokens')}[{i}]", "must be a non-empty string")
+    return HttpConfig(
+        listen=parse_listen(t.key("listen"), t.get("listen", str, "127.0.0.1:8025")),
+        api_tokens=tuple(Secret(tok) for tok in tokens),
+        max_body_size=t.positive("max_body_size", int, 36_000_000),
+    )
+
+
+def _delivery(t: _Table) -> DeliveryConfig:
+    d = DeliveryConfig()
+    config = DeliveryConfig(
+        max_queue_lifetime=t.positive("max_queue_lifetime", float, d.max_queue_lifetime),
+        workers=t.positive("workers", int, d.workers),
+        retry_initial=t.positive("retry_initial", float, d.retry_initial),
+        retry_max=t.positive("retry_max", float, d.retry_max),
+        circuit_failures=t.positive("circuit_failures", int, d.circuit_failures),
+        circuit_cooldown=t.positive("circuit_cooldown", float, d.circuit_cooldown),
+        circuit_cooldown_max=t.positive("circuit_cooldown_max", float, d.circuit_cooldown_max),
+        shutdown_timeout=t.positive("shutdown_timeout", float, d.shutdown_timeout),
+        max_recoveries=t.positive("max_recoveries", int, d.max_recoveries),
+        bounce=t.get("bounce", bool, d.bounce),
+    )
+    if config.retry_max < config.retry_initial:
+        raise ConfigError(t.key("retry_max"), "must not be smaller than retry_initial")
+    return config
+
+
+_DEFAULT_URLS = {"mailgun": "https://api.mailgun.net", "mandrill": "https://mandrillapp.com/api/1.0"}
+
+
+def _provider(t: _Table, names: set[str]) -> ProviderConfig:
+    kind = t.get("kind", str, "")
+    if not kind:
+        raise ConfigError(t.key("kind"), f"missing (expected {', '.join(PROVIDER_KINDS)})")
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(
+            t.key("kind"), f"unknown kind {kind!r} (expected {', '.join(PROVIDER_KINDS)})"
+        )
+    name = t.get("name", str, kind)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(t.key("name"), f"{name!r} must be letters, digits, '-', '_' or '.'")
+    if name in names:
+        raise ConfigError(t.key("name"), f"duplicate provider name {name!r}")
+    names.add(name)
+    timeout = t.positive("timeout", float, 10.0)
+    failures = t.get("circuit_failures", int, 0) or None
+    cooldown = t.get("circuit_cooldown", float, 0.0) or None
+    if kind == "outbox":
+        return ProviderConfig(
+            name=name, kind=kind, timeout=timeout, path=Path(t.get("path", str, "./outbox")),
+            circuit_failures=failures, circuit_cooldown=cooldown,
+        )
+    api_key = _api_key(t)
+    base_url = t.get("base_url", str, _DEFAULT_URLS[kind]).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
+    domain = t.get("domain", str, "")
+    if kind == "mailgun":
+        # A '/' in the domain (even as %2F) makes Mailgun answer 200 "Mailgun Magnificent API"
+        # without sending, so refuse anything that is not a plain DNS name up front.
+        if not domain:
+            raise ConfigError(t.key("domain"), "missing (the Mailgun sending domain)")
+        if not _DOMAIN.match(domain):
+            raise ConfigError(t.key("domain"), f"{domain!r} is not a domain name")
+    return ProviderConfig(
+        name=name, kind=kind, api_key=api_key, domain=domain, base_url=base_url,
+        timeout=timeout, circuit_failures=failures, circuit_cooldown=cooldown,
+    )
+
+
+def _api_key(t: _Table) -> Secret:
+    key = t.get("api_key", str, "")
+    key_file = t.get("api_key_file", str, "")
+    if key and key_file:
+        raise ConfigError(t.key("api_key"), "give api_key or api_key_file, not both")
+    if key_file:
+        return _read_secret_file(t.key("api_key_file"), key_file)
+    if not key:
+        raise ConfigError(t.key("api_key"), "missing (or set api_key_file)")
+    return Secret(key)
+
+
+def _providers(raw: Any) -> tuple[ProviderConfig, ...]:
+    if raw is None:
+        return Config().providers
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("providers", "must be a non-empty array of tables ([[providers]])")
+    names: set[str] = set()
+    providers = []
+    for i, data in enumerate(raw):
+        t = _Table(f"providers[{i}]", data)
+        providers.append(_provider(t, names))
+        t.finish()
+    return tuple(providers)
+
+
+def _log(t: _Table) -> LogConfig:
+    fmt = t.get("format", str, "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError(t.key("format"), f"unknown format {fmt!r} (expected text, json)")
+    level = t.get("level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(t.key("level"), f"unknown level {level!r} (expected debug, info, warning, error)")
+    return LogConfig(format=fmt, level=level)
+
+
+def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
+    table = root.table(name)
+    result = build(table)
+    table.finish()
+    return result
+
+
+def parse(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Build a :class:`Config` from a parsed TOML document."""
+    root = _Table("", data)
+    root.seen.add("providers")
+    config = Config(
+        smtp=_section(root, "smtp", _smtp),
+        http=_section(root, "http", _http),
+        spool=_section(root, "spool", lambda t: SpoolConfig(Path(t.get("path", str, "./var")))),
+        delivery=_section(root, "delivery", _delivery),
+        providers=_providers(data.get("providers")),
+        log=_section(root, "log", _log),
+        source=source,
+    )
+    root.finish()
+    return config
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults."""
+    if path is None:
+        path = os.environ.get(ENV_VAR) or None
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return parse(data, source=str(path))

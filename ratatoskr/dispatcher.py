@@ -1,0 +1,335 @@
+"""Delivery: claim due messages, hand each to the first provider that takes traffic, record.
+
+One round for one message walks the providers in configured order:
+
+* a provider whose circuit is open (or that is rate limited) is skipped;
+* sent → the message leaves the queue;
+* temporary failure, unusable provider, rate limit → fail over at once to the next provider;
+* ambiguous (the request left, no answer came) → the same provider is tried once more before
+  failing over. Either way the provider may already have the first copy, so this rule accepts a
+  possible duplicate in exchange for never losing the message; every try is in the history;
+* permanent refusal → the next provider gets one chance too (one provider's refusal is not the
+  world's); a provider that refused is not asked again in later rounds.
+
+If no provider took it: dead when every provider refused it or its lifetime is over, otherwise
+deferred with backoff (:mod:`ratatoskr.backoff`). A provider's recovery brings deferred messages
+forward, so nobody waits out a long backoff after an outage ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ratatoskr.backoff import retry_delay
+from ratatoskr.config import DeliveryConfig
+from ratatoskr.errors import (
+    AmbiguousFailure,
+    PermanentFailure,
+    ProviderUnavailable,
+    QueueUnavailable,
+    RateLimited,
+    TemporaryFailure,
+)
+from ratatoskr.health import ProviderHealth
+from ratatoskr.metrics import Metrics
+from ratatoskr.providers.base import Outbound, Provider, Receipt
+from ratatoskr.spool import Spool, StoredMessage
+
+log = logging.getLogger("ratatoskr.delivery")
+
+
+@dataclass(slots=True)
+class Round:
+    """What happened to one message in one pass over the providers."""
+
+    attempts: list[dict[str, Any]]
+    receipt: Receipt | None = None
+    retry_after: float | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        spool: Spool,
+        providers: Sequence[Provider],
+        config: DeliveryConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.spool = spool
+        self.providers = list(providers)
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.health = {p.name: self._health_for(p) for p in self.providers}
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        for p in self.providers:
+            metrics.register_provider(p.name)
+
+    def _health_for(self, provider: Provider) -> ProviderHealth:
+        cfg = getattr(provider, "config", None)
+        return ProviderHealth(
+            provider.name,
+            failures_to_open=getattr(cfg, "circuit_failures", None) or self.config.circuit_failures,
+            cooldown=getattr(cfg, "circuit_cooldown", None) or self.config.circuit_cooldown,
+            cooldown_max=self.config.circuit_cooldown_max,
+            clock=self.clock,
+            on_change=self._health_changed,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self.run(), name="ratatoskr-dispatcher")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self, timeout: float | None = None) -> int:
+        """Stop claiming; let deliveries in flight finish within ``timeout``; return how many
+        were cut off (those go back to the queue untouched)."""
+        self._stopping = True
+        self.wake()
+        if self._runner is not None:
+            await self._runner
+        pending = list(self._tasks.values())
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout or self.config.shutdown_timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)
+            return len(still)
+        return 0
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except QueueUnavailable as exc:
+                log.error("cannot claim messages: %s", exc)
+                claimed = []
+            for stored in claimed:
+                task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
+                self._tasks[stored.id] = task
+                task.add_done_callback(lambda _t, qid=stored.id: self._finished(qid))
+            if claimed and len(self._tasks) < self.config.workers:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._idle_wait())
+            except TimeoutError:
+                pass
+
+    def _finished(self, qid: str) -> None:
+        self._tasks.pop(qid, None)
+        self._wake.set()
+
+    def _idle_wait(self) -> float:
+        now = self.clock()
+        soonest = min((h.ready_at() for h in self.health.values()), default=now)
+        if soonest > now:
+            return max(0.01, min(self.poll_interval, soonest - now))
+        return self.poll_interval
+
+    async def _claim(self) -> list[StoredMessage]:
+        free = self.config.workers - len(self._tasks)
+        if free <= 0:
+            return []
+        healths = self.health.values()
+        if any(h.up for h in healths):
+            return await self.spool.claim(free, exclude=self._tasks)
+        if any(h.trial_due() for h in healths):
+            # Every provider is out; one whose cool-down ended gets the oldest waiting message
+            # as its trial, even one whose own backoff is not over yet.
+            return await self.spool.claim(1, exclude=self._tasks, due=math.inf)
+        return []
+
+    def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
+        self.metrics.set_provider_up(health.name, up)
+        if up:
+            log.warning("provider %s is taking traffic again (%s)", health.name, reason)
+            asyncio.get_running_loop().create_task(self._bring_forward())
+        else:
+            log.warning("provider %s stopped taking traffic: %s", health.name, reason)
+
+    async def _bring_forward(self) -> None:
+        try:
+            moved = await self.spool.reschedule_deferred(self.clock())
+        except QueueUnavailable as exc:
+            log.error("cannot reschedule deferred messages: %s", exc)
+            return
+        if moved:
+            log.info("%d deferred messages brought forward", moved)
+        self.wake()
+
+    # -- one message -----------------------------------------------------------------------------
+
+    async def deliver(self, stored: StoredMessage) -> None:
+        outbound = Outbound(stored.id, stored.envelope, stored.raw)
+        finished = False
+        try:
+            result = await self._round(outbound, stored)
+            await self._record(stored, result)
+            finished = True
+        except QueueUnavailable as exc:
+            log.error("id=%s cannot record delivery outcome: %s", stored.id, exc)
+        finally:
+            if not finished:
+                try:
+                    await asyncio.shield(self.spool.release(stored.id))
+                except QueueUnavailable:
+                    pass
+
+    async def _round(self, outbound: Outbound, stored: StoredMessage) -> Round:
+        refused = {a["provider"] for a in stored.history if a.get("outcome") == "permanent"}
+        result = Round(attempts=[])
+        previous: str | None = None
+        for provider in self.providers:
+            if provider.name in refused:
+                continue
+            health = self.health[provider.name]
+            if not health.acquire():
+                previous = previous or provider.name
+                continue
+            if previous is not None:
+                self.metrics.failover(previous, provider.name)
+            if await self._try(provider, health, outbound, result):
+                return result
+            previous = provider.name
+        return result
+
+    async def _try(
+        self, provider: Provider, health: ProviderHealth, outbound: Outbound, result: Round
+    ) -> bool:
+        """Send to one provider (twice when the first answer is ambiguous); True when sent."""
+        for second_chance in (False, True):
+            started = time.monotonic()
+            try:
+                receipt = await provider.send(outbound)
+            except AmbiguousFailure as exc:
+                self._note(result, provider, "ambiguous", exc, started)
+                health.record_failure(exc.reason)
+                if not second_chance and health.acquire():
+                    continue
+                return False
+            except RateLimited as exc:
+                self._note(result, provider, "rate_limited", exc, started)
+                health.record_rate_limit(exc.retry_after, exc.reason)
+                result.retry_after = _later(result.retry_after, exc.retry_after)
+            except ProviderUnavailable as exc:
+                self._note(result, provider, "unavailable", exc, started)
+                health.record_failure(exc.reason, unusable=True)
+            except TemporaryFailure as exc:
+                self._note(result, provider, "temporary", exc, started)
+                health.record_failure(exc.reason)
+                result.retry_after = _later(result.retry_after, exc.retry_after)
+            except PermanentFailure as exc:
+                self._note(result, provider, "permanent", exc, started)
+                health.record_success()
+            except asyncio.CancelledError:
+                health.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug on one message must not lose it
+                log.exception("id=%s provider %s failed unexpectedly", outbound.id, provider.name)
+                self._note(result, provider, "error", exc, started)
+                health.record_failure(f"internal error: {type(exc).__name__}")
+            else:
+                self._note(result, provider, "sent", None, started, receipt=receipt)
+                health.record_success()
+                result.receipt = receipt
+                return True
+            return False
+        return False
+
+    def _note(
+        self,
+        result: Round,
+        provider: Provider,
+        outcome: str,
+        exc: BaseException | None,
+        started: float,
+        receipt: Receipt | None = None,
+    ) -> None:
+        seconds = time.monotonic() - started
+        metric = {"sent": "sent", "permanent": "permanent_failure"}.get(outcome, "temporary_failure")
+        self.metrics.delivery(provider.name, metric, seconds)
+        attempt: dict[str, Any] = {
+            "at": round(self.clock(), 3),
+            "provider": provider.name,
+            "outcome": outcome,
+            "seconds": round(seconds, 3),
+        }
+        if exc is not None:
+            attempt["detail"] = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            if getattr(exc, "status", None):
+                attempt["status"] = exc.status  # type: ignore[attr-defined]
+        if receipt is not None:
+            attempt["provider_id"] = receipt.provider_id
+            if receipt.rejected:
+                attempt["rejected"] = dict(receipt.rejected)
+        result.attempts.append(attempt)
+
+    async def _record(self, stored: StoredMessage, result: Round) -> None:
+        message_id = stored.meta.get("message_id", "")
+        if result.receipt is not None:
+            await self.spool.complete(stored.id)
+            receipt = result.receipt
+            log.info(
+                "delivered id=%s message_id=%s provider=%s provider_id=%s",
+                stored.id, message_id, receipt.provider, receipt.provider_id,
+            )
+            for rcpt, reason in receipt.rejected.items():
+                log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
+            return
+        history = stored.history + result.attempts
+        refused = {a["provider"] for a in history if a.get("outcome") == "permanent"}
+        error = _summary(result.attempts) or "no provider is taking traffic"
+        now = self.clock()
+        if refused >= {p.name for p in self.providers}:
+            await self.spool.bury(stored.id, error=f"refused by every provider: {error}", attempts=result.attempts)
+            self.log_dead(stored, f"refused by every provider: {error}")
+        elif now >= stored.expires_at:
+            reason = f"undelivered after {stored.attempts + 1} attempts, lifetime over: {error}"
+            await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
+            self.log_dead(stored, reason)
+        else:
+            delay = retry_delay(
+                stored.attempts + 1,
+                initial=self.config.retry_initial,
+                maximum=self.config.retry_max,
+                explicit=result.retry_after,
+            )
+            await self.spool.defer(stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts)
+            log.info("deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error)
+
+    def log_dead(self, stored: StoredMessage, reason: str) -> None:
+        log.error("dead id=%s message_id=%s sender=%s reason=%s", stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason)
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _summary(attempts: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{a['provider']}: {a['outcome']} ({a.get('detail', '')})" for a in attempts)

@@ -1,0 +1,96 @@
+"""Every metric named in the public interface, on a registry the daemon owns.
+
+Components report events through :class:`Metrics` methods and never import prometheus_client,
+so two daemons (or a daemon and a test) can live in one process without sharing counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+OUTCOMES = ("sent", "temporary_failure", "permanent_failure")
+QUEUE_STATES = ("queued", "deferred", "dead")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.messages_received = Counter(
+            "ratatoskr_messages_received", "Messages accepted into the queue.", ["ingress"], registry=r
+        )
+        self.messages_rejected = Counter(
+            "ratatoskr_messages_rejected", "Messages refused at ingress.", ["ingress", "reason"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "ratatoskr_deliveries", "Delivery attempts by outcome.", ["provider", "outcome"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "ratatoskr_delivery_duration_seconds", "Time one provider took for one attempt.",
+            ["provider"], registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.provider_up = Gauge(
+            "ratatoskr_provider_up", "1 while the provider takes traffic, 0 while its circuit is open.",
+            ["provider"], registry=r,
+        )
+        self.failovers = Counter(
+            "ratatoskr_failovers", "Messages moved from one provider to the next.",
+            ["from_provider", "to_provider"], registry=r,
+        )
+        self.queue_messages = Gauge(
+            "ratatoskr_queue_messages", "Messages in the queue by state.", ["state"], registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "ratatoskr_queue_oldest_age_seconds", "Age of the oldest undelivered message.", registry=r
+        )
+        for ingress in ("smtp", "http"):
+            self.messages_received.labels(ingress=ingress)
+        for state in QUEUE_STATES:
+            self.queue_messages.labels(state=state).set(0)
+
+    def register_provider(self, name: str) -> None:
+        self.provider_up.labels(provider=name).set(1)
+        for outcome in OUTCOMES:
+            self.deliveries.labels(provider=name, outcome=outcome)
+        self.delivery_duration.labels(provider=name)
+
+    def received(self, ingress: str) -> None:
+        self.messages_received.labels(ingress=ingress).inc()
+
+    def rejected(self, ingress: str, reason: str) -> None:
+        self.messages_rejected.labels(ingress=ingress, reason=reason).inc()
+
+    def delivery(self, provider: str, outcome: str, seconds: float) -> None:
+        self.deliveries.labels(provider=provider, outcome=outcome).inc()
+        self.delivery_duration.labels(provider=provider).observe(seconds)
+
+    def set_provider_up(self, provider: str, up: bool) -> None:
+        self.provider_up.labels(provider=provider).set(1 if up else 0)
+
+    def failover(self, from_provider: str, to_provider: str) -> None:
+        self.failovers.labels(from_provider=from_provider, to_provider=to_provider).inc()
+
+    def set_queue(self, counts: dict[str, int], oldest_age: float) -> None:
+        inflight = counts.get("inflight", 0)
+        self.queue_messages.labels(state="queued").set(counts.get("queued", 0) + inflight)
+        self.queue_messages.labels(state="deferred").set(counts.get("deferred", 0))
+        self.queue_messages.labels(state="dead").set(counts.get("dead", 0))
+        self.queue_oldest_age.set(oldest_age)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,220 @@
+"""MIME in and out: inspect what arrived, prepare it for the queue, and parse it for providers.
+
+What we change in a message on its way in, and nothing more: a ``Received:`` trace header on top,
+``Bcc:`` headers removed (the envelope already holds those recipients; a Bcc header must never
+reach a provider), ``Message-ID:``/``Date:`` added when missing (as Postfix's cleanup does), and a
+text/plain alternative derived with html2text when the message has only HTML. Everything else
+stays byte for byte as the client sent it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from email import policy
+from email.message import EmailMessage, MIMEPart
+from email.parser import BytesHeaderParser, BytesParser
+from typing import cast
+
+import html2text
+
+from ratatoskr.errors import MessageRejected
+from ratatoskr.message import Address, Attachment, Message
+
+_SMTP_POLICY = policy.default.clone(linesep="\r\n")
+_HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_STANDARD_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "MIME-Version",
+        "Content-Type", "Content-Transfer-Encoding", "Content-Disposition", "Received",
+        "Return-Path", "Sender", "X-Tag", "X-Mailgun-Tag", "X-MC-Tags",
+    )
+)
+TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
+
+
+def split_head(raw: bytes) -> tuple[bytes, bytes]:
+    """Split raw bytes into the header block (with its final line break) and the rest."""
+    match = _BLANK_LINE.search(raw)
+    if match is None:
+        return raw, b""
+    cut = match.start() + (2 if raw[match.start()] == 13 else 1)
+    return raw[:cut], raw[cut:]
+
+
+def _fields(head: bytes) -> list[bytes]:
+    """Header fields, each with its continuation lines, in order."""
+    lines = head.splitlines(keepends=True)
+    fields: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def strip_bcc(raw: bytes) -> bytes:
+    """Remove every ``Bcc:``/``Resent-Bcc:`` field, leaving all other bytes untouched."""
+    head, body = split_head(raw)
+    lowered = head.lower()
+    if b"bcc" not in lowered:
+        return raw
+    kept = [f for f in _fields(head) if not re.match(rb"(?i)(resent-)?bcc\s*:", f)]
+    return b"".join(kept) + body
+
+
+def check_head(head: bytes) -> None:
+    """Refuse a message whose header section is not RFC 5322 headers."""
+    if not head.strip():
+        raise MessageRejected("message has no header section")
+    if b"\x00" in head:
+        raise MessageRejected("message headers contain NUL bytes")
+    first = head.split(b"\n", 1)[0]
+    if not _HEADER_NAME.match(first):
+        raise MessageRejected("message does not start with a header field")
+
+
+def html_to_text(html: str) -> str:
+    converter = html2text.HTML2Text()
+    converter.body_width = 78
+    converter.ignore_images = True
+    converter.unicode_snob = True
+    return converter.handle(html).strip() + "\n"
+
+
+def _needs_text_part(root: EmailMessage) -> MIMEPart | None:
+    """The HTML part to pair with a derived text part, or None when a text part exists."""
+    if root.get_content_maintype() not in ("text", "multipart"):
+        return None
+    if root.get_body(preferencelist=("plain",)) is not None:
+        return None
+    return cast("MIMEPart | None", root.get_body(preferencelist=("related", "html")))
+
+
+def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
+    """Turn ``html_part`` (HTML or multipart/related) into multipart/alternative, text first."""
+    html_leaf = html_part.get_body(preferencelist=("html",)) if html_part.is_multipart() else html_part
+    if html_leaf is None:
+        return
+    text = html_to_text(cast(str, html_leaf.get_content()))
+    html_part.make_alternative()
+    text_part = MIMEPart(policy=_SMTP_POLICY)
+    text_part.set_content(text, subtype="plain", charset="utf-8")
+    cast(list, html_part.get_payload()).insert(0, text_part)
+
+
+def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[bytes, Message]:
+    """Check and normalize an incoming message; return the bytes to queue and a parsed view.
+
+    Raises :class:`MessageRejected` with a client-safe reason for anything we will never take.
+    """
+    head, _ = split_head(raw)
+    check_head(head)
+    headers = BytesHeaderParser(policy=policy.default).parsebytes(head)
+    if headers["From"] is None:
+        raise MessageRejected("message has no From header")
+    raw = strip_bcc(raw)
+    added = trace
+    if headers["Message-ID"] is None:
+        added += f"Message-ID: <{queue_id}@{hostname}>\r\n"
+    if headers["Date"] is None:
+        added += f"Date: {email.utils.formatdate(localtime=True)}\r\n"
+    ctype = headers.get_content_type()
+    if ctype != "text/plain":
+        root = cast(EmailMessage, BytesParser(policy=_SMTP_POLICY).parsebytes(raw))
+        html_part = _needs_text_part(root)
+        if html_part is not None:
+            add_text_alternative(root, html_part)
+            raw = root.as_bytes(policy=_SMTP_POLICY)
+    prepared = added.encode("utf-8") + raw
+    return prepared, summarize(headers, queue_id=queue_id, hostname=hostname)
+
+
+def summarize(headers: EmailMessage, *, queue_id: str = "", hostname: str = "") -> Message:
+    """The cheap header-only view used for logs and queue listings."""
+    message_id = str(headers["Message-ID"] or f"<{queue_id}@{hostname}>").strip()
+    return Message(
+        from_=_addresses(headers, "From"),
+        subject=_header_text(headers, "Subject"),
+        message_id=message_id,
+        tags=_tags(headers),
+    )
+
+
+def _header_text(msg: EmailMessage, name: str) -> str:
+    try:
+        value = msg[name]
+    except Exception:  # noqa: BLE001 - a malformed header must not sink the message
+        return ""
+    return str(value) if value is not None else ""
+
+
+def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
+    found: list[Address] = []
+    try:
+        values = msg.get_all(name) or []
+    except Exception:  # noqa: BLE001
+        return ()
+    for value in values:
+        for mailbox in getattr(value, "addresses", ()):
+            if mailbox.addr_spec and "@" in mailbox.addr_spec:
+                found.append(Address(addr=mailbox.addr_spec, name=mailbox.display_name))
+    return tuple(found)
+
+
+def _tags(msg: EmailMessage) -> tuple[str, ...]:
+    tags: list[str] = []
+    for name in TAG_HEADERS:
+        for value in msg.get_all(name) or []:
+            tags += [t.strip() for t in str(value).split(",") if t.strip()]
+    return tuple(dict.fromkeys(tags))
+
+
+def _attachments(root: EmailMessage, bodies: tuple[object, ...]) -> tuple[Attachment, ...]:
+    found = []
+    for part in root.walk():
+        if part.is_multipart() or any(part is b for b in bodies):
+            continue
+        if part is root and root.get_content_maintype() == "text":
+            continue
+        cid = str(part.get("Content-ID", "")).strip().strip("<>")
+        disposition = part.get_content_disposition()
+        payload = part.get_payload(decode=True)
+        found.append(
+            Attachment(
+                filename=part.get_filename() or "",
+                content_type=part.get_content_type(),
+                content=payload if isinstance(payload, bytes) else b"",
+                content_id=cid,
+                inline=disposition == "inline" or (bool(cid) and disposition is None),
+            )
+        )
+    return tuple(found)
+
+
+def parse(raw: bytes) -> Message:
+    """The full parsed view of queued bytes: addresses, bodies, attachments, extra headers."""
+    root = cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(raw))
+    text_part = root.get_body(preferencelist=("plain",))
+    html_part = root.get_body(preferencelist=("html",))
+    text = cast(str, text_part.get_content()) if text_part is not None else None
+    html = cast(str, html_part.get_content()) if html_part is not None else None
+    extra = tuple(
+        (name, str(value)) for name, value in root.items() if name.lower() not in _STANDARD_HEADERS
+    )
+    return Message(
+        from_=_addresses(root, "From"),
+        to=_addresses(root, "To"),
+        cc=_addresses(root, "Cc"),
+        reply_to=_addresses(root, "Reply-To"),
+        subject=_header_text(root, "Subject"),
+        text=text,
+        html=html,
+        attachments=_attachments(root, (text_part, html_part)),
+        headers=extra,
+        tags=_tags(root),
+        message_id=_header_text(root, "Message-ID").strip(),
+    )

@@ -1,0 +1,34 @@
+"""Provider registry: configured kind → class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from ratatoskr.config import ProviderConfig
+from ratatoskr.providers.base import Outbound, ProbeResult, Provider, Receipt
+from ratatoskr.providers.outbox import OutboxProvider
+
+__all__ = ["Outbound", "ProbeResult", "Provider", "Receipt", "build_providers", "KINDS"]
+
+
+def _mailgun(config: ProviderConfig) -> Provider:
+    from ratatoskr.providers.mailgun import MailgunProvider
+
+    return MailgunProvider(config)
+
+
+def _mandrill(config: ProviderConfig) -> Provider:
+    from ratatoskr.providers.mandrill import MandrillProvider
+
+    return MandrillProvider(config)
+
+
+KINDS: dict[str, Callable[[ProviderConfig], Provider]] = {
+    "outbox": OutboxProvider,
+    "mailgun": _mailgun,
+    "mandrill": _mandrill,
+}
+
+
+def build_providers(configs: Iterable[ProviderConfig]) -> list[Provider]:
+    return [KINDS[c.kind](c) for c in configs]

@@ -1,0 +1,68 @@
+"""The development provider: each delivered message becomes ``<queue id>.eml`` in a folder.
+
+Next to it, ``<queue id>.json`` records the envelope (sender, recipients, Bcc included), because
+the ``.eml`` itself carries no Bcc header. Both files are written to a temporary name, fsynced and
+renamed, so a reader never sees half a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from ratatoskr.config import ProviderConfig
+from ratatoskr.errors import TemporaryFailure
+from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class OutboxProvider:
+    kind: ClassVar[str] = "outbox"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.path = config.path
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(self, message: Outbound) -> Receipt:
+        try:
+            await asyncio.to_thread(self._write, message)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot write to {self.path}: {exc.strerror}", provider=self.name) from exc
+        return Receipt(provider=self.name, provider_id=message.id)
+
+    def _write(self, message: Outbound) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        envelope = {"sender": message.envelope.sender, "recipients": list(message.envelope.recipients)}
+        write_atomically(self.path / f"{message.id}.json", json.dumps(envelope).encode())
+        write_atomically(self.path / f"{message.id}.eml", message.mime)
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def probe(self) -> ProbeResult:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return ProbeResult(False, f"cannot create {self.path}: {exc.strerror}")
+        if not os.access(self.path, os.W_OK):
+            return ProbeResult(False, f"{self.path} is not writable")
+        return ProbeResult(True, f"writes to {self.path}")

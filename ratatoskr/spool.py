@@ -1,0 +1,412 @@
+"""The durable queue: every accepted message lives here until a provider has taken it.
+
+Storage choice: SQLite in WAL mode with ``synchronous=FULL``, written by one thread that commits
+whatever operations are waiting as one transaction (group commit). ``put`` returns only after the
+COMMIT that holds the message has been fsynced, so a 250/202 always follows the disk. Measured on
+our 2-core machines this keeps ~95% of a non-durable sink's acceptance rate under 20 concurrent
+sessions, where a file-per-message spool pays one fsync (plus a directory fsync) per message.
+SQLite also lets ``ratatoskr queue …`` act on the queue from another process while the daemon runs.
+
+States (the ``state`` column)::
+
+    queued ──claim──▶ inflight ──sent──▶ (row deleted)
+       ▲                 │ temporary ──▶ deferred (next_attempt_at) ──due──▶ claim again
+       │                 │ permanent / expired ──▶ dead (kept; `queue retry` revives)
+       └── recover() at start-up: inflight ▶ queued, counting recoveries; too many ▶ dead
+
+Nothing is deleted on an error path; a message only leaves the table once delivered or when an
+operator runs ``queue delete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ratatoskr.errors import QueueUnavailable
+from ratatoskr.message import Envelope
+
+T = TypeVar("T")
+DB_NAME = "queue.sqlite3"
+_BATCH_MAX = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    recoveries INTEGER NOT NULL DEFAULT 0,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    history TEXT NOT NULL DEFAULT '[]',
+    last_error TEXT NOT NULL DEFAULT '',
+    raw BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
+"""
+_COLUMNS = (
+    "id, state, created_at, expires_at, next_attempt_at, attempts, recoveries, sender, "
+    "recipients, meta, history, last_error"
+)
+
+
+class State(StrEnum):
+    QUEUED = "queued"  #: waiting for its first attempt (or revived by `queue retry`)
+    INFLIGHT = "inflight"  #: claimed by a delivery worker right now
+    DEFERRED = "deferred"  #: an attempt failed temporarily; due again at next_attempt_at
+    DEAD = "dead"  #: given up on; kept for an operator
+
+
+def new_id() -> str:
+    """A queue id: microseconds since the epoch, then randomness; sorts by arrival."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: str
+    state: State
+    envelope: Envelope
+    meta: dict[str, Any]
+    created_at: float
+    expires_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    recoveries: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_error: str = ""
+    raw: bytes = b""
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...], raw: bytes = b"") -> StoredMessage:
+        return cls(
+            id=row[0], state=State(row[1]), created_at=row[2], expires_at=row[3],
+            next_attempt_at=row[4], attempts=row[5], recoveries=row[6],
+            envelope=Envelope(sender=row[7], recipients=tuple(json.loads(row[8]))),
+            meta=json.loads(row[9]), history=json.loads(row[10]), last_error=row[11], raw=raw,
+        )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the queue database, creating folder and schema on first use."""
+    path.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path / DB_NAME, isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class _Writer(threading.Thread):
+    """Owns the connection; runs queued operations in batches, one fsynced COMMIT per batch."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(name="ratatoskr-spool", daemon=True)
+        self.conn = conn
+        self.ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.commits = 0
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self.ops.put((op, future, loop))
+        return future
+
+    def run(self) -> None:
+        while True:
+            item = self.ops.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < _BATCH_MAX:
+                try:
+                    nxt = self.ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.ops.put(None)
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Any]) -> None:
+        outcomes: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for op, future, loop in batch:
+                outcomes.append((future, *self._run_one(op)))
+            self.conn.execute("COMMIT")
+            self.commits += 1
+        except (sqlite3.Error, OSError) as exc:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            failure = QueueUnavailable(f"queue cannot commit: {exc}")
+            failure.__cause__ = exc
+            outcomes = [(future, None, failure) for _, future, _ in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_, _, loop), outcome in zip(batch, outcomes):
+            by_loop.setdefault(loop, []).append(outcome)
+        for loop, results in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, results)
+
+    def _run_one(self, op: Callable[[sqlite3.Connection], Any]) -> tuple[Any, BaseException | None]:
+        self.conn.execute("SAVEPOINT op")
+        try:
+            result = op(self.conn)
+        except Exception as exc:  # noqa: BLE001 - one bad operation must not fail its batch
+            self.conn.execute("ROLLBACK TO op")
+            self.conn.execute("RELEASE op")
+            if isinstance(exc, sqlite3.OperationalError):
+                wrapped = QueueUnavailable(f"queue cannot commit: {exc}")
+                wrapped.__cause__ = exc
+                return None, wrapped
+            return None, exc
+        self.conn.execute("RELEASE op")
+        return result, None
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class Spool:
+    """The daemon's handle on the queue. All methods are coroutines that return once committed."""
+
+    def __init__(self, path: Path, *, lifetime: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.lifetime = lifetime
+        self.clock = clock
+        self._writer: _Writer | None = None
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits if self._writer else 0
+
+    def open(self) -> None:
+        try:
+            conn = connect(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
+        self._writer = _Writer(conn)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        writer.ops.put(None)
+        await asyncio.to_thread(writer.join)
+        writer.conn.close()
+
+    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._writer is None:
+            raise QueueUnavailable("queue is closed")
+        return self._writer.submit(op)
+
+    async def put(self, qid: str, envelope: Envelope, raw: bytes, meta: dict[str, Any]) -> str:
+        """Commit a new message durably; return its id once it is on disk."""
+        now = self.clock()
+        row = (
+            qid, State.QUEUED.value, now, now + self.lifetime, now, envelope.sender,
+            json.dumps(list(envelope.recipients)), json.dumps(meta), raw,
+        )
+
+        def insert(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+                " recipients, meta, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return qid
+
+        return await self._submit(insert)
+
+    async def claim(
+        self, limit: int, *, exclude: Iterable[str] = (), due: float | None = None
+    ) -> list[StoredMessage]:
+        """Mark up to ``limit`` messages due by ``due`` (default now) in flight, oldest first."""
+        now = min(self.clock() if due is None else due, 1e18)
+        skip = tuple(exclude)
+
+        def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
+            marks = ",".join("?" * len(skip))
+            rows = conn.execute(
+                f"UPDATE messages SET state = 'inflight' WHERE id IN (SELECT id FROM messages"
+                f" WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
+                f"{f' AND id NOT IN ({marks})' if skip else ''}"
+                f" ORDER BY next_attempt_at, id LIMIT ?) RETURNING {_COLUMNS}, raw",
+                (now, *skip, limit),
+            ).fetchall()
+            found = [StoredMessage.from_row(r[:-1], raw=r[-1]) for r in rows]
+            return sorted(found, key=lambda m: (m.next_attempt_at, m.id))
+
+        return await self._submit(claim)
+
+    async def complete(self, qid: str) -> None:
+        """The message was delivered: it leaves the queue."""
+        await self._submit(lambda conn: conn.execute("DELETE FROM messages WHERE id = ?", (qid,)))
+
+    async def defer(
+        self, qid: str, *, next_attempt_at: float, error: str, attempts: Iterable[dict[str, Any]]
+    ) -> None:
+        """Put a message back to wait until ``next_attempt_at``, recording this try's attempts."""
+        await self._update(qid, State.DEFERRED, next_attempt_at, error, attempts)
+
+    async def bury(self, qid: str, *, error: str, attempts: Iterable[dict[str, Any]] = ()) -> None:
+        """Give up on a message; it stays in the queue as dead for an operator."""
+        await self._update(qid, State.DEAD, self.clock(), error, attempts)
+
+    async def release(self, qid: str) -> None:
+        """Hand a claimed message back untouched (shutdown before it was tried)."""
+        await self._submit(
+            lambda conn: conn.execute(
+                "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+                " WHERE id = ? AND state = 'inflight'",
+                (qid,),
+            )
+        )
+
+    async def _update(
+        self, qid: str, state: State, when: float, error: str, attempts: Iterable[dict[str, Any]]
+    ) -> None:
+        new = list(attempts)
+
+        def update(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT history FROM messages WHERE id = ?", (qid,)).fetchone()
+            if row is None:
+                return
+            history = json.loads(row[0]) + new
+            conn.execute(
+                "UPDATE messages SET state = ?, next_attempt_at = ?, last_error = ?, history = ?,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (state.value, when, error, json.dumps(history), qid),
+            )
+
+        await self._submit(update)
+
+    async def recover(self, max_recoveries: int) -> tuple[int, int]:
+        """At start-up: return in-flight messages to the queue; bury repeat offenders.
+
+        A message that was in flight during more than ``max_recoveries`` crashes is probably
+        what crashes us, so it is moved to dead instead of being tried forever.
+        """
+        now = self.clock()
+
+        def recover(conn: sqlite3.Connection) -> tuple[int, int]:
+            buried = conn.execute(
+                "UPDATE messages SET state = 'dead', last_error = ?, recoveries = recoveries + 1"
+                " WHERE state = 'inflight' AND recoveries + 1 > ?",
+                (f"in flight during {max_recoveries + 1} crashes; quarantined", max_recoveries),
+            ).rowcount
+            requeued = conn.execute(
+                "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued'"
+                " END, next_attempt_at = ?, recoveries = recoveries + 1 WHERE state = 'inflight'",
+                (now,),
+            ).rowcount
+            return requeued, buried
+
+        return await self._submit(recover)
+
+    async def stats(self) -> tuple[dict[str, int], float | None]:
+        """Messages per state and the created_at of the oldest undelivered one."""
+        return await self._submit(_stats)
+
+    async def next_due(self) -> float | None:
+        """When the earliest waiting message becomes due, if any is waiting."""
+
+        def next_due(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'deferred')"
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._submit(next_due)
+
+    async def writable(self) -> bool:
+        """True when a commit can go through right now."""
+        try:
+            await self._submit(lambda conn: conn.execute("CREATE TEMP TABLE IF NOT EXISTS probe (x)"))
+        except QueueUnavailable:
+            return False
+        return True
+
+    async def reschedule_deferred(self, not_after: float) -> int:
+        """Bring deferred messages forward (a provider recovered, no need to wait out backoff)."""
+        return await self._submit(
+            lambda conn: conn.execute(
+                "UPDATE messages SET next_attempt_at = ? WHERE state = 'deferred'"
+                " AND next_attempt_at > ?",
+                (not_after, not_after),
+            ).rowcount
+        )
+
+
+def _stats(conn: sqlite3.Connection) -> tuple[dict[str, int], float | None]:
+    counts = {s.value: 0 for s in State}
+    for state, count in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
+        counts[state] = count
+    row = conn.execute("SELECT MIN(created_at) FROM messages WHERE state != 'dead'").fetchone()
+    return counts, row[0] if row else None
+
+
+class QueueAdmin:
+    """Synchronous access for ``ratatoskr queue …``; safe while the daemon runs."""
+
+    def __init__(self, path: Path, *, lifetime: float) -> None:
+        self.conn = connect(path)
+        self.lifetime = lifetime
+
+    def list(self) -> list[StoredMessage]:
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM messages ORDER BY id").fetchall()
+        return [StoredMessage.from_row(r) for r in rows]
+
+    def show(self, qid: str) -> StoredMessage | None:
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS}, raw FROM messages WHERE id = ?", (qid,)
+        ).fetchone()
+        return StoredMessage.from_row(row[:-1], raw=row[-1]) if row else None
+
+    def retry(self, qid: str | None) -> int:
+        """Make one message (or, with None, every waiting or dead one) due now."""
+        now = time.time()
+        where, args = ("id = ?", (qid,)) if qid else ("1 = 1", ())
+        with self.conn:
+            return self.conn.execute(
+                "UPDATE messages SET state = CASE WHEN state = 'dead' THEN 'queued' ELSE state END,"
+                " next_attempt_at = ?, expires_at = CASE WHEN state = 'dead' THEN ? ELSE"
+                f" expires_at END WHERE state != 'inflight' AND {where}",
+                (now, now + self.lifetime, *args),
+            ).rowcount
+
+    def delete(self, qid: str) -> int:
+        with self.conn:
+            return self.conn.execute("DELETE FROM messages WHERE id = ?", (qid,)).rowcount
+
+    def stats(self) -> tuple[dict[str, int], float | None]:
+        return _stats(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
