@@ -1,0 +1,1 @@
+"""Fake provider servers: aiohttp apps that behave like the real APIs (see docs/providers/)."""

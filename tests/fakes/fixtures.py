@@ -1,0 +1,1 @@
+"""pytest fixtures that start the fake provider servers on loopback ports."""
