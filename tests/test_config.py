@@ -1,0 +1,170 @@
+"""Configuration: every invalid value is refused with the key named; secrets never shown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratatoskr import config
+from ratatoskr.errors import ConfigError
+
+
+def parse(**data):
+    return config.parse(data)
+
+
+def test_defaults_are_the_development_setup():
+    """No config at all: loopback listeners, ./var, one outbox provider."""
+    cfg = config.load(None)
+    assert str(cfg.smtp.listen) == "127.0.0.1:2525"
+    assert str(cfg.http.listen) == "127.0.0.1:8025"
+    assert cfg.spool.path == Path("./var")
+    assert [(p.name, p.kind, p.path) for p in cfg.providers] == [("outbox", "outbox", Path("./outbox"))]
+    assert cfg.smtp.require_auth is False
+
+
+def test_full_example_file_parses(monkeypatch):
+    """config.toml.example is a working config."""
+    example = Path(__file__).parent.parent / "config.toml.example"
+    cfg = config.load(example)
+    assert cfg.providers[0].kind == "outbox"
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "problem"),
+    [
+        ({"providers": [{"kind": "sendgird"}]}, "providers[0].kind", "unknown kind 'sendgird' (expected mailgun, mandrill, outbox)"),
+        ({"providers": [{"name": "x"}]}, "providers[0].kind", "missing"),
+        ({"providers": [{"kind": "mailgun", "domain": "mg.example.com"}]}, "providers[0].api_key", "missing"),
+        ({"providers": [{"kind": "mailgun", "api_key": "k"}]}, "providers[0].domain", "missing"),
+        ({"providers": [{"kind": "mailgun", "api_key": "k", "domain": "a/b"}]}, "providers[0].domain", "not a domain"),
+        ({"providers": [{"kind": "mandrill", "api_key": "k", "base_url": "ftp://x"}]}, "providers[0].base_url", "http(s) URL"),
+        ({"providers": [{"kind": "outbox"}, {"kind": "outbox"}]}, "providers[1].name", "duplicate"),
+        ({"providers": [{"kind": "outbox", "timeout": -1}]}, "providers[0].timeout", "greater than 0"),
+        ({"providers": [{"kind": "outbox", "colour": "red"}]}, "providers[0].colour", "unknown key"),
+        ({"providers": []}, "providers", "non-empty"),
+        ({"smtp": {"listen": "nonsense"}}, "smtp.listen", "host:port"),
+        ({"smtp": {"listen": "127.0.0.1:99999"}}, "smtp.listen", "out of range"),
+        ({"smtp": {"max_message_size": "big"}}, "smtp.max_message_size", "must be an int"),
+        ({"smtp": {"max_recipients": 0}}, "smtp.max_recipients", "greater than 0"),
+        ({"smtp": {"require_auth": "yes"}}, "smtp.require_auth", "must be a bool"),
+        ({"smtp": {"tls_cert": "/nonexistent.crt"}}, "smtp.tls_key", "together"),
+        ({"smtp": {"users": {"app": "plaintext"}}}, "smtp.users.app", "hash-password"),
+        ({"smtp": {"bogus": 1}}, "smtp.bogus", "unknown key"),
+        ({"http": {"api_tokens": "abc"}}, "http.api_tokens", "must be a list"),
+        ({"http": {"api_tokens": [""]}}, "http.api_tokens[0]", "non-empty"),
+        ({"delivery": {"max_queue_lifetime": 0}}, "delivery.max_queue_lifetime", "greater than 0"),
+        ({"delivery": {"retry_initial": 100, "retry_max": 10}}, "delivery.retry_max", "retry_initial"),
+        ({"log": {"format": "xml"}}, "log.format", "unknown format"),
+        ({"spool": {"path": 3}}, "spool.path", "must be a str"),
+        ({"surprise": {}}, "surprise", "unknown key"),
+    ],
+)
+def test_invalid_values_name_their_key(data, key, problem):
+    with pytest.raises(ConfigError) as info:
+        config.parse(data)
+    assert info.value.key == key
+    assert problem in info.value.problem
+
+
+def test_non_loopback_listener_without_auth_is_an_open_relay():
+    with pytest.raises(ConfigError) as info:
+        parse(smtp={"listen": "0.0.0.0:25", "require_auth": False})
+    assert info.value.key == "smtp.require_auth"
+    assert "open relay" in info.value.problem
+
+
+def test_non_loopback_listener_needs_users_and_tls(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse(smtp={"listen": "0.0.0.0:25"})
+    assert info.value.key == "smtp.users"
+    with pytest.raises(ConfigError) as info:
+        parse(smtp={"listen": "[::]:587", "users": {"app": "scrypt$1$1$1$a$b"}})
+    assert info.value.key == "smtp.tls_cert"
+
+
+def test_ipv6_listen_parses():
+    cfg = parse(smtp={"listen": "[::1]:2526"})
+    assert (cfg.smtp.listen.host, cfg.smtp.listen.port) == ("::1", 2526)
+    assert cfg.smtp.listen.is_loopback
+
+
+def test_env_expansion_and_key_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MG_KEY", "key-from-env")
+    key_file = tmp_path / "mandrill.key"
+    key_file.write_text("key-from-file\n")
+    cfg = parse(
+        providers=[
+            {"kind": "mailgun", "api_key": "${MG_KEY}", "domain": "mg.example.com"},
+            {"kind": "mandrill", "api_key_file": str(key_file)},
+        ]
+    )
+    assert cfg.providers[0].api_key.reveal() == "key-from-env"
+    assert cfg.providers[1].api_key.reveal() == "key-from-file"
+    assert "key-from" not in repr(cfg)
+
+
+def test_missing_env_var_is_named_not_shown(monkeypatch):
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse(providers=[{"kind": "mandrill", "api_key": "${NOPE_KEY}"}])
+    assert str(info.value) == "providers[0].api_key: environment variable NOPE_KEY is not set"
+
+
+def test_secret_values_never_appear_in_errors():
+    with pytest.raises(ConfigError) as info:
+        parse(providers=[{"kind": "mandrill", "api_key": 12345678}])
+    assert "12345678" not in str(info.value)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "ratatoskr", *args], capture_output=True, text=True,
+        env=env, cwd=cwd, timeout=60,
+    )
+
+
+def test_invalid_config_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[providers]]\nkind = "sendgird"\n')
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ratatoskr: invalid config: providers[0].kind: unknown kind 'sendgird' (expected mailgun, mandrill, outbox)"
+    ]
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "providers[0].kind" in result.stderr
+
+
+def test_config_comes_from_env_var_when_no_flag(tmp_path):
+    import os
+
+    path = tmp_path / "c.toml"
+    path.write_text('[smtp]\nlisten = "127.0.0.1:2600"\n')
+    result = run_cli("check", env={**os.environ, "RATATOSKR_CFG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert "127.0.0.1:2600" in result.stdout
+
+
+def test_check_never_prints_secrets(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[http]\napi_tokens = ["tok-SECRET-1"]\n'
+        '[[providers]]\nkind = "mailgun"\napi_key = "key-SECRET-2"\ndomain = "mg.example.com"\n'
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "mailgun" in result.stdout
+    assert "SECRET" not in result.stdout + result.stderr
+
+
+def test_unreadable_or_invalid_toml_is_exit_2(tmp_path):
+    assert run_cli("check", "--config", str(tmp_path / "missing.toml")).returncode == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp\n")
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
