@@ -71,9 +71,18 @@ class State(StrEnum):
     DEAD = "dead"  #: given up on; kept for an operator
 
 
+_last_micros = 0
+_id_lock = threading.Lock()
+
+
 def new_id() -> str:
-    """A queue id: microseconds since the epoch, then randomness; sorts by arrival."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+    """A queue id: microseconds since the epoch (strictly increasing in this process, so ids
+    sort by arrival), then randomness against other processes."""
+    global _last_micros
+    with _id_lock:
+        _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
+        micros = _last_micros
+    return f"{micros:013X}{secrets.token_hex(3).upper()}"
 
 
 @dataclass(slots=True)
