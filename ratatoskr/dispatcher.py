@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,13 +151,13 @@ class Dispatcher:
         free = self.config.workers - len(self._tasks)
         if free <= 0:
             return []
-        healths = self.health.values()
+        healths = [h for h in self.health.values() if h.available()]
         if any(h.up for h in healths):
             return await self.spool.claim(free, exclude=self._tasks)
-        if any(h.trial_due() for h in healths):
+        if healths:
             # Every provider is out; one whose cool-down ended gets the oldest waiting message
             # as its trial, even one whose own backoff is not over yet.
-            return await self.spool.claim(1, exclude=self._tasks, due=math.inf)
+            return await self.spool.claim(1, exclude=self._tasks, due=float("inf"))
         return []
 
     def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
@@ -190,12 +189,27 @@ class Dispatcher:
             finished = True
         except QueueUnavailable as exc:
             log.error("id=%s cannot record delivery outcome: %s", stored.id, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one message a retry, not a loss
+            log.exception("id=%s delivery failed unexpectedly; deferring", stored.id)
+            finished = await self._defer_after_bug(stored, exc)
         finally:
             if not finished:
                 try:
                     await asyncio.shield(self.spool.release(stored.id))
                 except QueueUnavailable:
                     pass
+
+    async def _defer_after_bug(self, stored: StoredMessage, exc: Exception) -> bool:
+        reason = f"internal error: {type(exc).__name__}"
+        attempt = {"at": round(self.clock(), 3), "provider": "-", "outcome": "error", "detail": reason}
+        try:
+            await self.spool.defer(
+                stored.id, next_attempt_at=self.clock() + self.config.retry_max,
+                error=reason, attempts=[attempt],
+            )
+        except QueueUnavailable:
+            return False
+        return True
 
     async def _round(self, outbound: Outbound, stored: StoredMessage) -> Round:
         refused = {a["provider"] for a in stored.history if a.get("outcome") == "permanent"}

@@ -75,14 +75,26 @@ class ProviderHealth:
             return max(self.reopen_at, self.paused_until)
         return self.paused_until
 
+    def refresh(self) -> None:
+        """Notice that a rate-limit pause has run out (time passing is not an event)."""
+        if self.paused_until and self.paused_until <= self.clock():
+            self.paused_until = 0.0
+            if self.circuit is Circuit.CLOSED:
+                self._set_up(True, "rate limit pause over")
+
+    def available(self) -> bool:
+        """Could take a message right now (a normal one, or an open circuit's trial)."""
+        self.refresh()
+        if self.circuit is Circuit.CLOSED:
+            return self.paused_until <= self.clock()
+        return self.trial_due()
+
     def acquire(self) -> bool:
         """Ask to send one message now; True means go ahead (and, half-open, it is the trial)."""
+        self.refresh()
         now = self.clock()
         if self.paused_until > now:
             return False
-        if self.paused_until and self.circuit is Circuit.CLOSED:
-            self.paused_until = 0.0
-            self._set_up(True, "rate limit pause over")
         if self.circuit is Circuit.OPEN and now >= self.reopen_at:
             self.circuit = Circuit.HALF_OPEN
             self.trial_taken = False
