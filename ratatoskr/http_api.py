@@ -1,17 +1,39 @@
-"""HTTP side: health, readiness and Prometheus metrics (and the JSON message API)."""
+"""HTTP side: the JSON message API, health, readiness and Prometheus metrics.
+
+``POST /v1/messages`` is a thin translator: check the bearer token, read the body (capped),
+:func:`ratatoskr.schema.parse` it, :func:`ratatoskr.compose.compose` it, and hand the bytes to
+:meth:`~ratatoskr.ingest.Ingest.accept`, the same path SMTP mail takes. ``202`` is sent only
+after ``accept`` returns, which is after the queue committed the message to disk. Every refusal
+is a JSON ``{"error": ...}`` and counts in ``ratatoskr_messages_rejected_total{ingress="http"}``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
+from ratatoskr import openapi, schema
+from ratatoskr.auth import token_allowed
+from ratatoskr.compose import compose, envelope
 from ratatoskr.config import HttpConfig
 from ratatoskr.dispatcher import Dispatcher
+from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
+from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
 from ratatoskr.spool import Spool
+
+log = logging.getLogger("ratatoskr.http")
+
+# Bodies at or above this size are parsed and composed in a worker thread, so one large upload
+# does not stall SMTP sessions and other requests (the same cut-off Ingest uses for MIME).
+_THREAD_THRESHOLD = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +49,110 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+class Refused(Exception):
+    """A request we answer with a JSON error. ``reason`` labels the rejected counter; None when
+    the refusal was counted already (Ingest counts its own)."""
+
+    def __init__(
+        self, status: int, reason: str | None, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(body.get("error", ""))
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body, status=self.status, headers=self.headers)
+
+
+# -- POST /v1/messages -------------------------------------------------------------------------
+
+
+async def post_message(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        _check_token(request, services.config)
+        body = await _read_body(request, services.config.max_body_size)
+        raw, env = await _build(body, services)
+        qid = await _queue(request, services.ingest, raw, env)
+    except Refused as refused:
+        if refused.reason is not None:
+            services.metrics.rejected("http", refused.reason)
+        return refused.response()
+    return web.json_response({"id": qid}, status=202)
+
+
+def _check_token(request: web.Request, config: HttpConfig) -> None:
+    if not config.api_tokens:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token_allowed(token.strip(), config.api_tokens):
+        return
+    # RFC 6750 §3: name the scheme, and say invalid_token only when a token was offered.
+    challenge = 'Bearer realm="ratatoskr"' + (', error="invalid_token"' if token else "")
+    raise Refused(401, "unauthorized", {"error": "missing or invalid bearer token"},
+                  {"WWW-Authenticate": challenge})
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    too_large = Refused(413, "too_large", {"error": f"request body exceeds {limit} bytes"})
+    # A declared length over the cap is refused before reading a byte of it.
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that ran past client_max_size
+        raise too_large from None
+
+
+async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
+    hostname = services.ingest.hostname
+    try:
+        if len(body) >= _THREAD_THRESHOLD:
+            raw, env = await asyncio.to_thread(_compose, body, hostname)
+        else:
+            raw, env = _compose(body, hostname)
+    except schema.InvalidMessage as exc:
+        raise Refused(400, "invalid", exc.as_json()) from None
+    if len(raw) > services.max_message_size:
+        error = f"message is {len(raw)} bytes, over the limit of {services.max_message_size}"
+        raise Refused(413, "too_large", {"error": error})
+    return raw, env
+
+
+def _compose(body: bytes, hostname: str) -> tuple[bytes, Envelope]:
+    draft = schema.parse(body)
+    return compose(draft, hostname=hostname), envelope(draft)
+
+
+async def _queue(request: web.Request, ingest: Ingest, raw: bytes, env: Envelope) -> str:
+    try:
+        return await ingest.accept(
+            raw, env, ingress="http", helo="", peer=request.remote or "", protocol="HTTP"
+        )
+    except MessageRejected as exc:
+        raise Refused(400, None, {"error": str(exc), "details": []}) from None
+    except QueueUnavailable as exc:
+        log.error("queue unavailable, answering 503: %s", exc)
+        raise Refused(503, "queue_unavailable", {"error": "queue unavailable, try again later"}) from None
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+
+async def get_schema(request: web.Request) -> web.Response:
+    return web.json_response(schema.schema(), content_type="application/schema+json")
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+# -- operations --------------------------------------------------------------------------------
 
 
 async def refresh_queue_metrics(services: Services) -> None:
@@ -37,7 +163,12 @@ async def refresh_queue_metrics(services: Services) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    await refresh_queue_metrics(services)
+    try:
+        await refresh_queue_metrics(services)
+    except QueueUnavailable as exc:
+        # Still answer: a scrape that fails hides the provider and rejection metrics exactly
+        # when an operator needs them. The queue gauges keep their last values.
+        log.warning("queue gauges not refreshed: %s", exc)
     body = services.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -67,6 +198,11 @@ async def readyz(request: web.Request) -> web.Response:
 def build_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=services.config.max_body_size)
     app[SERVICES] = services
+    document = openapi.document(schema.schema(), auth_required=bool(services.config.api_tokens))
+    app[OPENAPI] = json.dumps(document, indent=2).encode()
+    app.router.add_post("/v1/messages", post_message)
+    app.router.add_get("/v1/schema", get_schema)
+    app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
