@@ -212,7 +212,7 @@ class Dispatcher:
         return True
 
     async def _round(self, outbound: Outbound, stored: StoredMessage) -> Round:
-        refused = {a["provider"] for a in stored.history if a.get("outcome") == "permanent"}
+        refused = refused_by(stored.history)
         result = Round(attempts=[])
         previous: str | None = None
         for provider in self.providers:
@@ -312,8 +312,7 @@ class Dispatcher:
             for rcpt, reason in receipt.rejected.items():
                 log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
             return
-        history = stored.history + result.attempts
-        refused = {a["provider"] for a in history if a.get("outcome") == "permanent"}
+        refused = refused_by(stored.history + result.attempts)
         error = _summary(result.attempts) or "no provider is taking traffic"
         now = self.clock()
         if refused >= {p.name for p in self.providers}:
@@ -335,6 +334,17 @@ class Dispatcher:
 
     def log_dead(self, stored: StoredMessage, reason: str) -> None:
         log.error("dead id=%s message_id=%s sender=%s reason=%s", stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason)
+
+
+def refused_by(history: list[dict[str, Any]]) -> set[str]:
+    """Providers that refused the message for good since it was last revived by an operator."""
+    refused: set[str] = set()
+    for attempt in history:
+        if attempt.get("outcome") == "revived":
+            refused.clear()
+        elif attempt.get("outcome") == "permanent":
+            refused.add(attempt["provider"])
+    return refused
 
 
 def _later(a: float | None, b: float | None) -> float | None:

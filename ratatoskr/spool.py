@@ -400,20 +400,25 @@ class QueueAdmin:
         return StoredMessage.from_row(row[:-1], raw=row[-1]) if row else None
 
     def retry(self, qid: str | None) -> int:
-        """Make one message (or, with None, every waiting or dead one) due now."""
+        """Make one message (or, with None, every waiting or dead one) due now.
+
+        A dead message comes back with a fresh lifetime and a ``revived`` mark in its history,
+        after which earlier permanent refusals no longer rule providers out.
+        """
         now = time.time()
         where, args = ("id = ?", (qid,)) if qid else ("1 = 1", ())
-        with self.conn:
-            return self.conn.execute(
-                "UPDATE messages SET state = CASE WHEN state = 'dead' THEN 'queued' ELSE state END,"
-                " next_attempt_at = ?, expires_at = CASE WHEN state = 'dead' THEN ? ELSE"
-                f" expires_at END WHERE state != 'inflight' AND {where}",
-                (now, now + self.lifetime, *args),
-            ).rowcount
+        mark = json.dumps({"at": round(now, 3), "provider": "-", "outcome": "revived"})
+        return self.conn.execute(
+            "UPDATE messages SET history = CASE WHEN state = 'dead' THEN"
+            " json_insert(history, '$[#]', json(?)) ELSE history END,"
+            " expires_at = CASE WHEN state = 'dead' THEN ? ELSE expires_at END,"
+            " state = CASE WHEN state = 'dead' THEN 'queued' ELSE state END,"
+            f" next_attempt_at = ? WHERE state != 'inflight' AND {where}",
+            (mark, now + self.lifetime, now, *args),
+        ).rowcount
 
     def delete(self, qid: str) -> int:
-        with self.conn:
-            return self.conn.execute("DELETE FROM messages WHERE id = ?", (qid,)).rowcount
+        return self.conn.execute("DELETE FROM messages WHERE id = ?", (qid,)).rowcount
 
     def stats(self) -> tuple[dict[str, int], float | None]:
         return _stats(self.conn)

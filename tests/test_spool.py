@@ -136,3 +136,20 @@ def test_ids_sort_by_arrival():
     ids = [new_id() for _ in range(50)]
     assert ids == sorted(ids)
     assert len(set(ids)) == 50
+
+
+async def test_revived_message_forgets_earlier_refusals(spool, tmp_path):
+    from ratatoskr.dispatcher import refused_by
+
+    qid = await put(spool)
+    await spool.claim(1)
+    await spool.bury(qid, error="refused", attempts=[{"provider": "a", "outcome": "permanent"}])
+    admin = QueueAdmin(tmp_path / "q", lifetime=3600)
+    try:
+        admin.retry(qid)
+        revived = admin.show(qid)
+    finally:
+        admin.close()
+    assert revived.history[-1]["outcome"] == "revived"
+    assert refused_by(revived.history) == set()
+    assert refused_by(revived.history + [{"provider": "b", "outcome": "permanent"}]) == {"b"}
