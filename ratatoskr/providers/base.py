@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
+from email import policy
+from email.parser import BytesHeaderParser
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
+from multidict import CIMultiDict
 
 from ratatoskr import __version__
 from ratatoskr.config import ProviderConfig
@@ -26,10 +32,11 @@ from ratatoskr.errors import (
     DeliveryError,
     PermanentFailure,
     ProviderUnavailable,
+    RateLimited,
     TemporaryFailure,
 )
 from ratatoskr.message import Envelope, Message
-from ratatoskr.mime import parse, strip_bcc
+from ratatoskr.mime import parse, split_head, strip_bcc, summarize
 
 USER_AGENT = f"ratatoskr/{__version__} (+https://github.com/ratatoskr-relay/ratatoskr)"
 
@@ -53,6 +60,13 @@ class Outbound:
         if self._parsed is None:
             self._parsed = parse(self.raw)
         return self._parsed
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, read from the header block only
+        (cheaper than :attr:`message`, which parses every attachment)."""
+        head, _ = split_head(self.raw)
+        return summarize(BytesHeaderParser(policy=policy.default).parsebytes(head)).tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +122,34 @@ def map_client_errors(provider: str) -> Any:
         raise TemporaryFailure(f"HTTP client error: {type(exc).__name__}", provider=provider) from exc
 
 
+def seconds_until(when: str, *, now: float) -> float | None:
+    """Seconds from ``now`` until an RFC 1123 date such as ``Sun, 01 Mar 2026 09:31:00 UTC``
+    (never negative), or None when ``when`` is not such a date."""
+    try:
+        moment = email.utils.parsedate_to_datetime(when.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - now)
+
+
+def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
+    """The wait a ``Retry-After`` header asks for: delta-seconds or an HTTP-date (RFC 9110)."""
+    value = headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return seconds_until(value, now=now)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
     status: int
     body: bytes
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]  # case-insensitive (a CIMultiDict)
 
     def json(self) -> Any:
         """The body as JSON, or None when it is not JSON (providers send HTML on 502s)."""
@@ -130,10 +167,12 @@ class HttpProvider:
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.name = config.name
         self.config = config
         self.base_url = config.base_url
+        self.clock = clock  # wall time, for turning "retry at <time>" into a wait
+        self._secret = config.api_key.reveal() if config.api_key else ""
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -157,13 +196,35 @@ class HttpProvider:
         with map_client_errors(self.name):
             async with self._session.request(method, self.base_url + path, **kwargs) as resp:
                 body = await resp.read()
-                return HttpAnswer(resp.status, body, dict(resp.headers))
+                return HttpAnswer(resp.status, body, CIMultiDict(resp.headers))
+
+    async def probe(self) -> ProbeResult:
+        """Ask the provider's credential-check endpoint; never raises, never shows the key."""
+        try:
+            answer = await self.ping()
+        except DeliveryError as exc:
+            return ProbeResult(False, f"unreachable: {self.redact(exc.reason)}")
+        result = self.read_ping(answer)
+        return ProbeResult(result.ok, self.redact(result.detail))
+
+    async def ping(self) -> HttpAnswer:
+        raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
+
+    def read_ping(self, answer: HttpAnswer) -> ProbeResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key masked: provider bodies may echo what we sent."""
+        return text.replace(self._secret, "***") if self._secret else text
 
     def temporary(self, reason: str, **kw: Any) -> TemporaryFailure:
-        return TemporaryFailure(reason, provider=self.name, **kw)
+        return TemporaryFailure(self.redact(reason), provider=self.name, **kw)
+
+    def rate_limited(self, reason: str, **kw: Any) -> RateLimited:
+        return RateLimited(self.redact(reason), provider=self.name, **kw)
 
     def permanent(self, reason: str, **kw: Any) -> PermanentFailure:
-        return PermanentFailure(reason, provider=self.name, **kw)
+        return PermanentFailure(self.redact(reason), provider=self.name, **kw)
 
     def unavailable(self, reason: str, **kw: Any) -> ProviderUnavailable:
-        return ProviderUnavailable(reason, provider=self.name, **kw)
+        return ProviderUnavailable(self.redact(reason), provider=self.name, **kw)

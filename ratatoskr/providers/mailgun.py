@@ -1,0 +1,189 @@
+"""Mailgun: ``POST {base_url}/v3/{domain}/messages.mime`` with the message as we queued it.
+
+Why the raw-MIME endpoint and not the structured ``/messages``: we already hold RFC 5322 bytes,
+and uploading them keeps every attachment, inline part, header and transfer encoding exactly as
+the client sent it. The structured endpoint would make us take the message apart and let Mailgun
+rebuild it, and Mailgun's rebuild has documented losses (shared/providers.md §1.11): attachments
+without a filename are dropped, RFC 2231 filenames are lost, non-ASCII display names with
+punctuation come out mangled, and inline parts are renamed after their filename.
+
+What is sent: ``to`` once per envelope recipient (Bcc included; Mailgun routes only on ``to``,
+never on the headers), the MIME with the Bcc header already stripped as a *file* part named
+``message.mime`` (a plain field gets "'message' parameter is not a file"), and ``o:tag`` for up
+to 10 tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``. Envelopes above 1000 recipients go in
+several calls, because Mailgun refuses more ("Too many recipients, max is 1000"). If a later
+call fails after an earlier one was accepted, the failure is raised (the message is retried, and
+the first recipients may get a duplicate): losing mail is worse than a duplicate.
+
+Auth is HTTP Basic ``api:<key>``. The probe, ``GET /v4/domains/{domain}``, needs the account
+key; a domain sending key can send but gets 401 there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import aiohttp
+
+from ratatoskr.config import ProviderConfig
+from ratatoskr.errors import DeliveryError
+from ratatoskr.providers.base import (
+    HttpAnswer,
+    HttpProvider,
+    Outbound,
+    ProbeResult,
+    Receipt,
+    retry_after,
+    seconds_until,
+)
+
+MAX_RECIPIENTS = 1000
+MAX_TAGS = 10  # 3 in older docs; mailgun-go raised its check to 10 in 2025
+MAX_TAG_LENGTH = 128
+
+# 400s that mean the account or domain cannot send at all, not that this message is bad:
+# "Domain mg.example.com is not allowed to send: Sandbox subdomains are for test purposes only"
+_ACCOUNT_PROBLEM = "is not allowed to send"
+# 400s that can only come from a malformed request, i.e. a bug on our side, not the message.
+_ADAPTER_BUG = ("multipart", "content type", "'message' parameter", "message parameter is missing")
+# "…recipient limit exceeded, try again after Sun, 01 Mar 2026 09:31:00 UTC" or "…after 120 seconds"
+_TRY_AGAIN = re.compile(r"try again after (?:(\d+(?:\.\d+)?) seconds?|(.+?))\s*$", re.IGNORECASE)
+
+
+class MailgunProvider(HttpProvider):
+    kind: ClassVar[str] = "mailgun"
+
+    def __init__(self, config: ProviderConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.domain = config.domain
+        self._auth = {"Authorization": aiohttp.encode_basic_auth("api", self._secret)}
+        self._domain_path = quote(self.domain, safe="")
+
+    async def send(self, message: Outbound) -> Receipt:
+        recipients = message.envelope.recipients
+        mime, tags = message.mime, mailgun_tags(message.tags)
+        ids = []
+        for start in range(0, len(recipients), MAX_RECIPIENTS):
+            chunk = recipients[start : start + MAX_RECIPIENTS]
+            form = _form(chunk, mime, tags)
+            answer = await self.request(
+                "POST", f"/v3/{self._domain_path}/messages.mime", data=form, headers=self._auth
+            )
+            try:
+                ids.append(self.read_send(answer))
+            except DeliveryError as exc:
+                if start:
+                    exc.reason += f" (recipients {start + 1}-{start + len(chunk)}; earlier ones were accepted as {', '.join(ids)})"
+                raise
+        return Receipt(provider=self.name, provider_id=", ".join(ids))
+
+    def read_send(self, answer: HttpAnswer) -> str:
+        """The Mailgun message id from a send answer, or the right DeliveryError."""
+        body = answer.json()
+        if answer.status == 200:
+            # The only success body: {"id": "<2026….1.ABCD@mg.example.com>", "message": "Queued. Thank you."}
+            if isinstance(body, dict) and str(body.get("message", "")).startswith("Queued"):
+                return str(body.get("id", ""))
+            # A wrong path (e.g. a '/' in the domain) gets 200 "Mailgun Magnificent API" and
+            # nothing is sent.
+            raise self.unavailable(
+                f"200 without a send confirmation ({answer.text(80)!r}): check base_url and domain",
+                status=200,
+            )
+        raise self.refusal(answer, error_text(answer))
+
+    def refusal(self, answer: HttpAnswer, text: str) -> DeliveryError:
+        status = answer.status
+        if status == 400:
+            if _ACCOUNT_PROBLEM in text or any(m in text.lower() for m in _ADAPTER_BUG):
+                return self.unavailable(f"Mailgun refused the request: {text}", status=status)
+            return self.permanent(f"Mailgun refused the message: {text}", status=status)
+        if status == 401:
+            # The body is the bare word "Forbidden", so say what to check.
+            return self.unavailable("bad credentials (401 Forbidden): check api_key", status=status)
+        if status == 404:
+            return self.unavailable(self._not_found(text), status=status)
+        if status in (402, 403):
+            return self.unavailable(f"Mailgun will not send for this account ({status}): {text}", status=status)
+        if status == 413:
+            return self.permanent(f"message too large for Mailgun: {text}", status=status)
+        if status in (420, 429):
+            # 429 is documented; 420 "…recipient limit exceeded, try again after …" is seen in
+            # the wild for the same thing.
+            wait = self.wait_for(answer.headers, text)
+            return self.rate_limited(f"rate limited ({status}): {text}", status=status, retry_after=wait)
+        return self.temporary(f"Mailgun answered {status}: {text or 'empty body'}", status=status)
+
+    def _not_found(self, text: str) -> str:
+        # "Domain not found: mg.example.com": also what a US-region URL says for an EU domain.
+        return (
+            f"{text or 'not found'} (404): check domain {self.domain!r} and the region in "
+            f"base_url {self.base_url!r} (EU domains need https://api.eu.mailgun.net)"
+        )
+
+    def wait_for(self, headers: Any, text: str) -> float | None:
+        """Retry-After (seconds), else X-RateLimit-Reset (epoch), else the body's "try again
+        after …" (a date or "N seconds"); None leaves the wait to the backoff."""
+        now = self.clock()
+        wait = retry_after(headers, now=now)
+        if wait is None and headers.get("X-RateLimit-Reset"):
+            wait = _reset_wait(headers["X-RateLimit-Reset"], now)
+        if wait is None and (match := _TRY_AGAIN.search(text)):
+            seconds, date = match.groups()
+            wait = float(seconds) if seconds else seconds_until(date, now=now)
+        return wait
+
+    async def ping(self) -> HttpAnswer:
+        return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=self._auth)
+
+    def read_ping(self, answer: HttpAnswer) -> ProbeResult:
+        if answer.status == 401:
+            return ProbeResult(False, "bad credentials (401): check api_key; the probe needs the "
+                                      "account key, a domain sending key is refused here")
+        if answer.status == 404:
+            return ProbeResult(False, "domain not found: " + self._not_found(error_text(answer)))
+        body = answer.json()
+        domain = body.get("domain") if isinstance(body, dict) else None
+        if answer.status != 200 or not isinstance(domain, dict):
+            return ProbeResult(False, f"unexpected answer {answer.status}: {error_text(answer)!r}")
+        state, disabled = domain.get("state"), bool(domain.get("is_disabled"))
+        if state == "active" and not disabled:
+            return ProbeResult(True, f"domain {self.domain} is active")
+        return ProbeResult(False, f"domain {self.domain} cannot send: state {state!r}" + (", disabled" if disabled else ""))
+
+
+def mailgun_tags(tags: Sequence[str]) -> list[str]:
+    """Tags Mailgun takes: ASCII, at most 128 characters, at most 10 per message."""
+    usable = [t for t in tags if t.isascii() and len(t) <= MAX_TAG_LENGTH]
+    return usable[:MAX_TAGS]
+
+
+def _form(recipients: Sequence[str], mime: bytes, tags: Sequence[str]) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for rcpt in recipients:
+        form.add_field("to", rcpt)
+    for tag in tags:
+        form.add_field("o:tag", tag)
+    form.add_field("message", mime, filename="message.mime", content_type="message/rfc822")
+    return form
+
+
+def error_text(answer: HttpAnswer) -> str:
+    """Mailgun's ``{"message": …}``, or the raw text: 401 is bare "Forbidden", 502s are HTML."""
+    body = answer.json()
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"][:300]
+    return answer.text()
+
+
+def _reset_wait(value: str, now: float) -> float | None:
+    """X-RateLimit-Reset is a Unix time in seconds (mailgun-go reads it so; it may be a float).
+    Undocumented, so small values are taken as seconds to wait, not as a time."""
+    try:
+        reset = float(value)
+    except ValueError:
+        return None
+    return max(0.0, reset - now) if reset > 1_000_000_000 else max(0.0, reset)
