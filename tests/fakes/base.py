@@ -1,0 +1,330 @@
+"""What both fake providers share: a loopback aiohttp server, switchable failures, a decoded
+record of what arrived, and a way to await deliveries without sleeping.
+
+Every fake is an async context manager (or use the ``fake_mailgun``/``fake_mandrill`` fixtures
+from :mod:`tests.fakes.fixtures`)::
+
+    async with FakeMailgun() as fake:
+        ...                                   # point a provider at fake.url with fake.api_key
+        [delivery] = await fake.wait_for(1)   # resolves as soon as the fake records a message
+        fake.assert_sent_to("bob@example.net", "hidden@example.org")
+
+Failures (checked before anything else, in the order they were added; each takes ``times`` =
+how many requests it answers, ``None`` = every request until :meth:`FakeServer.heal`, and
+``route`` = ``"send"`` or ``"probe"`` to limit it to those requests)::
+
+    fake.fail(503)                                  # next request: 503 with an empty body
+    fake.fail(502, "<html>Bad gateway</html>", times=None)
+    fake.fail(429, {"message": "..."}, headers={"Retry-After": "30"})
+    gate = fake.stall()                             # hold answers until gate.set() / fake.release()
+    fake.fail(delay=0.2)                            # answer normally, 0.2 s late
+    fake.drop_connection()                          # send headers and part of the body, then close
+    fake.garbage()                                  # 200 with a body the real API never sends
+
+Provider-specific switches (rate limits, revoked keys, per-recipient refusals) live on the
+subclasses. ``fake.calls`` lists every request with the status it got; ``fake.messages`` lists
+every accepted message as a :class:`Delivery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import getaddresses
+from typing import Any, Self, cast
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+Handler = Callable[[web.Request], Any]
+
+
+@dataclass
+class Failure:
+    """One switchable misbehaviour (see the module docstring)."""
+
+    status: int | None = None  # None: after any stall/delay, answer as the real API would
+    body: Any = b""  # bytes/str are sent as they are, anything else as JSON
+    headers: Mapping[str, str] = field(default_factory=dict)
+    times: int | None = 1
+    route: str | None = None
+    drop: bool = False
+    stall: asyncio.Event | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class Call:
+    """One request the fake saw, and the status it answered with (0 when the connection was cut)."""
+
+    method: str
+    path: str
+    route: str
+    status: int = 0
+
+
+@dataclass(frozen=True)
+class Part:
+    """A non-body MIME part, summarised for assertions."""
+
+    filename: str | None
+    content_type: str
+    sha256: str
+    size: int
+    content_id: str
+    disposition: str | None
+
+
+@dataclass
+class Delivery:
+    """One message the fake accepted, decoded."""
+
+    id: str
+    envelope: list[str]  # addr-specs it is addressed to (Bcc included), as the request named them
+    email: EmailMessage  # parsed with email.policy.default: headers come back decoded
+    raw: bytes | None  # the uploaded MIME (None for structured sends)
+    tags: list[str] = field(default_factory=list)
+    fields: dict[str, list[str]] = field(default_factory=dict)  # other request fields, as text
+    refused: dict[str, str] = field(default_factory=dict)  # lowercased address -> status/reason
+
+    @property
+    def accepted(self) -> list[str]:
+        return [a for a in self.envelope if a.lower() not in self.refused]
+
+    def header(self, name: str) -> str | None:
+        value = self.email[name]
+        return None if value is None else str(value)
+
+    def parts(self) -> list[Part]:
+        """Attachments and inline parts (everything but the text and HTML bodies)."""
+        bodies = [self.email.get_body(preferencelist=(kind,)) for kind in ("plain", "html")]
+        found = []
+        for part in self.email.walk():
+            if part.is_multipart() or any(part is b for b in bodies):
+                continue
+            data = cast(bytes, part.get_payload(decode=True) or b"")
+            found.append(
+                Part(
+                    filename=part.get_filename(),
+                    content_type=part.get_content_type(),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    size=len(data),
+                    content_id=str(part.get("Content-ID", "")).strip("<> "),
+                    disposition=part.get_content_disposition(),
+                )
+            )
+        return found
+
+
+def parse_mime(raw: bytes) -> EmailMessage:
+    return cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(raw))
+
+
+def addr_specs(values: list[str]) -> list[str]:
+    """Addresses out of repeated fields and comma lists (``"Bob <b@x>, c@y"``), in order."""
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
+def text_fields(form: Mapping[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Fields of a form (repeated keys kept) or JSON object as text lists; files and ``skip``
+    left out."""
+    out: dict[str, list[str]] = {}
+    for key, value in form.items():
+        if key in skip or isinstance(value, web.FileField):
+            continue
+        out.setdefault(key, []).append(value if isinstance(value, str) else json.dumps(value))
+    return out
+
+
+def respond(status: int, body: Any = b"", headers: Mapping[str, str] | None = None) -> web.Response:
+    if isinstance(body, bytes):
+        return web.Response(status=status, body=body, headers=headers)
+    if isinstance(body, str):
+        return web.Response(status=status, text=body, headers=headers)
+    return web.json_response(body, status=status, headers=headers)
+
+
+class FakeServer:
+    """Base of the fakes: lifecycle, failures, records, waiting. Subclasses add routes."""
+
+    #: What :meth:`garbage` answers with: a 200 the real API never sends for a call.
+    GARBAGE: Any = "<html><body>Welcome</body></html>"
+    api_key: str
+
+    def __init__(self) -> None:
+        self.messages: list[Delivery] = []
+        self.calls: list[Call] = []
+        self.failures: list[Failure] = []
+        self._changed = asyncio.Condition()
+        self.answered = 0
+        self._server: TestServer | None = None
+        self._counter = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
+        self.add_routes(app)
+        self._server = TestServer(app, host="127.0.0.1")
+        await self._server.start_server()
+
+    async def close(self) -> None:
+        self.release()  # a stalled handler must not hold the shutdown
+        if self._server is not None:
+            await self._server.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def root(self) -> str:
+        """``http://127.0.0.1:<port>``: the server itself (``url`` is what a provider's
+        ``base_url`` should be)."""
+        assert self._server is not None, "start() the fake first"
+        return str(self._server.make_url("")).rstrip("/")
+
+    max_body = 64 * 1024 * 1024
+
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def route_of(self, request: web.Request) -> str:
+        """``"send"``, ``"probe"`` or ``"other"``, for failures limited to one route."""
+        raise NotImplementedError
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def fail(
+        self, status: int | None = None, body: Any = b"", *, headers: Mapping[str, str] | None = None,
+        times: int | None = 1, route: str | None = None, delay: float = 0.0,
+    ) -> Failure:
+        failure = Failure(status, body, dict(headers or {}), times, route, delay=delay)
+        self.failures.append(failure)
+        return failure
+
+    def stall(self, *, times: int | None = None, route: str | None = None) -> asyncio.Event:
+        """Hold answers until the returned event is set (or :meth:`release`), then answer
+        normally: for timeouts and for requests caught in flight."""
+        gate = asyncio.Event()
+        self.failures.append(Failure(times=times, route=route, stall=gate))
+        return gate
+
+    def release(self) -> None:
+        for failure in self.failures:
+            if failure.stall is not None:
+                failure.stall.set()
+
+    def drop_connection(self, *, times: int | None = 1, route: str | None = None) -> None:
+        self.failures.append(Failure(times=times, route=route, drop=True))
+
+    def garbage(self, *, times: int | None = 1, route: str | None = "send") -> None:
+        self.fail(200, self.GARBAGE, times=times, route=route)
+
+    def heal(self) -> None:
+        """Forget every failure: the fake behaves like a healthy API again."""
+        self.release()
+        self.failures.clear()
+
+    def _take_failure(self, route: str) -> Failure | None:
+        for failure in self.failures:
+            if failure.route in (None, route):
+                if failure.times is not None:
+                    failure.times -= 1
+                    if failure.times <= 0:
+                        self.failures.remove(failure)
+                return failure
+        return None
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        call = Call(request.method, request.path, self.route_of(request))
+        self.calls.append(call)
+        failure = self._take_failure(call.route)
+        try:
+            response = await self._answer(request, handler, failure)
+            call.status = 0 if failure is not None and failure.drop else response.status
+            return response
+        finally:
+            self.answered += 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _answer(self, request: web.Request, handler: Handler, failure: Failure | None) -> Any:
+        if failure is None:
+            return await handler(request)
+        if failure.stall is not None:
+            await failure.stall.wait()
+        if failure.delay:
+            await asyncio.sleep(failure.delay)  # the slowness under test, not a test's wait
+        if failure.drop:
+            return await self._drop(request)
+        if failure.status is None:
+            return await handler(request)
+        await request.read()  # like a real server: take the whole request, then answer
+        return respond(failure.status, failure.body, failure.headers)
+
+    @staticmethod
+    async def _drop(request: web.Request) -> web.StreamResponse:
+        """Promise a body, send the status line, headers and a few bytes, then hang up."""
+        await request.read()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"id": "<cut')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    # -- records and waiting --------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        self._counter += 1
+        return f"{self._counter:08d}.{id(self) & 0xFFFF:04X}"
+
+    def record(self, delivery: Delivery) -> Delivery:
+        self.messages.append(delivery)
+        return delivery
+
+    async def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Delivery]:
+        """Resolve once ``count`` messages have been accepted; return all of them so far."""
+        await self._wait(lambda: len(self.messages) >= count, timeout, f"{count} messages")
+        return self.messages
+
+    async def wait_for_calls(self, count: int, timeout: float = 10.0) -> list[Call]:
+        """Resolve once ``count`` requests (failed ones included) have been answered."""
+        await self._wait(lambda: self.answered >= count, timeout, f"{count} answered calls")
+        return self.calls
+
+    async def _wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(predicate)
+        except TimeoutError:
+            raise AssertionError(f"{type(self).__name__}: timed out waiting for {what}; calls: {self.calls}") from None
+
+    def last(self) -> Delivery:
+        assert self.messages, f"{type(self).__name__} received no message; calls: {self.calls}"
+        return self.messages[-1]
+
+    def last_mime(self) -> bytes:
+        raw = self.last().raw
+        assert raw is not None, "the last message was a structured send, not raw MIME"
+        return raw
+
+    def assert_sent_to(self, *addresses: str) -> None:
+        """The last message was accepted for exactly these addresses (any order, any case)."""
+        got = sorted(a.lower() for a in self.last().accepted)
+        assert got == sorted(a.lower() for a in addresses), f"sent to {got}"
+
+    def assert_nothing_sent(self) -> None:
+        assert not self.messages, f"unexpected messages to {[m.envelope for m in self.messages]}"
