@@ -56,18 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
         return USAGE
     if args.command == "serve":
-        return _serve(config)
+        return _serve(config, getattr(args, "config", None))
     if args.command == "check":
         return _check(config, probe=args.probe)
     return _queue(config, args)
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: str | None) -> int:
     from ratatoskr import daemon, logs
 
     logs.setup(config.log.level, fmt=config.log.format, secrets=config.secrets())
     try:
-        return daemon.serve(config)
+        # SIGHUP reloads from the same place: --config, else $RATATOSKR_CFG, else the defaults.
+        return daemon.serve(config, loader=lambda: config_mod.load(path))
     except QueueUnavailable as exc:
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE

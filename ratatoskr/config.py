@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ratatoskr.errors import ConfigError
+from ratatoskr.errors import ConfigError, InvalidAddress
+from ratatoskr.message import check_addr_spec
 
 ENV_VAR = "RATATOSKR_CFG"
 PROVIDER_KINDS = ("mailgun", "mandrill", "outbox")
@@ -81,6 +82,24 @@ class SmtpConfig:
     max_connections: int = 1000
     max_connections_per_client: int = 50
     timeout: float = 300.0
+    tls_listen: Listen | None = None
+    trust_loopback: bool = True
+    senders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    auth_failure_delay: float = 1.0
+    max_errors: int = 20
+
+    @property
+    def listeners(self) -> tuple[Listen, ...]:
+        return (self.listen,) if self.tls_listen is None else (self.listen, self.tls_listen)
+
+    def trusted(self, listen: Listen) -> bool:
+        """Whether clients of ``listen`` count as local: auth optional, AUTH without TLS.
+
+        ``trust_loopback = false`` is for a loopback listener that outside clients reach anyway
+        (an SSH tunnel, a TLS terminator, a container port map): it then gets the policy of a
+        public listener.
+        """
+        return self.trust_loopback and listen.is_loopback
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +253,35 @@ def _read_secret_file(key: str, path: str) -> Secret:
 
 def _smtp(t: _Table) -> SmtpConfig:
     listen = parse_listen(t.key("listen"), t.get("listen", str, "127.0.0.1:2525"))
+    tls_listen_text = t.get("tls_listen", str, "")
+    tls_listen = parse_listen(t.key("tls_listen"), tls_listen_text) if tls_listen_text else None
+    cert, key = _tls_files(t, tls_listen)
+    users = _users(t.table("users"))
+    trust_loopback = t.get("trust_loopback", bool, True)
+    untrusted = [x for x in (listen, tls_listen) if x and not (trust_loopback and x.is_loopback)]
+    config = SmtpConfig(
+        listen=listen,
+        hostname=t.get("hostname", str, "localhost") or "localhost",
+        max_message_size=t.positive("max_message_size", int, 26_214_400),
+        max_recipients=t.positive("max_recipients", int, 100),
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+        require_auth=t.get("require_auth", bool, bool(untrusted)),
+        users=users,
+        max_connections=t.positive("max_connections", int, 1000),
+        max_connections_per_client=t.positive("max_connections_per_client", int, 50),
+        timeout=t.positive("timeout", float, 300.0),
+        tls_listen=tls_listen,
+        trust_loopback=trust_loopback,
+        senders=_senders(t.table("senders"), users),
+        auth_failure_delay=t.positive("auth_failure_delay", float, 1.0),
+        max_errors=t.positive("max_errors", int, 20),
+    )
+    _refuse_open_relay(t, config)
+    return config
+
+
+def _tls_files(t: _Table, tls_listen: Listen | None) -> tuple[str, str]:
     cert = t.get("tls_cert", str, "")
     key = t.get("tls_key", str, "")
     if bool(cert) != bool(key):
@@ -242,48 +290,64 @@ def _smtp(t: _Table) -> SmtpConfig:
     for name, value in (("tls_cert", cert), ("tls_key", key)):
         if value and not Path(value).is_file():
             raise ConfigError(t.key(name), f"no such file: {value}")
-    users_table = t.table("users")
+    if tls_listen is not None and not cert:
+        raise ConfigError(t.key("tls_listen"), "needs tls_cert and tls_key")
+    return cert, key
+
+
+def _users(t: _Table) -> dict[str, Secret]:
     users = {}
-    for user in users_table.data:
-        hashed = users_table.get(user, str, "")
+    for user in t.data:
+        hashed = t.get(user, str, "")
         if not hashed.startswith("scrypt$"):
-            raise ConfigError(users_table.key(user), "not a hash from `ratatoskr hash-password`")
+            raise ConfigError(t.key(user), "not a hash from `ratatoskr hash-password`")
         users[user] = Secret(hashed)
-    require_auth = t.get("require_auth", bool, not listen.is_loopback)
-    config = SmtpConfig(
-        listen=listen,
-        hostname=t.get("hostname", str, "localhost") or "localhost",
-        max_message_size=t.positive("max_message_size", int, 26_214_400),
-        max_recipients=t.positive("max_recipients", int, 100),
-        tls_cert=Path(cert) if cert else None,
-        tls_key=Path(key) if key else None,
-        require_auth=require_auth,
-        users=users,
-        max_connections=t.positive("max_connections", int, 1000),
-        max_connections_per_client=t.positive("max_connections_per_client", int, 50),
-        timeout=t.positive("timeout", float, 300.0),
-    )
-    _refuse_open_relay(t, config)
-    return config
+    return users
+
+
+def _senders(t: _Table, users: Mapping[str, Secret]) -> dict[str, tuple[str, ...]]:
+    """``user -> ("@example.com", "noreply@example.org")``: the MAIL FROM each user may use."""
+    senders = {}
+    for user in t.data:
+        key = t.key(user)
+        if user not in users:
+            raise ConfigError(key, f"no user {user!r} in [smtp.users]")
+        allowed = t.get(user, list, [])
+        if not allowed:
+            raise ConfigError(key, "must list at least one address or @domain")
+        senders[user] = tuple(_sender_pattern(f"{key}[{i}]", v) for i, v in enumerate(allowed))
+    return senders
+
+
+def _sender_pattern(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, "must be a string")
+    try:
+        check_addr_spec(f"postmaster{value}" if value.startswith("@") else value)
+    except InvalidAddress:
+        raise ConfigError(key, f"{value!r} is neither an address nor @domain") from None
+    return value.lower()
 
 
 def _refuse_open_relay(t: _Table, smtp: SmtpConfig) -> None:
-    if smtp.listen.is_loopback:
+    public = [x for x in smtp.listeners if not smtp.trusted(x)]
+    if not public:
         return
+    where = _describe_public(public[0], smtp)
     if not smtp.require_auth:
-        raise ConfigError(
-            t.key("require_auth"),
-            f"false on non-loopback listener {smtp.listen} would make an open relay",
-        )
+        raise ConfigError(t.key("require_auth"), f"false on {where} would make an open relay")
     if not smtp.users:
-        raise ConfigError(
-            t.key("users"), f"no users configured, but non-loopback listener {smtp.listen} needs auth"
-        )
+        raise ConfigError(t.key("users"), f"no users configured, but {where} needs auth")
     if smtp.tls_cert is None:
         raise ConfigError(
-            t.key("tls_cert"),
-            f"required on non-loopback listener {smtp.listen}: credentials travel only over TLS",
+            t.key("tls_cert"), f"required on {where}: credentials travel only over TLS"
         )
+
+
+def _describe_public(listen: Listen, smtp: SmtpConfig) -> str:
+    if listen.is_loopback:
+        return f"listener {listen} (trust_loopback = false)"
+    return f"non-loopback listener {listen}"
 
 
 def _http(t: _Table) -> HttpConfig:

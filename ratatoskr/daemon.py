@@ -1,24 +1,39 @@
-"""Wiring and lifecycle: config → spool → providers → dispatcher → SMTP + HTTP; signals."""
+"""Wiring and lifecycle: config → spool → providers → dispatcher → SMTP + HTTP; signals.
+
+Under systemd (``Type=notify``) the daemon reports READY=1 once every listener is bound,
+RELOADING=1/READY=1 around a SIGHUP reload, STOPPING=1 when asked to stop, and WATCHDOG=1 every
+half watchdog period while its event loop runs (:mod:`ratatoskr.sdnotify`).
+
+SIGHUP re-reads the config file and swaps in what can change while mail flows: providers (API
+keys, URLs, order), ``[smtp.users]``/``[smtp.senders]`` and a renewed TLS certificate. Open
+sessions and queued mail are untouched; old providers are closed once the deliveries that were
+using them have finished. An invalid new config is logged and the running one kept.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
-from ratatoskr import __version__
+from ratatoskr import __version__, logs, tls
+from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
 from ratatoskr.dispatcher import Dispatcher
+from ratatoskr.errors import ConfigError
 from ratatoskr.http_api import Services, build_app
 from ratatoskr.ingest import Ingest
 from ratatoskr.metrics import Metrics
-from ratatoskr.providers import build_providers
-from ratatoskr.smtp_server import RelayHandler, smtp_factory
+from ratatoskr.providers import Provider, build_providers
+from ratatoskr.sdnotify import Notifier, watchdog_interval
+from ratatoskr.smtp_limits import ConnectionLimiter
+from ratatoskr.smtp_server import Policy, RelayHandler, smtp_factory
 from ratatoskr.spool import Spool
 
 log = logging.getLogger("ratatoskr")
@@ -31,7 +46,12 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
+        notifier: Notifier | None = None,
+        watchdog: float | None = None,
+        loader: Callable[[], Config] | None = None,
     ) -> None:
+        """``loader`` reads the config again for :meth:`reload`; ``watchdog`` is the seconds
+        between WATCHDOG=1 pings (None: systemd expects none)."""
         self.config = config
         self.metrics = Metrics()
         self.spool = Spool(config.spool.path, lifetime=config.delivery.max_queue_lifetime, clock=clock)
@@ -43,11 +63,22 @@ class Daemon:
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
         )
-        self.smtp_server: asyncio.Server | None = None
+        smtp = config.smtp
+        self.logins = SmtpLogins(
+            Accounts(smtp.users, smtp.senders), FailureDelay(smtp.auth_failure_delay)
+        )
+        self.limiter = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client)
+        self.notifier = notifier or Notifier(None)
+        self.watchdog = watchdog
+        self.loader = loader
+        self.tls_context = None
+        self.smtp_servers: list[asyncio.Server] = []
         self.http_runner: web.AppRunner | None = None
         self.smtp_port = 0
+        self.smtp_tls_port = 0
         self.http_port = 0
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.spool.open()
@@ -59,21 +90,44 @@ class Daemon:
         self.dispatcher.start()
         await self._start_http()
         await self._start_smtp()
+        smtp = self.config.smtp
+        listeners = _shown(smtp.listen, self.smtp_port)
+        if smtp.tls_listen is not None:
+            listeners += f" + {_shown(smtp.tls_listen, self.smtp_tls_port)} (TLS)"
         log.info(
             "ratatoskr %s ready: smtp %s, http %s, queue %s, providers %s",
-            __version__, _shown(self.config.smtp.listen, self.smtp_port),
-            _shown(self.config.http.listen, self.http_port), self.config.spool.path,
-            ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
+            __version__, listeners, _shown(self.config.http.listen, self.http_port),
+            self.config.spool.path, ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
         )
+        self.notifier.ready(f"smtp {listeners}")
+        if self.watchdog:
+            self._spawn(self._ping_watchdog(self.watchdog))
 
     async def _start_smtp(self) -> None:
-        handler = RelayHandler(self.config.smtp, self.ingest)
-        listen = self.config.smtp.listen
-        loop = asyncio.get_running_loop()
-        self.smtp_server = await loop.create_server(
-            smtp_factory(self.config.smtp, handler), host=listen.host, port=listen.port
+        smtp = self.config.smtp
+        if smtp.tls_cert is not None and smtp.tls_key is not None:
+            self.tls_context = tls.server_context(smtp.tls_cert, smtp.tls_key)
+        handler = RelayHandler(smtp, self.ingest, self.logins)
+        self.smtp_port = await self._listen(handler, smtp.listen, implicit_tls=False)
+        if smtp.tls_listen is not None:
+            self.smtp_tls_port = await self._listen(handler, smtp.tls_listen, implicit_tls=True)
+
+    async def _listen(self, handler: RelayHandler, listen: Listen, *, implicit_tls: bool) -> int:
+        """Bind one SMTP listener; return its port. STARTTLS is offered on the plain one when a
+        certificate is configured; the implicit-TLS one speaks TLS from the first byte."""
+        smtp = self.config.smtp
+        factory = smtp_factory(
+            smtp, handler,
+            policy=Policy.for_listener(smtp, listen, implicit_tls=implicit_tls),
+            limiter=self.limiter,
+            tls_context=None if implicit_tls else self.tls_context,
         )
-        self.smtp_port = self.smtp_server.sockets[0].getsockname()[1]
+        server = await asyncio.get_running_loop().create_server(
+            factory, host=listen.host, port=listen.port,
+            ssl=self.tls_context if implicit_tls else None,
+        )
+        self.smtp_servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
 
     async def _start_http(self) -> None:
         services = Services(
@@ -90,15 +144,81 @@ class Daemon:
         self.http_port = server.sockets[0].getsockname()[1]
 
     def request_stop(self) -> None:
+        if not self._stop.is_set():
+            self.notifier.stopping()
         self._stop.set()
 
     async def wait(self) -> None:
         await self._stop.wait()
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        # Runs on the event loop, so a wedged loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # -- reload (SIGHUP) -------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        self._spawn(self.reload())
+
+    async def reload(self) -> bool:
+        """Re-read the config and apply what can change while running; True when applied."""
+        if self.loader is None:
+            log.warning("reload: this daemon was started without a config to re-read")
+            return False
+        self.notifier.reloading()
+        try:
+            new = self.loader()
+            providers = await self._prepare(new)
+        except (ConfigError, OSError) as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.notifier.ready()
+            return False
+        self._apply(new, providers)
+        self.notifier.ready()
+        return True
+
+    async def _prepare(self, new: Config) -> list[Provider]:
+        """Everything that can fail, done before anything changes."""
+        logs.add_secrets(new.secrets())
+        smtp = new.smtp
+        if self.tls_context is not None and smtp.tls_cert and smtp.tls_key:
+            tls.reload_certificate(self.tls_context, smtp.tls_cert, smtp.tls_key)
+        providers = build_providers(new.providers)
+        for provider in providers:
+            await provider.start()
+        return providers
+
+    def _apply(self, new: Config, providers: list[Provider]) -> None:
+        old_providers = self.providers
+        in_flight = self.dispatcher.replace_providers(providers)
+        self.providers = providers
+        self._spawn(_close_after(in_flight, old_providers))
+        self.logins.accounts = Accounts(new.smtp.users, new.smtp.senders)
+        ignored = needs_restart(self.config, new)
+        self.config = dataclasses.replace(
+            self.config, providers=new.providers,
+            smtp=dataclasses.replace(self.config.smtp, users=new.smtp.users, senders=new.smtp.senders),
+        )
+        log.info(
+            "reloaded %s: providers %s, %d SMTP users",
+            new.source, ", ".join(p.name for p in providers), len(new.smtp.users),
+        )
+        if ignored:
+            log.warning("reload: changes to %s take effect only after a restart", ", ".join(ignored))
+
+    # -- stop --------------------------------------------------------------------------------------
+
     async def stop(self) -> None:
         """Stop accepting, let deliveries in flight finish (bounded), then close everything."""
-        if self.smtp_server is not None:
-            self.smtp_server.close()
+        for server in self.smtp_servers:
+            server.close()
         cut = await self.dispatcher.stop(self.config.delivery.shutdown_timeout)
         if cut:
             log.warning("%d deliveries cut off by shutdown; they stay queued", cut)
@@ -107,18 +227,51 @@ class Daemon:
         for provider in self.providers:
             await provider.close()
         await self.spool.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         log.info("ratatoskr stopped")
+
+
+# What SIGHUP applies; everything else in the file needs a restart.
+_RELOADED = {"smtp": {"users", "senders", "tls_cert", "tls_key"}}
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys whose new values a reload cannot apply (``smtp.listen``, ``http.api_tokens``)."""
+    changed = []
+    for section in ("smtp", "http", "spool", "delivery", "log"):
+        before, after = getattr(old, section), getattr(new, section)
+        for f in dataclasses.fields(before):
+            if f.name in _RELOADED.get(section, ()):
+                continue
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+async def _close_after(deliveries: Sequence[asyncio.Task[None]], providers: Sequence[Provider]) -> None:
+    if deliveries:
+        await asyncio.wait(deliveries)
+    for provider in providers:
+        try:
+            await provider.close()
+        except Exception:  # noqa: BLE001 - a provider that fails to close must not stop the others
+            log.exception("closing replaced provider %s failed", provider.name)
 
 
 def _shown(listen: Listen, port: int) -> str:
     return str(Listen(listen.host, port or listen.port))
 
 
-async def _serve(config: Config) -> None:
-    daemon = Daemon(config)
+async def _serve(config: Config, loader: Callable[[], Config] | None) -> None:
+    daemon = Daemon(
+        config, notifier=Notifier.from_env(), watchdog=watchdog_interval(), loader=loader
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
     await daemon.start()
     try:
         await daemon.wait()
@@ -127,6 +280,7 @@ async def _serve(config: Config) -> None:
         await daemon.stop()
 
 
-def serve(config: Config) -> int:
-    asyncio.run(_serve(config))
+def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP calls ``loader`` for a fresh config and applies it."""
+    asyncio.run(_serve(config, loader))
     return 0

@@ -100,6 +100,23 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def replace_providers(self, providers: Sequence[Provider]) -> list[asyncio.Task[None]]:
+        """Deliver with ``providers`` from now on (config reload); a provider whose name stays
+        keeps its health. Returns the deliveries in flight, after which the old providers may
+        be closed.
+
+        The list is replaced in place, so a round in flight walks on over the new providers and
+        never looks up the health of a removed one.
+        """
+        kept = self.health
+        self.health = {p.name: kept.get(p.name) or self._health_for(p) for p in providers}
+        self.providers[:] = providers
+        for p in providers:
+            if p.name not in kept:
+                self.metrics.register_provider(p.name)
+        self.wake()
+        return list(self._tasks.values())
+
     async def stop(self, timeout: float | None = None) -> int:
         """Stop claiming; let deliveries in flight finish within ``timeout``; return how many
         were cut off (those go back to the queue untouched)."""

@@ -13,6 +13,19 @@ RECIPIENT_OK = "250 2.1.5 Ok"
 
 DATA_START = "354 End data with <CR><LF>.<CR><LF>"
 
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
+SENDER_NOT_OWNED = "553 5.7.1 Error: sender address not allowed for user {user}"
+
+# Sent instead of the greeting, or when a session has gone on too long; then we hang up.
+TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 Error: too many connections from {client}, try again later"
+TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing connection"
+TIMEOUT = "421 4.4.2 Error: timeout exceeded, closing connection"
+
 QUEUE_UNAVAILABLE = "451 4.3.0 Error: queue temporarily unavailable, try again later"
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 STORAGE_FULL = "452 4.3.1 Error: insufficient system storage, try again later"

@@ -3,7 +3,19 @@
 
 The handler validates envelope addresses and recipient counts and turns the outcome of queueing
 into a reply from :mod:`ratatoskr.replies`. :class:`RelaySMTP` replaces aiosmtpd's line-by-line
-DATA loop with the chunked reader in :mod:`ratatoskr.smtp_data`.
+DATA loop with the chunked reader in :mod:`ratatoskr.smtp_data`, and applies the listener's
+:class:`Policy`:
+
+* AUTH (PLAIN, LOGIN) only once the session is encrypted (STARTTLS or the implicit-TLS
+  listener), except on a trusted loopback listener → 538 otherwise; MAIL without AUTH where auth
+  is required → 530; the password check runs in a thread (:class:`~ratatoskr.auth.SmtpLogins`);
+* concurrent sessions per client and in total (:mod:`ratatoskr.smtp_limits`) → 421 instead of
+  the greeting;
+* ``max_errors`` error replies in one session without a message accepted → 421 and hang up
+  (Postfix's ``smtpd_hard_error_limit``); aiosmtpd's own budget of five unknown commands and a
+  cap on junk commands (NOOP, RSET, VRFY, ...) apply too;
+* the idle timeout restarts on every command and on every chunk of DATA, so a slow upload of a
+  big message is not cut off while bytes are still arriving.
 """
 
 from __future__ import annotations
@@ -11,24 +23,187 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
+import sys
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session, syntax
 
 from ratatoskr import replies
-from ratatoskr.config import SmtpConfig
+from ratatoskr.auth import SmtpLogins
+from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
 from ratatoskr.smtp_data import DataTooLarge, read_data
+from ratatoskr.smtp_limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
+
+# Postfix's smtpd_junk_command_limit; every other command is limited only by the error count
+# (aiosmtpd applies its default of 20 to any command left out, RCPT included, hence "*").
+_JUNK_LIMIT = 100
+_CALL_LIMITS = {cmd: _JUNK_LIMIT for cmd in ("NOOP", "RSET", "VRFY", "EXPN", "HELP")} | {"*": sys.maxsize}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What one listener asks of its clients."""
+
+    auth_required: bool  #: MAIL needs a successful AUTH first
+    auth_without_tls: bool  #: AUTH allowed in clear text (a trusted loopback listener)
+    implicit_tls: bool  #: the connection is TLS from its first byte (port 465 style)
+    max_errors: int
+
+    @classmethod
+    def for_listener(cls, config: SmtpConfig, listen: Listen, *, implicit_tls: bool) -> Policy:
+        return cls(
+            auth_required=config.require_auth,
+            auth_without_tls=config.trusted(listen),
+            implicit_tls=implicit_tls,
+            max_errors=config.max_errors,
+        )
+
+
+class _Unchecked(AuthResult):
+    """Credentials parsed by aiosmtpd, not yet checked. aiosmtpd calls its authenticator
+    synchronously, but scrypt must run in a thread, so the authenticator only hands the
+    credentials on and :meth:`RelaySMTP.auth_PLAIN`/``auth_LOGIN`` await the check. If one
+    ever reached aiosmtpd unconverted it would still be a failure, never a success."""
+
+
+def _hand_on(server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any) -> AuthResult:
+    return _Unchecked(success=False, handled=False, message=replies.AUTH_INVALID, auth_data=data)
 
 
 class RelaySMTP(SMTP):
     # The StreamReader's limit: command lines are still capped by command_size_limit (512),
     # but DATA is read in chunks and must not trip the reader's line limit.
     line_length_limit = 1 << 16
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        *,
+        policy: Policy,
+        limiter: ConnectionLimiter,
+        logins: SmtpLogins,
+        **kwargs: Any,
+    ) -> None:
+        # aiosmtpd knows only its own STARTTLS as "encrypted" and warns (per connection) about
+        # auth_required without auth_require_tls; both decisions are taken here instead, from
+        # the policy, with the implicit-TLS listener counted as encrypted.
+        super().__init__(
+            handler, auth_required=False, auth_require_tls=False, authenticator=_hand_on,
+            command_call_limit=_CALL_LIMITS, **kwargs,
+        )
+        self.policy = policy
+        self.limiter = limiter
+        self.logins = logins
+        self.client = ""
+        self._refusal: str | None = None
+        self._admitted = False
+        self._errors = 0
+
+    # -- connection: limits, implicit TLS, timeout ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again with the TLS transport
+        super().connection_made(transport)
+        assert self.session is not None
+        if first:
+            peer = self.session.peer
+            self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+            self._refusal = self.limiter.admit(self.client)
+            self._admitted = self._refusal is None
+        if self.policy.implicit_tls:
+            self.session.ssl = {
+                "ssl_object": transport.get_extra_info("ssl_object"),
+                "cipher": transport.get_extra_info("cipher"),
+            }
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:  # aiosmtpd may call this twice after a failed TLS handshake
+            self._admitted = False
+            self.limiter.release(self.client)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            log.warning("refused %s: %s", self.client, self._refusal)
+            await super().push(self._refusal)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()
+
+    async def push(self, status: str | bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # we hung up (too many errors, timeout): say nothing more
+        await super().push(status)
+        code = status[:1] if isinstance(status, str) else status[:1].decode()
+        if code in ("4", "5"):
+            self._errors += 1
+            if self._errors >= self.policy.max_errors:
+                log.warning("%s: too many errors, hanging up", self.client)
+                await super().push(replies.TOO_MANY_ERRORS)
+                self.transport.close()
+        elif str(status).startswith(replies.QUEUED[:9]):
+            self._errors = 0  # like Postfix: errors count only while no mail gets through
+
+    # -- AUTH -------------------------------------------------------------------------------------
+
+    @property
+    def encrypted(self) -> bool:
+        return self.session is not None and self.session.ssl is not None
+
+    @property
+    def auth_offered(self) -> bool:
+        """Whether EHLO advertises AUTH now."""
+        return bool(self.logins.accounts.users) and (self.policy.auth_without_tls or self.encrypted)
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        assert self.session is not None
+        if self.policy.auth_required and not self.session.authenticated:
+            await self.push(replies.AUTH_REQUIRED)
+            return True
+        return False
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if self.session.host_name and self.session.extended_smtp and not self.session.authenticated:
+            if not self.logins.accounts.users:
+                await self.push(replies.AUTH_NOT_ENABLED)
+                return
+            if not (self.policy.auth_without_tls or self.encrypted):
+                await self.push(replies.AUTH_NEEDS_TLS)
+                return
+        await super().smtp_AUTH(arg)
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_LOGIN(_, args))
+
+    async def _checked(self, result: AuthResult) -> AuthResult:
+        if not isinstance(result, _Unchecked):
+            return result  # aiosmtpd already answered (bad base64, "*" abort, ...)
+        credentials: LoginPassword = result.auth_data
+        login = credentials.login.decode("utf-8", "replace")
+        if await self.logins.check(login, credentials.password, self.client):
+            log.info("%s authenticated as %r", self.client, login)
+            return AuthResult(success=True, message=replies.AUTH_OK, auth_data=login)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+
+    # -- DATA -------------------------------------------------------------------------------------
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -59,9 +234,19 @@ class RelaySMTP(SMTP):
 class RelayHandler:
     """aiosmtpd hooks; each one is proven to fire by the tests (hooks are found by name)."""
 
-    def __init__(self, config: SmtpConfig, ingest: Ingest) -> None:
+    def __init__(self, config: SmtpConfig, ingest: Ingest, logins: SmtpLogins) -> None:
         self.config = config
         self.ingest = ingest
+        self.logins = logins
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
+        if not server.auth_offered:
+            responses = [r for r in responses if not r.startswith("250-AUTH ")]
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
@@ -72,6 +257,11 @@ class RelayHandler:
             except InvalidAddress as exc:
                 self.ingest.metrics.rejected("smtp", "bad_sender")
                 return replies.BAD_SENDER.format(reason=exc)
+        user = session.auth_data if session.authenticated else None
+        if not self.logins.accounts.may_send_as(user, "" if address == "<>" else address):
+            self.ingest.metrics.rejected("smtp", "sender_not_owned")
+            log.warning("user %r may not send as <%s>", user, address)
+            return replies.SENDER_NOT_OWNED.format(user=user)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return replies.SENDER_OK
@@ -134,19 +324,30 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "full" in str(exc).lower()
 
 
-def smtp_factory(config: SmtpConfig, handler: RelayHandler, **extra: Any) -> Any:
-    """A protocol factory for ``loop.create_server``."""
+def smtp_factory(
+    config: SmtpConfig,
+    handler: RelayHandler,
+    *,
+    policy: Policy,
+    limiter: ConnectionLimiter,
+    tls_context: ssl.SSLContext | None = None,
+) -> Any:
+    """A protocol factory for ``loop.create_server``. ``tls_context`` offers STARTTLS; leave it
+    out on the implicit-TLS listener, whose server does the TLS itself."""
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
             handler,
+            policy=policy,
+            limiter=limiter,
+            logins=handler.logins,
+            tls_context=tls_context,
             data_size_limit=config.max_message_size,
             enable_SMTPUTF8=True,
             hostname=config.hostname,
             ident=replies.IDENT,
             timeout=config.timeout,
             loop=asyncio.get_running_loop(),
-            **extra,
         )
 
     return factory
