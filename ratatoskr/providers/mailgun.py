@@ -75,9 +75,10 @@ class MailgunProvider(HttpProvider):
             try:
                 ids.append(self.read_send(answer))
             except DeliveryError as exc:
-                if start:
-                    exc.reason += f" (recipients {start + 1}-{start + len(chunk)}; earlier ones were accepted as {', '.join(ids)})"
-                raise
+                if not start:
+                    raise
+                note = f" (recipients {start + 1}-{start + len(chunk)}; earlier ones were accepted as {', '.join(ids)})"
+                raise type(exc)(exc.reason + note, provider=self.name, status=exc.status, retry_after=exc.retry_after) from exc
         return Receipt(provider=self.name, provider_id=", ".join(ids))
 
     def read_send(self, answer: HttpAnswer) -> str:

@@ -14,6 +14,7 @@ how many requests it answers, ``None`` = every request until :meth:`FakeServer.h
 ``route`` = ``"send"`` or ``"probe"`` to limit it to those requests)::
 
     fake.fail(503)                                  # next request: 503 with an empty body
+    fake.fail(503, after=1)                         # let one request through, fail the next
     fake.fail(502, "<html>Bad gateway</html>", times=None)
     fake.fail(429, {"message": "..."}, headers={"Retry-After": "30"})
     gate = fake.stall()                             # hold answers until gate.set() / fake.release()
@@ -57,6 +58,7 @@ class Failure:
     drop: bool = False
     stall: asyncio.Event | None = None
     delay: float = 0.0
+    after: int = 0  # let this many matching requests through first
 
 
 @dataclass
@@ -136,8 +138,8 @@ def text_fields(form: Mapping[str, Any], *, skip: tuple[str, ...] = ()) -> dict[
     left out."""
     out: dict[str, list[str]] = {}
     for key, value in form.items():
-        if key in skip or isinstance(value, web.FileField):
-            continue
+        if key in skip or isinstance(value, web.FileField | bytes | bytearray):
+            continue  # file parts (with a filename or without one)
         out.setdefault(key, []).append(value if isinstance(value, str) else json.dumps(value))
     return out
 
@@ -169,7 +171,9 @@ class FakeServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
+        # Room for more form fields than aiohttp's default 1000, so a >1000-recipient upload gets
+        # the provider's own answer ("Too many recipients, max is 1000"), not aiohttp's.
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body, client_max_fields=100_000)
         self.add_routes(app)
         self._server = TestServer(app, host="127.0.0.1")
         await self._server.start_server()
@@ -206,9 +210,9 @@ class FakeServer:
 
     def fail(
         self, status: int | None = None, body: Any = b"", *, headers: Mapping[str, str] | None = None,
-        times: int | None = 1, route: str | None = None, delay: float = 0.0,
+        times: int | None = 1, route: str | None = None, delay: float = 0.0, after: int = 0,
     ) -> Failure:
-        failure = Failure(status, body, dict(headers or {}), times, route, delay=delay)
+        failure = Failure(status, body, dict(headers or {}), times, route, delay=delay, after=after)
         self.failures.append(failure)
         return failure
 
@@ -238,6 +242,9 @@ class FakeServer:
     def _take_failure(self, route: str) -> Failure | None:
         for failure in self.failures:
             if failure.route in (None, route):
+                if failure.after > 0:
+                    failure.after -= 1
+                    return None
                 if failure.times is not None:
                     failure.times -= 1
                     if failure.times <= 0:
