@@ -96,7 +96,7 @@ async def test_unknown_domain_says_check_the_region(fake_mailgun):
     finally:
         await provider.close()
     assert "mg.other.test" in caught.value.reason and "api.eu.mailgun.net" in caught.value.reason
-    assert not probe.ok and probe.detail.startswith("domain not found") and "base_url" in probe.detail
+    assert not probe.ok and probe.detail.startswith("Domain not found") and "base_url" in probe.detail
 
 
 async def test_domain_not_allowed_to_send_is_the_account_not_the_message(mailgun, fake_mailgun):

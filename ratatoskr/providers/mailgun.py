@@ -121,7 +121,7 @@ class MailgunProvider(HttpProvider):
     def _not_found(self, text: str) -> str:
         # "Domain not found: mg.example.com": also what a US-region URL says for an EU domain.
         return (
-            f"{text or 'not found'} (404): check domain {self.domain!r} and the region in "
+            f"{text or 'Domain not found'} (404): check domain {self.domain!r} and the region in "
             f"base_url {self.base_url!r} (EU domains need https://api.eu.mailgun.net)"
         )
 
@@ -145,7 +145,7 @@ class MailgunProvider(HttpProvider):
             return ProbeResult(False, "bad credentials (401): check api_key; the probe needs the "
                                       "account key, a domain sending key is refused here")
         if answer.status == 404:
-            return ProbeResult(False, "domain not found: " + self._not_found(error_text(answer)))
+            return ProbeResult(False, self._not_found(error_text(answer)))
         body = answer.json()
         domain = body.get("domain") if isinstance(body, dict) else None
         if answer.status != 200 or not isinstance(domain, dict):
