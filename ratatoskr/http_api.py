@@ -57,7 +57,11 @@ class Refused(Exception):
     the refusal was counted already (Ingest counts its own)."""
 
     def __init__(
-        self, status: int, reason: str | None, body: dict[str, Any], headers: dict[str, str] | None = None
+        self,
+        status: int,
+        reason: str | None,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(body.get("error", ""))
         self.status = status
@@ -138,7 +142,8 @@ async def _queue(request: web.Request, ingest: Ingest, raw: bytes, env: Envelope
         raise Refused(400, None, {"error": str(exc), "details": []}) from None
     except QueueUnavailable as exc:
         log.error("queue unavailable, answering 503: %s", exc)
-        raise Refused(503, "queue_unavailable", {"error": "queue unavailable, try again later"}) from None
+        error = {"error": "queue unavailable, try again later"}
+        raise Refused(503, "queue_unavailable", error) from None
 
 
 # -- documents ---------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def _relocate(node: Any, base: str) -> Any:
 
 
 def _json(schema_ref: str, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": schema_ref}}}}
+    content = {"application/json": {"schema": {"$ref": schema_ref}}}
+    return {"description": description, "content": content}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -48,7 +49,9 @@ _SCHEMAS: dict[str, Any] = {
     "Accepted": {
         "type": "object",
         "required": ["id"],
-        "properties": {"id": {"type": "string", "description": "The queue id (logs, `ratatoskr queue show`)."}},
+        "properties": {
+            "id": {"type": "string", "description": "The queue id (logs, `ratatoskr queue show`)."}
+        },
     },
     "Error": {
         "type": "object",
@@ -61,7 +64,7 @@ _SCHEMAS: dict[str, Any] = {
                     "type": "object",
                     "required": ["field", "message"],
                     "properties": {
-                        "field": {"type": "string", "description": "JSON pointer into the request body."},
+                        "field": {"type": "string", "description": "JSON pointer into the body."},
                         "message": {"type": "string"},
                     },
                 },
@@ -100,7 +103,10 @@ def _send_operation(auth_required: bool) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": "sendMessage",
         "summary": "Queue one message for delivery",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": _MESSAGE}}}},
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": _MESSAGE}}},
+        },
         "responses": responses,
     }
     if auth_required:
@@ -115,7 +121,9 @@ def document(message_schema: dict[str, Any], *, auth_required: bool) -> dict[str
         message.pop(key, None)
     paths: dict[str, Any] = {
         "/v1/messages": {"post": _send_operation(auth_required)},
-        "/v1/schema": _get("The message JSON Schema", _body("JSON Schema 2020-12", "application/schema+json")),
+        "/v1/schema": _get(
+            "The message JSON Schema", _body("JSON Schema 2020-12", "application/schema+json")
+        ),
         "/v1/openapi.json": _get("This document", _body("OpenAPI 3.1", "application/json")),
         "/metrics": _get("Prometheus metrics", _body("Prometheus text format", "text/plain")),
         "/healthz": _get("Liveness", _body("The process runs", "application/json")),

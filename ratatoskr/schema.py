@@ -142,7 +142,7 @@ def _wording(error: ValidationError) -> str:
         return "must not be empty" if value == 1 else f"must be at least {value} characters"
     if keyword == "maxLength":
         return f"must be at most {value} characters"
-    return error.message
+    return str(error.message)
 
 
 def _ordered(details: list[Detail]) -> list[Detail]:
@@ -205,7 +205,8 @@ class _Checks:
         for name in value:
             lowered = str(name).lower()
             if lowered in _OWN_HEADERS or lowered.startswith(_OWN_PREFIXES):
-                self.fault(pointer(["headers", name]), f"{name} is set by the server and cannot be overridden")
+                problem = f"{name} is set by the server and cannot be overridden"
+                self.fault(pointer(["headers", name]), problem)
         return tuple((k, v) for k, v in value.items() if isinstance(v, str))
 
     def attachments(self, values: object) -> tuple[Attachment, ...]:
