@@ -32,7 +32,8 @@ from ratatoskr.ingest import trace_header
 from ratatoskr.message import Envelope
 from ratatoskr.mime import prepare
 from ratatoskr.providers import Outbound, Provider, build_providers
-from tests.fakes.base import Delivery, FakeServer, parse_mime
+from tests.fakes.base import FakeServer
+from tests.fakes.records import Delivery, parse_mime
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 

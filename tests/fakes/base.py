@@ -24,24 +24,21 @@ how many requests it answers, ``None`` = every request until :meth:`FakeServer.h
 
 Provider-specific switches (rate limits, revoked keys, per-recipient refusals) live on the
 subclasses. ``fake.calls`` lists every request with the status it got; ``fake.messages`` lists
-every accepted message as a :class:`Delivery`.
+every accepted message as a :class:`~tests.fakes.records.Delivery` (envelope, parsed email,
+raw bytes, tags, ``parts()`` with sha256 per attachment).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import getaddresses
-from typing import Any, Self, cast
+from typing import Any, Self
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+
+from tests.fakes.records import Call, Delivery
 
 Handler = Callable[[web.Request], Any]
 
@@ -59,89 +56,6 @@ class Failure:
     stall: asyncio.Event | None = None
     delay: float = 0.0
     after: int = 0  # let this many matching requests through first
-
-
-@dataclass
-class Call:
-    """One request the fake saw, and the status it answered with (0 when the connection was cut)."""
-
-    method: str
-    path: str
-    route: str
-    status: int = 0
-
-
-@dataclass(frozen=True)
-class Part:
-    """A non-body MIME part, summarised for assertions."""
-
-    filename: str | None
-    content_type: str
-    sha256: str
-    size: int
-    content_id: str
-    disposition: str | None
-
-
-@dataclass
-class Delivery:
-    """One message the fake accepted, decoded."""
-
-    id: str
-    envelope: list[str]  # addr-specs it is addressed to (Bcc included), as the request named them
-    email: EmailMessage  # parsed with email.policy.default: headers come back decoded
-    raw: bytes | None  # the uploaded MIME (None for structured sends)
-    tags: list[str] = field(default_factory=list)
-    fields: dict[str, list[str]] = field(default_factory=dict)  # other request fields, as text
-    refused: dict[str, str] = field(default_factory=dict)  # lowercased address -> status/reason
-
-    @property
-    def accepted(self) -> list[str]:
-        return [a for a in self.envelope if a.lower() not in self.refused]
-
-    def header(self, name: str) -> str | None:
-        value = self.email[name]
-        return None if value is None else str(value)
-
-    def parts(self) -> list[Part]:
-        """Attachments and inline parts (everything but the text and HTML bodies)."""
-        bodies = [self.email.get_body(preferencelist=(kind,)) for kind in ("plain", "html")]
-        found = []
-        for part in self.email.walk():
-            if part.is_multipart() or any(part is b for b in bodies):
-                continue
-            data = cast(bytes, part.get_payload(decode=True) or b"")
-            found.append(
-                Part(
-                    filename=part.get_filename(),
-                    content_type=part.get_content_type(),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    size=len(data),
-                    content_id=str(part.get("Content-ID", "")).strip("<> "),
-                    disposition=part.get_content_disposition(),
-                )
-            )
-        return found
-
-
-def parse_mime(raw: bytes) -> EmailMessage:
-    return cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(raw))
-
-
-def addr_specs(values: list[str]) -> list[str]:
-    """Addresses out of repeated fields and comma lists (``"Bob <b@x>, c@y"``), in order."""
-    return [addr for _, addr in getaddresses(values) if addr]
-
-
-def text_fields(form: Mapping[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """Fields of a form (repeated keys kept) or JSON object as text lists; files and ``skip``
-    left out."""
-    out: dict[str, list[str]] = {}
-    for key, value in form.items():
-        if key in skip or isinstance(value, web.FileField | bytes | bytearray):
-            continue  # file parts (with a filename or without one)
-        out.setdefault(key, []).append(value if isinstance(value, str) else json.dumps(value))
-    return out
 
 
 def respond(status: int, body: Any = b"", headers: Mapping[str, str] | None = None) -> web.Response:

@@ -31,7 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Delivery, FakeServer, addr_specs, parse_mime, respond, text_fields
+from tests.fakes.base import FakeServer, respond
+from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
 
 MAX_RECIPIENTS = 1000
 OPTIONS_BUDGET = 16 * 1024

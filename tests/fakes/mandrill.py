@@ -37,7 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Delivery, FakeServer, addr_specs, parse_mime, respond, text_fields
+from tests.fakes.base import FakeServer, respond
+from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
 
 MODERN_STATUS = {
     "ValidationError": 400, "Invalid_Key": 401, "PaymentRequired": 402, "Unknown_Subaccount": 404,
