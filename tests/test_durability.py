@@ -68,3 +68,42 @@ def test_sigterm_stops_accepting_and_exits_0(tmp_path):
     finally:
         daemon.stop_quietly()
     assert "ratatoskr stopped" in daemon.log()
+
+
+async def test_sigkill_during_provider_outage_then_delivered_after_restart(tmp_path, fake_mailgun):
+    """Deferred messages (every attempt a 503) survive kill -9 and reach the provider once
+    it is back, after the restart."""
+    import asyncio
+
+    fake_mailgun.fail(503, times=None)
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "ratatoskr.toml",
+        {
+            "smtp": {"listen": f"127.0.0.1:{port}"},
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "spool": {"path": str(tmp_path / "var")},
+            "delivery": {"retry_initial": 0.3, "retry_max": 0.5, "circuit_cooldown": 0.3},
+        },
+        [fake_mailgun.provider_entry()],
+    )
+    daemon = DaemonProcess(cfg, port)
+    await asyncio.to_thread(daemon.start)
+    try:
+        ids = [await asyncio.to_thread(daemon.send, MESSAGE % i) for i in range(10)]
+        await fake_mailgun.wait_for_calls(10)
+    finally:
+        await asyncio.to_thread(daemon.kill)
+    assert fake_mailgun.messages == []
+
+    fake_mailgun.heal()
+    daemon = DaemonProcess(cfg, port)
+    await asyncio.to_thread(daemon.start)
+    try:
+        await fake_mailgun.wait_for(10, timeout=20)
+        assert await asyncio.to_thread(daemon.terminate) == 0
+    finally:
+        await asyncio.to_thread(daemon.stop_quietly)
+    delivered = sorted(m.header("Subject") for m in fake_mailgun.messages)
+    assert delivered == sorted(f"durable {i}" for i in range(10))
+    assert len(ids) == 10

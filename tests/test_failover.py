@@ -1,0 +1,205 @@
+"""Real-time failover against the fake providers, on injected time: nothing lost, few duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ratatoskr.spool import QueueAdmin
+from tests.conftest import FakeClock, smtp_send, wait_until
+
+MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: failover {n}\r\n\r\nbody {n}\r\n"
+DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+async def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
+    """A daemon delivering to mailgun first and mandrill second, on the fake clock."""
+
+    async def start(**delivery):
+        return await running_daemon(
+            clock=clock,
+            delivery={**DELIVERY, **delivery},
+            providers=[fake_mailgun.provider_entry(timeout=0.5), fake_mandrill.provider_entry(timeout=0.5)],
+        )
+
+    return start
+
+
+def metric(daemon, name: str, **labels: str) -> float:
+    value = daemon.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def send(daemon, n: int = 0, recipients: list[str] | None = None) -> None:
+    await smtp_send(daemon.smtp_port, MESSAGE.format(n=n), recipients=recipients)
+
+
+def subjects(fake) -> list[str]:
+    return sorted(m.header("Subject") for m in fake.messages)
+
+
+async def queue_counts(daemon) -> dict[str, int]:
+    counts, _ = await daemon.spool.stats()
+    return counts
+
+
+async def test_503_fails_over_and_the_provider_comes_back(relay, fake_mailgun, fake_mandrill, clock):
+    """Mailgun answering 503: the next messages go to mandrill with no loss; once mailgun
+    heals and the cool-down passes, a trial delivery closes its circuit again."""
+    fake_mailgun.fail(503, times=None)
+    daemon = await relay()
+    for n in range(5):
+        await send(daemon, n)
+    await fake_mandrill.wait_for(5)
+    assert subjects(fake_mandrill) == [f"failover {n}" for n in range(5)]
+    assert [c.status for c in fake_mailgun.calls] == [503, 503]  # then the circuit opened
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0
+    assert metric(daemon, "ratatoskr_failovers_total", from_provider="mailgun", to_provider="mandrill") == 5
+
+    fake_mailgun.heal()
+    clock.advance(10)
+    await send(daemon, 5)
+    await fake_mailgun.wait_for(1)
+    await send(daemon, 6)
+    await fake_mailgun.wait_for(2)
+    assert subjects(fake_mailgun) == ["failover 5", "failover 6"]
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 1
+    assert len(fake_mandrill.messages) == 5
+
+
+async def test_all_down_defers_then_delivers_exactly_once(relay, fake_mailgun, fake_mandrill, clock):
+    """Both providers down: mail is still accepted (250), deferred, and when one provider
+    returns every message arrives exactly once, without waiting out the backoff."""
+    fake_mailgun.fail(503, times=None)
+    fake_mandrill.fail(503, times=None)
+    daemon = await relay()
+    for n in range(6):
+        await send(daemon, n)
+    await wait_until(
+        lambda: _deferred_or_queued(daemon, 6), what="all six waiting in the queue"
+    )
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0
+    assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 0
+
+    fake_mandrill.heal()
+    clock.advance(10)  # cool-down over; the backoff (60 s+) is not
+    await fake_mandrill.wait_for(6)
+    await wait_until(lambda: _empty(daemon), what="queue drained")
+    assert subjects(fake_mandrill) == [f"failover {n}" for n in range(6)]
+    assert fake_mailgun.messages == []
+
+
+async def _deferred_or_queued(daemon, count: int) -> bool:
+    counts = await queue_counts(daemon)
+    return counts["deferred"] + counts["queued"] == count and counts["inflight"] == 0
+
+
+async def _empty(daemon) -> bool:
+    counts = await queue_counts(daemon)
+    return sum(counts.values()) == 0
+
+
+async def test_rate_limit_pauses_mailgun_and_uses_mandrill_meanwhile(relay, fake_mailgun, fake_mandrill, clock):
+    fake_mailgun.rate_limit(retry_after=30, times=1)
+    daemon = await relay()
+    for n in range(3):
+        await send(daemon, n)
+    await fake_mandrill.wait_for(3)
+    assert [c.status for c in fake_mailgun.calls] == [429]
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0
+    clock.advance(30)
+    await send(daemon, 3)
+    await fake_mailgun.wait_for(1)
+    assert subjects(fake_mailgun) == ["failover 3"]
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 1
+
+
+async def test_unusable_key_opens_the_circuit_at_once(relay, fake_mailgun, fake_mandrill):
+    fake_mailgun.revoke_key()
+    daemon = await relay(circuit_failures=50)
+    await send(daemon, 0)
+    await fake_mandrill.wait_for(1)
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0
+    for n in range(1, 4):
+        await send(daemon, n)
+    await fake_mandrill.wait_for(4)
+    assert [c.status for c in fake_mailgun.calls] == [401]
+
+
+async def test_a_permanent_rejection_does_not_open_the_circuit(relay, fake_mailgun, fake_mandrill):
+    """A message's own refusal says nothing about the provider: the next provider gets one
+    chance at that message, and the refusing provider keeps taking other mail."""
+    fake_mailgun.fail(400, {"message": "to parameter is not a valid address. please check documentation"}, times=3)
+    daemon = await relay(circuit_failures=2)
+    for n in range(3):
+        await send(daemon, n)
+    await fake_mandrill.wait_for(3)
+    assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 1
+    await send(daemon, 3)
+    await fake_mailgun.wait_for(1)
+    assert metric(daemon, "ratatoskr_deliveries_total", provider="mailgun", outcome="permanent_failure") == 3
+
+
+async def test_refused_by_both_is_dead_and_queue_retry_revives_it(relay, fake_mailgun, fake_mandrill, tmp_path, clock):
+    refusal = {"message": "to parameter is not a valid address. please check documentation"}
+    fake_mailgun.fail(400, refusal, times=None)
+    fake_mandrill.fail(500, {"status": "error", "code": -2, "name": "ValidationError",
+                             "message": "Validation error: bad address"}, times=None)
+    daemon = await relay()
+    await send(daemon, 0)
+    await wait_until(lambda: _dead(daemon, 1), what="message dead")
+    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
+    try:
+        [dead] = admin.list()
+        assert "refused by every provider" in dead.last_error
+        assert [a["outcome"] for a in dead.history] == ["permanent", "permanent"]
+        fake_mailgun.heal()
+        fake_mandrill.heal()
+        assert admin.retry(dead.id) == 1
+    finally:
+        admin.close()
+    clock.advance(1)  # the CLI stamps real time; the daemon runs on the fake clock
+    await fake_mailgun.wait_for(1)
+    await wait_until(lambda: _empty(daemon), what="queue drained")
+
+
+async def _dead(daemon, count: int) -> bool:
+    return (await queue_counts(daemon))["dead"] == count
+
+
+async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(relay, fake_mailgun, fake_mandrill, tmp_path):
+    """A timeout after the request left may mean mailgun took it: one more try at mailgun,
+    then mandrill; every attempt is in the message's history."""
+    fake_mailgun.stall(times=2)
+    fake_mandrill.fail(503, times=1)
+    daemon = await relay(circuit_failures=5)
+    await send(daemon, 0)
+    await wait_until(lambda: _deferred_or_queued(daemon, 1), what="message deferred")
+    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
+    try:
+        [waiting] = admin.list()
+    finally:
+        admin.close()
+    assert [(a["provider"], a["outcome"]) for a in waiting.history] == [
+        ("mailgun", "ambiguous"), ("mailgun", "ambiguous"), ("mandrill", "temporary"),
+    ]
+    fake_mailgun.release()
+
+
+async def test_expired_message_becomes_dead(relay, fake_mailgun, fake_mandrill, clock):
+    fake_mailgun.fail(503, times=None)
+    fake_mandrill.fail(503, times=None)
+    daemon = await relay()
+    await send(daemon, 0)
+    await wait_until(lambda: _deferred_or_queued(daemon, 1), what="message deferred")
+    clock.advance(172_800 + 1)
+    await daemon.spool.reschedule_deferred(clock())
+    daemon.dispatcher.wake()
+    await wait_until(lambda: _dead(daemon, 1), what="message dead after its lifetime")
