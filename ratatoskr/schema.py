@@ -95,6 +95,8 @@ def decode(body: bytes) -> dict[str, Any]:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage("body is not valid JSON", [Detail("", str(exc))]) from None
+    except RecursionError:  # '[' * 100_000 is valid JSON to the grammar, not to the stack
+        raise InvalidMessage("body is nested too deeply", [Detail("", "nested too deeply")]) from None
     if not isinstance(document, dict):
         raise InvalidMessage("body must be a JSON object", [Detail("", "must be a JSON object")])
     return document
