@@ -108,10 +108,13 @@ async def test_domain_not_allowed_to_send_is_the_account_not_the_message(mailgun
     assert not probe.ok and "'unverified'" in probe.detail
 
 
-@pytest.mark.parametrize(("status", "expected"), [(402, ProviderUnavailable), (403, ProviderUnavailable), (413, PermanentFailure)])
+@pytest.mark.parametrize(
+    ("status", "expected"), [(402, ProviderUnavailable), (403, ProviderUnavailable), (413, PermanentFailure)]
+)
 async def test_account_and_size_refusals(mailgun, fake_mailgun, status, expected):
     """402/403 are account trouble (fail over); 413 is this message being too large."""
-    fake_mailgun.fail(status, {"message": "request size exceeds 52.4MiB limit" if status == 413 else "Rejected"})
+    text = "request size exceeds 52.4MiB limit" if status == 413 else "Rejected"
+    fake_mailgun.fail(status, {"message": text})
     with pytest.raises(expected):
         await mailgun.send(outbound())
 

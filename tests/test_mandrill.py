@@ -22,7 +22,9 @@ BOB, CAROL = "bob@example.net", "carol@example.org"
 
 @pytest.fixture
 async def mandrill(fake_mandrill: FakeMandrill) -> AsyncIterator[MandrillProvider]:
-    config = ProviderConfig(name="mandrill", kind="mandrill", api_key=Secret(fake_mandrill.api_key), base_url=fake_mandrill.url)
+    config = ProviderConfig(
+        name="mandrill", kind="mandrill", api_key=Secret(fake_mandrill.api_key), base_url=fake_mandrill.url
+    )
     provider = MandrillProvider(config)
     yield provider
     await provider.close()
@@ -39,7 +41,9 @@ def outbound(recipients: tuple[str, ...] = (BOB, CAROL), raw: bytes = RAW) -> Ou
      ("GeneralError", TemporaryFailure), ("ServiceUnavailable", TemporaryFailure)],
 )
 @pytest.mark.parametrize("mode", ["modern", "legacy"])
-async def test_errors_are_classified_by_name_in_either_status_mode(mandrill, fake_mandrill, name, expected, mode):
+async def test_errors_are_classified_by_name_in_either_status_mode(
+    mandrill, fake_mandrill, name, expected, mode
+):
     """The same name means the same thing whether it comes as 401/402/404/400 or as legacy 500."""
     fake_mandrill.status_mode = mode
     fake_mandrill.error(name)
@@ -75,7 +79,8 @@ async def test_queued_and_scheduled_count_as_accepted(mandrill, fake_mandrill):
 @pytest.mark.parametrize(
     ("reasons", "expected"),
     [(("hard-bounce", "invalid"), PermanentFailure), (("unsigned", "unsigned"), ProviderUnavailable),
-     (("hard-bounce", "test-mode-limit"), ProviderUnavailable), (("soft-bounce", "soft-bounce"), TemporaryFailure)],
+     (("hard-bounce", "test-mode-limit"), ProviderUnavailable),
+     (("soft-bounce", "soft-bounce"), TemporaryFailure)],
 )
 async def test_every_recipient_refused(mandrill, fake_mandrill, reasons, expected):
     """All refused is still HTTP 200; account reasons make the provider unusable, soft bounces wait."""
@@ -138,7 +143,8 @@ def test_json_text_keeps_utf8_mail_byte_for_byte():
 def test_json_text_reencodes_only_the_8bit_latin1_part():
     raw = (b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
            b"Content-Type: text/plain; charset=utf-8\r\n\r\nok \xc3\xa9\r\n--B\r\n"
-           b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9\r\n--B--\r\n")
+           b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b"caf\xe9\r\n--B--\r\n")
     text = json_text(raw)
     assert "ok é" in text and "Content-Transfer-Encoding: base64\r\n\r\nY2Fm6Q==\r\n" in text
 
@@ -167,7 +173,8 @@ async def test_fake_checks_the_key_and_falls_back_to_headers_for_recipients(fake
     status, body = await call(fake_mandrill, "/users/ping", {"key": "nope"})
     assert (status, body["name"]) == (401, "Invalid_Key")
     raw = f"From: a@example.com\r\nTo: {BOB}\r\nCc: {CAROL}\r\nBcc: hidden@example.org\r\n\r\nHi\r\n"
-    status, body = await call(fake_mandrill, "/messages/send-raw.json", {"key": fake_mandrill.api_key, "raw_message": raw})
+    request = {"key": fake_mandrill.api_key, "raw_message": raw}
+    status, body = await call(fake_mandrill, "/messages/send-raw.json", request)
     assert status == 200 and [r["email"] for r in body] == [BOB, CAROL]  # the Bcc header is ignored
 
 
@@ -175,7 +182,8 @@ async def test_fake_structured_send_and_async_queueing(fake_mandrill):
     """send.json builds the MIME; more than 10 recipients makes every result "queued"."""
     to = [{"email": f"r{n}@example.net", "type": "bcc" if n else "to"} for n in range(11)]
     message = {"from_email": "ada@example.com", "subject": "Hi", "text": "Hello", "to": to, "tags": ["bridge"]}
-    status, body = await call(fake_mandrill, "/messages/send.json", {"key": fake_mandrill.api_key, "message": message})
+    request = {"key": fake_mandrill.api_key, "message": message}
+    status, body = await call(fake_mandrill, "/messages/send.json", request)
     assert status == 200 and {r["status"] for r in body} == {"queued"}
     seen = fake_mandrill.last()
     assert seen.header("To") == "r0@example.net" and len(seen.envelope) == 11 and seen.tags == ["bridge"]

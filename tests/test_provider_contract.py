@@ -143,7 +143,8 @@ class MandrillHarness(FakeHarness):
         elif failure == "rate_limited":
             self.fake.rate_limit(retry_after=30)
         elif failure == "refused_message":
-            self.fake.error("ValidationError", f'Validation error: {{"key": "{self.api_key}", "from_email": "invalid"}}')
+            echo = f'Validation error: {{"key": "{self.api_key}", "from_email": "invalid"}}'
+            self.fake.error("ValidationError", echo)
 
 
 @pytest.fixture(params=["outbox", "mailgun", "mandrill"])
@@ -153,7 +154,8 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield h
         await h.close()
         return
-    fake_class, harness_class = {"mailgun": (FakeMailgun, MailgunHarness), "mandrill": (FakeMandrill, MandrillHarness)}[request.param]
+    kinds = {"mailgun": (FakeMailgun, MailgunHarness), "mandrill": (FakeMandrill, MandrillHarness)}
+    fake_class, harness_class = kinds[request.param]
     async with fake_class() as fake:
         h = harness_class(fake)
         yield h
@@ -163,12 +165,16 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 _ids = iter(range(1, 1_000_000))
 
 
-async def send(h: Harness, raw: bytes | EmailMessage, recipients: list[str], provider: Provider | None = None) -> Delivery:
+async def send(
+    h: Harness, raw: bytes | EmailMessage, recipients: list[str], provider: Provider | None = None
+) -> Delivery:
     """Prepare ``raw`` as ingress does, send it, return what arrived."""
     if isinstance(raw, EmailMessage):
         raw = raw.as_bytes(policy=SMTP)
     qid = f"T{next(_ids):06d}"
-    trace = trace_header(hostname="relay.test", helo="client.test", peer="127.0.0.1", protocol="ESMTP", queue_id=qid)
+    trace = trace_header(
+        hostname="relay.test", helo="client.test", peer="127.0.0.1", protocol="ESMTP", queue_id=qid
+    )
     prepared, _ = prepare(raw, trace=trace, queue_id=qid, hostname="relay.test")
     await (provider or h.provider).send(Outbound(qid, Envelope(SENDER, tuple(recipients)), prepared))
     return h.delivered(qid)
@@ -193,12 +199,14 @@ async def test_plain_text_arrives(harness: Harness) -> None:
 async def test_html_only_gets_a_derived_text_part(harness: Harness) -> None:
     """An HTML-only message arrives with the HTML and an html2text plain alternative."""
     raw = (b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: Html\r\n"
-           b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>Hello <b>Bob</b>, see <a href=\"https://x.test/\">this</a>.</p>\r\n")
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<p>Hello <b>Bob</b>, see <a href=\"https://x.test/\">this</a>.</p>\r\n")
     seen = await send(harness, raw, ["bob@example.net"])
     text = seen.email.get_body(preferencelist=("plain",))
     html = seen.email.get_body(preferencelist=("html",))
     assert html is not None and "<b>Bob</b>" in html.get_content()
-    assert text is not None and "Hello **Bob**" in text.get_content() and "https://x.test/" in text.get_content()
+    assert text is not None
+    assert "Hello **Bob**" in text.get_content() and "https://x.test/" in text.get_content()
 
 
 async def test_attachment_and_inline_image_arrive_byte_identical(harness: Harness) -> None:
@@ -209,7 +217,8 @@ async def test_attachment_and_inline_image_arrive_byte_identical(harness: Harnes
     msg["From"], msg["To"], msg["Subject"] = "ada@example.com", "bob@example.net", "Files"
     msg.set_content("See the files.")
     msg.add_alternative('<p>Logo: <img src="cid:logo@relay.test"></p>', subtype="html")
-    msg.get_payload()[1].add_related(image, maintype="image", subtype="png", cid="<logo@relay.test>", filename="logo.png")
+    html = msg.get_payload()[1]
+    html.add_related(image, maintype="image", subtype="png", cid="<logo@relay.test>", filename="logo.png")
     msg.add_attachment(blob, maintype="application", subtype="octet-stream", filename="data.bin")
     seen = await send(harness, msg, ["bob@example.net"])
     parts = {p.filename: p for p in seen.parts()}
@@ -247,7 +256,8 @@ async def test_non_ascii_subject_names_and_bodies_arrive_decoded(harness: Harnes
 
 async def test_custom_headers_and_tags_survive(harness: Harness) -> None:
     """Custom headers arrive unchanged and tags reach the provider."""
-    raw = PLAIN.replace(b"Subject:", b"Reply-To: support@example.com\r\nX-Campaign: nov-2026\r\nX-Tag: welcome, onboarding\r\nSubject:")
+    extra = b"Reply-To: support@example.com\r\nX-Campaign: nov-2026\r\nX-Tag: welcome, onboarding\r\n"
+    raw = PLAIN.replace(b"Subject:", extra + b"Subject:")
     seen = await send(harness, raw, ["bob@example.net"])
     assert seen.header("X-Campaign") == "nov-2026"
     assert seen.header("Reply-To") == "support@example.com"

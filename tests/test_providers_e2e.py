@@ -80,7 +80,10 @@ async def test_check_probe_says_ok_per_provider(tmp_path, fake_mailgun, fake_man
 async def test_check_probe_reports_bad_credentials_and_exits_1(tmp_path, fake_mailgun, fake_mandrill):
     """Wrong keys: each provider says bad credentials, exit status 1, and no key is printed."""
     wrong = {"mailgun": "key-wrong-0f9e8d7c6b", "mandrill": "md-wrong-a1b2c3d4e5"}
-    entries = [fake_mailgun.provider_entry(api_key=wrong["mailgun"]), fake_mandrill.provider_entry(api_key=wrong["mandrill"])]
+    entries = [
+        fake_mailgun.provider_entry(api_key=wrong["mailgun"]),
+        fake_mandrill.provider_entry(api_key=wrong["mandrill"]),
+    ]
     code, out = await check_probe(write_config(tmp_path / "bad.toml", entries))
     assert code == 1, out
     assert "probe mailgun: FAILED: bad credentials" in out

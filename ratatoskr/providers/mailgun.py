@@ -77,15 +77,15 @@ class MailgunProvider(HttpProvider):
             except DeliveryError as exc:
                 if not start:
                     raise
-                note = f" (recipients {start + 1}-{start + len(chunk)}; earlier ones were accepted as {', '.join(ids)})"
-                raise type(exc)(exc.reason + note, provider=self.name, status=exc.status, retry_after=exc.retry_after) from exc
+                raise _after_partial_send(exc, start, len(chunk), ids) from exc
         return Receipt(provider=self.name, provider_id=", ".join(ids))
 
     def read_send(self, answer: HttpAnswer) -> str:
         """The Mailgun message id from a send answer, or the right DeliveryError."""
         body = answer.json()
         if answer.status == 200:
-            # The only success body: {"id": "<2026….1.ABCD@mg.example.com>", "message": "Queued. Thank you."}
+            # The only success body:
+            # {"id": "<20260301093000.7.F00D@mg.example.com>", "message": "Queued. Thank you."}
             if isinstance(body, dict) and str(body.get("message", "")).startswith("Queued"):
                 return str(body.get("id", ""))
             # A wrong path (e.g. a '/' in the domain) gets 200 "Mailgun Magnificent API" and
@@ -108,7 +108,8 @@ class MailgunProvider(HttpProvider):
         if status == 404:
             return self.unavailable(self._not_found(text), status=status)
         if status in (402, 403):
-            return self.unavailable(f"Mailgun will not send for this account ({status}): {text}", status=status)
+            reason = f"Mailgun will not send for this account ({status}): {text}"
+            return self.unavailable(reason, status=status)
         if status == 413:
             return self.permanent(f"message too large for Mailgun: {text}", status=status)
         if status in (420, 429):
@@ -153,7 +154,8 @@ class MailgunProvider(HttpProvider):
         state, disabled = domain.get("state"), bool(domain.get("is_disabled"))
         if state == "active" and not disabled:
             return ProbeResult(True, f"domain {self.domain} is active")
-        return ProbeResult(False, f"domain {self.domain} cannot send: state {state!r}" + (", disabled" if disabled else ""))
+        flags = ", disabled" if disabled else ""
+        return ProbeResult(False, f"domain {self.domain} cannot send: state {state!r}{flags}")
 
 
 def mailgun_tags(tags: Sequence[str]) -> list[str]:
@@ -170,6 +172,13 @@ def _form(recipients: Sequence[str], mime: bytes, tags: Sequence[str]) -> aiohtt
         form.add_field("o:tag", tag)
     form.add_field("message", mime, filename="message.mime", content_type="message/rfc822")
     return form
+
+
+def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:
+    """The same failure, saying which recipients it covers and what was already accepted."""
+    note = f" (recipients {start + 1}-{start + size}; earlier ones accepted as {', '.join(ids)})"
+    kw = {"provider": exc.provider, "status": exc.status, "retry_after": exc.retry_after}
+    return type(exc)(exc.reason + note, **kw)
 
 
 def error_text(answer: HttpAnswer) -> str:

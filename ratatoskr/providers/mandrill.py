@@ -45,9 +45,10 @@ REFUSED = frozenset({"rejected", "invalid"})
 # deliver these, so the provider is reported unusable rather than the message refused.
 ACCOUNT_REASONS = frozenset({"unsigned", "invalid-sender", "test-mode-limit"})
 # Queued for these reasons, a message may never leave Mandrill: worth a warning.
-STUCK_QUEUE_REASONS = frozenset(
-    {"sending-paused", "sending-suspended", "account-suspended", "free-trial-sends-exhausted", "monthly-limit-reached"}
-)
+STUCK_QUEUE_REASONS = frozenset({
+    "sending-paused", "sending-suspended", "account-suspended", "free-trial-sends-exhausted",
+    "monthly-limit-reached",
+})
 # Error names that mean "this account cannot send at all", with what to check.
 UNUSABLE = {
     "Invalid_Key": "check api_key",
@@ -73,7 +74,8 @@ class MandrillProvider(HttpProvider):
         if answer.status == 200 and isinstance(body, list):
             return self.read_results(body, recipients)
         if answer.status == 200 and not _is_error(body):
-            raise self.unavailable(f"200 without per-recipient results ({answer.text(80)!r}): check base_url", status=200)
+            reason = f"200 without per-recipient results ({answer.text(80)!r}): check base_url"
+            raise self.unavailable(reason, status=200)
         raise self.refusal(answer)
 
     def refusal(self, answer: HttpAnswer) -> DeliveryError:
@@ -99,13 +101,15 @@ class MandrillProvider(HttpProvider):
     def read_results(self, results: Sequence[Any], recipients: Sequence[str]) -> Receipt:
         """One entry per recipient, in no promised order or case:
         ``[{"email": "a@x", "status": "sent"|"queued"|"scheduled"|"rejected"|"invalid",
-        "reject_reason": …, "queued_reason": …, "_id": …}, …]`` (``_id`` may be missing on refusals)."""
+        "reject_reason": …, "queued_reason": …, "_id": …}, …]``; ``_id`` may be missing on
+        refusals. A recipient with no entry is neither confirmed nor refused: logged only."""
         by_email = {str(r.get("email", "")).lower(): r for r in results if isinstance(r, dict)}
         ids: list[str] = []
         refused: dict[str, str] = {}
         for rcpt in recipients:
             result = by_email.get(rcpt.lower())
             if result is None:
+                log.warning("provider=%s no result for recipient %s", self.name, rcpt)
                 continue
             status = result.get("status")
             if status in REFUSED:
@@ -117,7 +121,8 @@ class MandrillProvider(HttpProvider):
             raise self.unavailable("200 without a result for any recipient", status=200)
         if not ids:
             raise self.all_refused(refused, by_email)
-        return Receipt(provider=self.name, provider_id=", ".join(dict.fromkeys(i for i in ids if i)), rejected=refused)
+        provider_id = ", ".join(dict.fromkeys(i for i in ids if i))
+        return Receipt(provider=self.name, provider_id=provider_id, rejected=refused)
 
     def all_refused(self, refused: Mapping[str, str], by_email: Mapping[str, Any]) -> DeliveryError:
         """Every recipient refused: HTTP 200 all the same. Whose fault it is decides the class."""
@@ -136,7 +141,9 @@ class MandrillProvider(HttpProvider):
     def _note_odd(self, rcpt: str, result: Mapping[str, Any]) -> None:
         status, queued = result.get("status"), result.get("queued_reason")
         if status not in ACCEPTED:
-            log.warning("provider=%s recipient %s: unknown status %r, counted as accepted", self.name, rcpt, status)
+            log.warning(
+                "provider=%s recipient %s: unknown status %r, counted as accepted", self.name, rcpt, status
+            )
         elif queued in STUCK_QUEUE_REASONS:
             log.warning("provider=%s recipient %s queued (%s): it may never be sent", self.name, rcpt, queued)
 
@@ -189,7 +196,9 @@ def json_text(mime: bytes) -> str:
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError("message headers contain bytes that are not UTF-8; Mandrill's raw_message cannot carry them") from None
+        raise ValueError(
+            "message headers contain bytes that are not UTF-8; Mandrill's raw_message cannot carry them"
+        ) from None
     return _eight_bit_as_base64(mime).decode("utf-8")
 
 

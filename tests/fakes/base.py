@@ -87,7 +87,9 @@ class FakeServer:
     async def start(self) -> None:
         # Room for more form fields than aiohttp's default 1000, so a >1000-recipient upload gets
         # the provider's own answer ("Too many recipients, max is 1000"), not aiohttp's.
-        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body, client_max_fields=100_000)
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self.max_body, client_max_fields=100_000
+        )
         self.add_routes(app)
         self._server = TestServer(app, host="127.0.0.1")
         await self._server.start_server()
@@ -231,7 +233,8 @@ class FakeServer:
             async with asyncio.timeout(timeout), self._changed:
                 await self._changed.wait_for(predicate)
         except TimeoutError:
-            raise AssertionError(f"{type(self).__name__}: timed out waiting for {what}; calls: {self.calls}") from None
+            name = type(self).__name__
+            raise AssertionError(f"{name}: timed out waiting for {what}; calls: {self.calls}") from None
 
     def last(self) -> Delivery:
         assert self.messages, f"{type(self).__name__} received no message; calls: {self.calls}"

@@ -125,8 +125,9 @@ class FakeMailgun(FakeServer):
         if domain not in self.domains:
             return _error(404, f"Domain not found: {domain}")
         if self.domains[domain]["state"] != "active" or self.domains[domain]["is_disabled"]:
-            return _error(400, f"Domain {domain} is not allowed to send: The domain is unverified "
-                               "and requires DNS configuration. Log in to your control panel to view required DNS records.")
+            return _error(400, f"Domain {domain} is not allowed to send: The domain is unverified and "
+                               "requires DNS configuration. Log in to your control panel to view "
+                               "required DNS records.")
         return None
 
     async def _read_form(self, request: web.Request) -> Any:

@@ -65,7 +65,9 @@ class MandrillError(Exception):
 class FakeMandrill(FakeServer):
     GARBAGE = {"status": "ok"}  # JSON, but not the per-recipient array a send returns
 
-    def __init__(self, *, api_key: str = "md-fake-5c1e9b07d3a4", version: str = "1.0", status_mode: str = "modern") -> None:
+    def __init__(
+        self, *, api_key: str = "md-fake-5c1e9b07d3a4", version: str = "1.0", status_mode: str = "modern"
+    ) -> None:
         super().__init__()
         self.api_key = api_key
         self.version = version
@@ -110,7 +112,8 @@ class FakeMandrill(FakeServer):
         headers = {"Content-Type": "application/json"}
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
-        body = {"status": "error", "code": 429, "name": "RequestLimitExceeded", "message": MESSAGES["RequestLimitExceeded"]}
+        name = "RequestLimitExceeded"
+        body = {"status": "error", "code": 429, "name": name, "message": MESSAGES[name]}
         self.fail(429, json.dumps(body).encode(), headers=headers, times=times, route="send")
 
     def revoke_key(self) -> None:
@@ -159,49 +162,54 @@ class FakeMandrill(FakeServer):
     def _send_raw(self, body: dict[str, Any]) -> web.Response:
         raw_message = body.get("raw_message")
         if not isinstance(raw_message, str) or not raw_message:
-            raise MandrillError("ValidationError", 'Validation error: {"raw_message":"Sorry, this field can\'t be left blank."}')
+            raise invalid('{"raw_message":"Sorry, this field can\'t be left blank."}')
         raw = raw_message.encode("utf-8")
         parsed = parse_mime(raw)
         to = body.get("to")
         if to is None:
             to = addr_specs([str(v) for name in ("To", "Cc") for v in parsed.get_all(name, [])])
         if not isinstance(to, list) or not all(isinstance(a, str) for a in to):
-            raise MandrillError("ValidationError", 'Validation error: {"to":"Please enter an array"}')
+            raise invalid('{"to":"Please enter an array"}')
         tags = [t.strip() for t in str(parsed.get("X-MC-Tags", "")).split(",") if t.strip()]
         return self._accept(body, to, parsed, raw, tags)
 
     def _send(self, body: dict[str, Any]) -> web.Response:
         message = body.get("message")
         if not isinstance(message, dict):
-            raise MandrillError("ValidationError", 'Validation error: {"message":"Please enter an array"}')
+            raise invalid('{"message":"Please enter an array"}')
         to = message.get("to")
         if not isinstance(to, list) or not to:
-            raise MandrillError("ValidationError", 'Validation error: {"message":{"to":"Please enter an array"}}')
+            raise invalid('{"message":{"to":"Please enter an array"}}')
         for entry in to:
-            if not isinstance(entry, dict) or "@" not in str(entry.get("email", "")) or entry.get("type", "to") not in ("to", "cc", "bcc"):
-                raise MandrillError("ValidationError", f'Validation error: {{"message":{{"to":"invalid entry {entry!r}"}}}}')
+            if not isinstance(entry, dict) or "@" not in str(entry.get("email", "")):
+                raise invalid(f'{{"message":{{"to":"An email address must contain a single @: {entry!r}"}}}}')
+            if entry.get("type", "to") not in ("to", "cc", "bcc"):
+                raise invalid(f'{{"message":{{"to":"type must be one of to, cc, bcc: {entry!r}"}}}}')
         tags = message.get("tags") or []
         return self._accept(body, [e["email"] for e in to], build_mime(message), None, tags)
 
     def _accept(self, body: dict[str, Any], to: list[str], parsed: EmailMessage, raw: bytes | None,
                 tags: list[str]) -> web.Response:
         if any(t.startswith("_") for t in tags):
-            raise MandrillError("ValidationError", "Validation error: tags may not start with an underscore")
+            raise invalid('{"tags":"tags may not start with an underscore"}')
         envelope = list(dict.fromkeys(to))
         queued = bool(body.get("async")) or len(envelope) > 10  # "more than 10 recipients → async"
-        results, refused, message_id = [], {}, self.next_id()
-        for address in sorted({a.lower() for a in envelope}):
-            status, reason = self._status_of(address, queued)
-            result = {"email": address, "status": status, "reject_reason": reason if status == "rejected" else None,
-                      "queued_reason": reason if status == "queued" else None, "_id": f"{message_id}-{len(results)}"}
-            if status in ("rejected", "invalid"):
-                refused[address] = f"{status}: {reason}" if reason else status
-                if not self.ids_on_refusals:
-                    del result["_id"]
-            results.append(result)
+        message_id = self.next_id()
+        addresses = sorted({a.lower() for a in envelope})
+        results = [self._result(a, queued, f"{message_id}-{n}") for n, a in enumerate(addresses)]
+        refused = {r["email"]: _refusal(r) for r in results if r["status"] in ("rejected", "invalid")}
         fields = text_fields(body, skip=("key", "raw_message", "to", "message"))
         self.record(Delivery(message_id, envelope, parsed, raw, tags=list(tags), fields=fields, refused=refused))
         return web.json_response(results)
+
+    def _result(self, address: str, queued: bool, result_id: str) -> dict[str, Any]:
+        status, reason = self._status_of(address, queued)
+        result = {"email": address, "status": status, "_id": result_id,
+                  "reject_reason": reason if status == "rejected" else None,
+                  "queued_reason": reason if status == "queued" else None}
+        if status in ("rejected", "invalid") and not self.ids_on_refusals:
+            del result["_id"]
+        return result
 
     def _status_of(self, address: str, queued: bool) -> tuple[str, str | None]:
         if address in self.recipient_status:
@@ -211,12 +219,22 @@ class FakeMandrill(FakeServer):
         return ("queued", "multiple-recipients") if queued else ("sent", None)
 
 
+def invalid(detail: str) -> MandrillError:
+    return MandrillError("ValidationError", f"Validation error: {detail}")
+
+
+def _refusal(result: dict[str, Any]) -> str:
+    reason = result["reject_reason"]
+    return f"{result['status']}: {reason}" if reason else str(result["status"])
+
+
 def build_mime(message: dict[str, Any]) -> EmailMessage:
     """Roughly the MIME Mandrill builds from a ``send.json`` message, enough to assert on."""
     msg = EmailMessage()
     msg["From"] = formataddr((message.get("from_name") or "", message.get("from_email") or ""))
     for kind, header in (("to", "To"), ("cc", "Cc")):
-        shown = [formataddr((e.get("name") or "", e["email"])) for e in message["to"] if e.get("type", "to") == kind]
+        entries = [e for e in message["to"] if e.get("type", "to") == kind]
+        shown = [formataddr((e.get("name") or "", e["email"])) for e in entries]
         if shown:
             msg[header] = ", ".join(shown)
     msg["Subject"] = message.get("subject") or ""
@@ -230,7 +248,7 @@ def build_mime(message: dict[str, Any]) -> EmailMessage:
         for item in message.get(kind) or []:
             maintype, _, subtype = str(item.get("type", "application/octet-stream")).partition("/")
             if kind == "images" and maintype != "image":
-                raise MandrillError("ValidationError", "Validation error: images must have an image/* type")
+                raise invalid('{"message":{"images":"type must start with image/"}}')
             extra = {"disposition": "inline", "cid": f"<{item['name']}>"} if kind == "images" else {}
             msg.add_attachment(base64.b64decode(item.get("content", "")), maintype=maintype, subtype=subtype,
                                filename=item.get("name"), **extra)
