@@ -36,43 +36,29 @@ def outbound(recipients: list[str] | tuple[str, ...] = ("bob@example.net",), raw
     return Outbound("Q1", Envelope("ada@example.com", tuple(recipients)), raw)
 
 
-async def test_420_is_a_rate_limit_until_the_date_in_the_text(mailgun, fake_mailgun):
-    """420 "…try again after <date>" is Mailgun's undocumented 429: wait until that date."""
-    fake_mailgun.rate_limit(status=420, try_again_after="Sun, 01 Mar 2026 09:31:00 UTC")
+@pytest.mark.parametrize(
+    ("hints", "wait"),
+    [
+        # 420 "…try again after <date>" is Mailgun's undocumented 429: wait until that date.
+        ({"status": 420, "try_again_after": "Sun, 01 Mar 2026 09:31:00 UTC"}, 60),
+        # The OpenAPI example's form.
+        ({"try_again_after": "120 seconds"}, 120),
+        # X-RateLimit-Reset is a Unix time (maybe a float), preferred to the text.
+        ({"reset": NOW + 45.5, "try_again_after": "Sun, 01 Mar 2026 10:30:00 UTC"}, 45.5),
+        # Retry-After (seconds) is preferred to every other hint.
+        ({"retry_after": 7, "reset": NOW + 45, "try_again_after": "120 seconds"}, 7),
+        # No hint at all: the dispatcher's backoff decides.
+        ({}, None),
+    ],
+    ids=["420-date-in-text", "seconds-in-text", "x-ratelimit-reset", "retry-after-wins", "no-hint"],
+)
+async def test_rate_limit_wait_comes_from_the_best_hint(mailgun, fake_mailgun, hints, wait):
+    """429/420 become RateLimited, with the wait read from headers or text in a fixed order."""
+    fake_mailgun.rate_limit(**hints)
     with pytest.raises(RateLimited) as caught:
         await mailgun.send(outbound())
-    assert caught.value.retry_after == 60 and caught.value.status == 420
-
-
-async def test_try_again_after_n_seconds_in_the_text(mailgun, fake_mailgun):
-    """The OpenAPI example's form, "try again after 120 seconds", is read too."""
-    fake_mailgun.rate_limit(try_again_after="120 seconds")
-    with pytest.raises(RateLimited) as caught:
-        await mailgun.send(outbound())
-    assert caught.value.retry_after == 120
-
-
-async def test_x_ratelimit_reset_is_an_epoch(mailgun, fake_mailgun):
-    """Without Retry-After, X-RateLimit-Reset (Unix time, maybe a float) gives the wait."""
-    fake_mailgun.rate_limit(reset=NOW + 45.5, try_again_after="Sun, 01 Mar 2026 10:30:00 UTC")
-    with pytest.raises(RateLimited) as caught:
-        await mailgun.send(outbound())
-    assert caught.value.retry_after == 45.5
-
-
-async def test_retry_after_wins_over_reset_and_text(mailgun, fake_mailgun):
-    """Retry-After (seconds) is preferred to every other hint."""
-    fake_mailgun.rate_limit(retry_after=7, reset=NOW + 45, try_again_after="120 seconds")
-    with pytest.raises(RateLimited) as caught:
-        await mailgun.send(outbound())
-    assert caught.value.retry_after == 7
-
-
-async def test_rate_limit_without_any_hint_leaves_the_wait_to_backoff(mailgun, fake_mailgun):
-    fake_mailgun.rate_limit()
-    with pytest.raises(RateLimited) as caught:
-        await mailgun.send(outbound())
-    assert caught.value.retry_after is None
+    assert caught.value.retry_after == wait
+    assert caught.value.status == hints.get("status", 429)
 
 
 async def test_magnificent_api_is_a_wrong_endpoint_not_a_send(fake_mailgun):

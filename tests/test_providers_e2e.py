@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from tests.conftest import smtp_send
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
+from tests.process import write_config
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGE = (
@@ -20,6 +20,10 @@ MESSAGE = (
     b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nX-Tag: e2e\r\n\r\nHello over SMTP.\r\n"
 )
 RECIPIENTS = ["bob@example.net", "hidden@example.org"]
+
+
+def spool_section(tmp_path: Path) -> dict[str, Any]:
+    return {"spool": {"path": str(tmp_path / "var")}}
 
 
 def providers(mailgun: FakeMailgun, mandrill: FakeMandrill) -> list[dict[str, Any]]:
@@ -48,15 +52,6 @@ async def test_mandrill_delivers_when_mailgun_cannot(running_daemon, fake_mailgu
     assert [c.status for c in fake_mailgun.calls] == [401]
 
 
-def write_config(path: Path, entries: list[dict[str, Any]]) -> Path:
-    lines = ['[spool]', f'path = {json.dumps(str(path.parent / "var"))}']
-    for entry in entries:
-        lines.append("[[providers]]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in entry.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 async def check_probe(config: Path) -> tuple[int, str]:
     """Run ``python -m ratatoskr check --probe`` without blocking the loop the fakes run in."""
     env = {k: v for k, v in os.environ.items() if k != "RATATOSKR_CFG"}
@@ -69,7 +64,7 @@ async def check_probe(config: Path) -> tuple[int, str]:
 
 
 async def test_check_probe_says_ok_per_provider(tmp_path, fake_mailgun, fake_mandrill):
-    config = write_config(tmp_path / "ok.toml", providers(fake_mailgun, fake_mandrill))
+    config = write_config(tmp_path / "ok.toml", spool_section(tmp_path), providers(fake_mailgun, fake_mandrill))
     code, out = await check_probe(config)
     assert code == 0, out
     assert f"probe mailgun: ok: domain {fake_mailgun.domain} is active" in out
@@ -84,7 +79,7 @@ async def test_check_probe_reports_bad_credentials_and_exits_1(tmp_path, fake_ma
         fake_mailgun.provider_entry(api_key=wrong["mailgun"]),
         fake_mandrill.provider_entry(api_key=wrong["mandrill"]),
     ]
-    code, out = await check_probe(write_config(tmp_path / "bad.toml", entries))
+    code, out = await check_probe(write_config(tmp_path / "bad.toml", spool_section(tmp_path), entries))
     assert code == 1, out
     assert "probe mailgun: FAILED: bad credentials" in out
     assert "probe mandrill: FAILED: bad credentials" in out

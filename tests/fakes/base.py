@@ -21,8 +21,9 @@ how many requests it answers, ``None`` = every request until :meth:`FakeServer.h
     fake.fail(delay=0.2)                            # answer normally, 0.2 s late
     fake.drop_connection()                          # send headers and part of the body, then close
     fake.garbage()                                  # 200 with a body the real API never sends
+    fake.revoke_key()                               # the key stops working until heal()
 
-Provider-specific switches (rate limits, revoked keys, per-recipient refusals) live on the
+Provider-specific switches (rate limits, named errors, per-recipient refusals) live on the
 subclasses. ``fake.calls`` lists every request with the status it got; ``fake.messages`` lists
 every accepted message as a :class:`~tests.fakes.records.Delivery` (envelope, parsed email,
 raw bytes, tags, ``parts()`` with sha256 per attachment).
@@ -79,6 +80,7 @@ class FakeServer:
         self.failures: list[Failure] = []
         self._changed = asyncio.Condition()
         self.answered = 0
+        self.revoked = False  # see revoke_key()
         self._server: TestServer | None = None
         self._counter = 0
 
@@ -150,10 +152,16 @@ class FakeServer:
     def garbage(self, *, times: int | None = 1, route: str | None = "send") -> None:
         self.fail(200, self.GARBAGE, times=times, route=route)
 
+    def revoke_key(self) -> None:
+        """The configured key stops working: every call is answered as the real API answers a
+        wrong key, until :meth:`heal`."""
+        self.revoked = True
+
     def heal(self) -> None:
         """Forget every failure: the fake behaves like a healthy API again."""
         self.release()
         self.failures.clear()
+        self.revoked = False
 
     def _take_failure(self, route: str) -> Failure | None:
         for failure in self.failures:

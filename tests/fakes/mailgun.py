@@ -55,7 +55,6 @@ class FakeMailgun(FakeServer):
         self.domains: dict[str, dict[str, Any]] = {
             domain: {"name": domain, "state": "active", "is_disabled": False, "type": "custom"}
         }
-        self.revoked = False
 
     @property
     def url(self) -> str:
@@ -84,14 +83,6 @@ class FakeMailgun(FakeServer):
         if try_again_after:
             message += f", try again after {try_again_after}"
         self.fail(status, {"message": message}, headers=headers, times=times, route="send")
-
-    def revoke_key(self) -> None:
-        """The configured key stops working (until :meth:`heal`)."""
-        self.revoked = True
-
-    def heal(self) -> None:
-        super().heal()
-        self.revoked = False
 
     # -- routes ---------------------------------------------------------------------------------
 

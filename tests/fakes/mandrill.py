@@ -74,7 +74,6 @@ class FakeMandrill(FakeServer):
         self.status_mode = status_mode
         self.recipient_status: dict[str, tuple[str, str | None]] = {}
         self.ids_on_refusals = False  # "_id … can be missing for invalid/rejected recipients"
-        self.revoked = False
 
     @property
     def url(self) -> str:
@@ -116,12 +115,8 @@ class FakeMandrill(FakeServer):
         body = {"status": "error", "code": 429, "name": name, "message": MESSAGES[name]}
         self.fail(429, json.dumps(body).encode(), headers=headers, times=times, route="send")
 
-    def revoke_key(self) -> None:
-        self.revoked = True
-
     def heal(self) -> None:
         super().heal()
-        self.revoked = False
         self.recipient_status.clear()
 
     # -- routes ---------------------------------------------------------------------------------
