@@ -177,8 +177,8 @@ def _form(recipients: Sequence[str], mime: bytes, tags: Sequence[str]) -> aiohtt
 def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:
     """The same failure, saying which recipients it covers and what was already accepted."""
     note = f" (recipients {start + 1}-{start + size}; earlier ones accepted as {', '.join(ids)})"
-    kw = {"provider": exc.provider, "status": exc.status, "retry_after": exc.retry_after}
-    return type(exc)(exc.reason + note, **kw)
+    reason = exc.reason + note
+    return type(exc)(reason, provider=exc.provider, status=exc.status, retry_after=exc.retry_after)
 
 
 def error_text(answer: HttpAnswer) -> str:
