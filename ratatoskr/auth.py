@@ -100,7 +100,7 @@ class FailureDelay:
         self._failures[client] = (count, now)
         if len(self._failures) > self.MAX_CLIENTS:
             del self._failures[next(iter(self._failures))]  # dicts keep order: oldest first
-        return self.base * 2 ** min(count - 1, self.MAX_DOUBLINGS)
+        return self.base * 2.0 ** min(count - 1, self.MAX_DOUBLINGS)
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)

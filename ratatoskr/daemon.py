@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,14 +72,16 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.watchdog = watchdog
         self.loader = loader
-        self.tls_context = None
+        self.tls_context: ssl.SSLContext | None = None
         self.smtp_servers: list[asyncio.Server] = []
         self.http_runner: web.AppRunner | None = None
         self.smtp_port = 0
         self.smtp_tls_port = 0
         self.http_port = 0
         self._stop = asyncio.Event()
+        self._reloading = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.spool.open()
@@ -101,7 +104,7 @@ class Daemon:
         )
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
-            self._spawn(self._ping_watchdog(self.watchdog))
+            self._watchdog_task = asyncio.create_task(self._ping_watchdog(self.watchdog))
 
     async def _start_smtp(self) -> None:
         smtp = self.config.smtp
@@ -172,27 +175,36 @@ class Daemon:
         if self.loader is None:
             log.warning("reload: this daemon was started without a config to re-read")
             return False
-        self.notifier.reloading()
-        try:
-            new = self.loader()
-            providers = await self._prepare(new)
-        except (ConfigError, OSError) as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.notifier.ready()
-            return False
-        self._apply(new, providers)
-        self.notifier.ready()
-        return True
+        async with self._reloading:  # two quick SIGHUPs: one after the other
+            self.notifier.reloading()
+            try:
+                new = self.loader()
+                providers = await self._prepare(new)
+            except (ConfigError, OSError) as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                return False
+            else:
+                self._apply(new, providers)
+                return True
+            finally:
+                self.notifier.ready()
 
     async def _prepare(self, new: Config) -> list[Provider]:
-        """Everything that can fail, done before anything changes."""
+        """Everything that can fail. The certificate goes last: it is the one step that takes
+        effect at once, and nothing after it can fail."""
         logs.add_secrets(new.secrets())
-        smtp = new.smtp
-        if self.tls_context is not None and smtp.tls_cert and smtp.tls_key:
-            tls.reload_certificate(self.tls_context, smtp.tls_cert, smtp.tls_key)
         providers = build_providers(new.providers)
-        for provider in providers:
-            await provider.start()
+        started: list[Provider] = []
+        try:
+            for provider in providers:
+                await provider.start()
+                started.append(provider)
+            smtp = new.smtp
+            if self.tls_context is not None and smtp.tls_cert and smtp.tls_key:
+                tls.reload_certificate(self.tls_context, smtp.tls_cert, smtp.tls_key)
+        except BaseException:
+            await _close_after((), started)
+            raise
         return providers
 
     def _apply(self, new: Config, providers: list[Provider]) -> None:
@@ -202,10 +214,10 @@ class Daemon:
         self._spawn(_close_after(in_flight, old_providers))
         self.logins.accounts = Accounts(new.smtp.users, new.smtp.senders)
         ignored = needs_restart(self.config, new)
-        self.config = dataclasses.replace(
-            self.config, providers=new.providers,
-            smtp=dataclasses.replace(self.config.smtp, users=new.smtp.users, senders=new.smtp.senders),
-        )
+        smtp = dataclasses.replace(self.config.smtp, users=new.smtp.users, senders=new.smtp.senders)
+        if self.tls_context is not None and new.smtp.tls_cert is not None:
+            smtp = dataclasses.replace(smtp, tls_cert=new.smtp.tls_cert, tls_key=new.smtp.tls_key)
+        self.config = dataclasses.replace(self.config, providers=new.providers, smtp=smtp)
         log.info(
             "reloaded %s: providers %s, %d SMTP users",
             new.source, ", ".join(p.name for p in providers), len(new.smtp.users),
@@ -224,12 +236,14 @@ class Daemon:
             log.warning("%d deliveries cut off by shutdown; they stay queued", cut)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        # Reloads and the closing of replaced providers finish now that no delivery runs.
+        await asyncio.gather(*self._background, return_exceptions=True)
         for provider in self.providers:
             await provider.close()
         await self.spool.close()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()  # pinged to the end: a drain may take a while
+            await asyncio.gather(self._watchdog_task, return_exceptions=True)
         log.info("ratatoskr stopped")
 
 
@@ -247,6 +261,8 @@ def needs_restart(old: Config, new: Config) -> list[str]:
                 continue
             if getattr(before, f.name) != getattr(after, f.name):
                 changed.append(f"{section}.{f.name}")
+    if (old.smtp.tls_cert is None) != (new.smtp.tls_cert is None):
+        changed.append("smtp.tls_cert")  # turning TLS on or off changes what listeners offer
     return changed
 
 

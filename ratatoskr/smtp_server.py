@@ -26,7 +26,7 @@ import logging
 import ssl
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session, syntax
 
@@ -130,6 +130,8 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        # aiosmtpd's session loop (private, stable since 1.2): a refused connection gets the
+        # 421 in place of the greeting and never enters it.
         if self._refusal is not None:
             log.warning("refused %s: %s", self.client, self._refusal)
             await super().push(self._refusal)
@@ -139,23 +141,27 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        # aiosmtpd just hangs up on an idle session; say why first, as Postfix does.
+        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
             self.transport.write(replies.TIMEOUT.encode() + b"\r\n")
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: AnyStr) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # we hung up (too many errors, timeout): say nothing more
         await super().push(status)
-        code = status[:1] if isinstance(status, str) else status[:1].decode()
-        if code in ("4", "5"):
-            self._errors += 1
-            if self._errors >= self.policy.max_errors:
-                log.warning("%s: too many errors, hanging up", self.client)
-                await super().push(replies.TOO_MANY_ERRORS)
-                self.transport.close()
-        elif str(status).startswith(replies.QUEUED[:9]):
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if text.startswith(("4", "5")):
+            await self._count_error()
+        elif text.startswith(replies.QUEUED[:9]):
             self._errors = 0  # like Postfix: errors count only while no mail gets through
+
+    async def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self.policy.max_errors and self.transport is not None:
+            log.warning("%s: too many errors, hanging up", self.client)
+            await super().push(replies.TOO_MANY_ERRORS)
+            self.transport.close()
 
     # -- AUTH -------------------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class RelaySMTP(SMTP):
     async def _checked(self, result: AuthResult) -> AuthResult:
         if not isinstance(result, _Unchecked):
             return result  # aiosmtpd already answered (bad base64, "*" abort, ...)
-        credentials: LoginPassword = result.auth_data
+        credentials = cast(LoginPassword, result.auth_data)
         login = credentials.login.decode("utf-8", "replace")
         if await self.logins.check(login, credentials.password, self.client):
             log.info("%s authenticated as %r", self.client, login)
@@ -222,12 +228,12 @@ class RelaySMTP(SMTP):
         try:
             content = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
         except DataTooLarge:
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(replies.MESSAGE_TOO_BIG)
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
 

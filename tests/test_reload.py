@@ -171,3 +171,33 @@ async def sighup_and_wait_for(daemon: DaemonProcess, text: str) -> None:
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     await wait_until(lambda: daemon.log().count(text) > seen, what=f"{text!r} in the log")
+
+
+async def test_mismatched_certificate_on_reload_changes_nothing(running_daemon, tmp_path, caplog):
+    """A renewed certificate whose key does not match is refused before anything is swapped."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = make_tls(tmp_path / "old"), make_tls(tmp_path / "new")
+    daemon = await running_daemon(smtp=secure_smtp(old))
+    providers = daemon.providers
+    other = {"name": "other", "kind": "outbox", "path": str(tmp_path / "other")}
+    daemon.loader = lambda: build_config(
+        tmp_path, smtp=secure_smtp(old, tls_cert=str(new.cert)), providers=[other]
+    )
+    assert not await daemon.reload()
+    assert "reload failed, keeping the running config" in caplog.text
+    assert daemon.providers is providers
+    async with RawSmtp(daemon.smtp_port) as s:
+        await s.cmd("EHLO client.test")
+        await starttls(s, old)
+
+
+async def test_turning_tls_on_needs_a_restart(running_daemon, tmp_path, caplog):
+    tls = make_tls(tmp_path)
+    daemon = await running_daemon()
+    daemon.loader = lambda: build_config(
+        tmp_path, smtp={"tls_cert": str(tls.cert), "tls_key": str(tls.key)}
+    )
+    assert await daemon.reload()
+    assert "changes to smtp.tls_cert take effect only after a restart" in caplog.text
+    assert daemon.config.smtp.tls_cert is None
