@@ -64,8 +64,9 @@ class Address:
 
             parsed: dict[str, object] = {}
             AddressHeader.parse(text, parsed)
-        except (HeaderParseError, IndexError, ValueError) as exc:
-            raise InvalidAddress(f"bad address {text!r}: {exc}") from None
+        except (HeaderParseError, IndexError, ValueError):
+            # The parser's own words ("string index out of range") would not help anyone.
+            raise InvalidAddress(f"bad address {text!r}: not a valid mailbox") from None
         groups = parsed.get("groups", ())
         addresses = [a for g in groups for a in g.addresses]  # type: ignore[attr-defined]
         defects = parsed.get("defects", [])

@@ -27,6 +27,9 @@ from ratatoskr.message import Address, Attachment, Message
 _SMTP_POLICY = policy.default.clone(linesep="\r\n")
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# A multipart message that declares a text/plain part anywhere needs no derived one; finding
+# that with one regex saves parsing the whole MIME tree of nearly every multipart message.
+_TEXT_PART = re.compile(rb"(?im)^content-type:[ \t]*text/plain\b")
 _STANDARD_HEADERS = frozenset(
     h.lower()
     for h in (
@@ -127,7 +130,8 @@ def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[by
         added += f"Message-ID: <{queue_id}@{hostname}>\r\n"
     if headers["Date"] is None:
         added += f"Date: {email.utils.formatdate(localtime=True)}\r\n"
-    if headers.get_content_maintype() == "multipart" or headers.get_content_type() == "text/html":
+    ctype = headers.get_content_type()
+    if ctype == "text/html" or (ctype.startswith("multipart/") and not _TEXT_PART.search(raw)):
         raw = _with_text_part(raw)
     prepared = added.encode("utf-8") + raw
     return prepared, summarize(headers, queue_id=queue_id, hostname=hostname)
@@ -147,7 +151,7 @@ def summarize(headers: email.message.Message, *, queue_id: str = "", hostname: s
     """The cheap header-only view used for logs and queue listings."""
     message_id = str(headers["Message-ID"] or f"<{queue_id}@{hostname}>").strip()
     from_ = [
-        Address(addr=addr, name=name)
+        Address(addr=addr, name=_decoded(name) if "=?" in name else name)
         for name, addr in email.utils.getaddresses([str(v) for v in headers.get_all("From", [])])
         if "@" in addr
     ]

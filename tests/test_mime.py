@@ -1,0 +1,135 @@
+"""MIME preparation and parsing: what we change in a message, and what we leave byte for byte."""
+
+from __future__ import annotations
+
+import email
+from email import policy
+from email.message import EmailMessage
+
+import pytest
+
+from ratatoskr.errors import MessageRejected
+from ratatoskr.mime import parse, prepare, strip_bcc
+
+TRACE = "Received: from test\r\n\tby relay.test; Sun, 29 Nov 2026 00:00:00 +0000\r\n"
+
+
+def run(raw: bytes) -> bytes:
+    return prepare(raw, trace=TRACE, queue_id="Q1", hostname="relay.test")[0]
+
+
+def parsed(raw: bytes) -> EmailMessage:
+    return email.message_from_bytes(raw, policy=policy.default)  # type: ignore[return-value]
+
+
+def html_only(structure: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "a@example.com"
+    msg["To"] = "b@example.net"
+    msg["Subject"] = "html"
+    msg["Message-ID"] = "<m1@example.com>"
+    msg["Date"] = "Sun, 29 Nov 2026 00:00:00 +0000"
+    msg.set_content("<h1>Hello</h1><p>See <a href='https://x.example'>this</a>.</p>", subtype="html")
+    if structure == "related":
+        msg.add_related(b"\x89PNG...", maintype="image", subtype="png", cid="<logo@x>")
+    if structure == "mixed":
+        msg.add_attachment(b"%PDF-1.7", maintype="application", subtype="pdf", filename="a.pdf")
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+def test_plain_message_is_kept_byte_for_byte_below_our_headers():
+    raw = (
+        b"From: a@example.com\r\nTo: b@example.net\r\nSubject: x\r\nMessage-ID: <m@x>\r\n"
+        b"Date: Sun, 29 Nov 2026 00:00:00 +0000\r\n\r\nbody  with  spaces\r\n"
+    )
+    assert run(raw) == TRACE.encode() + raw
+
+
+def test_missing_message_id_and_date_are_added():
+    out = parsed(run(b"From: a@example.com\r\n\r\nhi\r\n"))
+    assert out["Message-ID"] == "<Q1@relay.test>"
+    assert out["Date"] is not None
+
+
+def test_bcc_headers_are_removed_including_continuations():
+    raw = (
+        b"From: a@example.com\r\nBcc: one@example.org,\r\n two@example.org\r\n"
+        b"To: b@example.net\r\nResent-Bcc: three@example.org\r\nSubject: s\r\n\r\nBcc: in body stays\r\n"
+    )
+    out = strip_bcc(raw)
+    assert out == b"From: a@example.com\r\nTo: b@example.net\r\nSubject: s\r\n\r\nBcc: in body stays\r\n"
+
+
+@pytest.mark.parametrize("structure", ["plain-html", "related", "mixed"])
+def test_html_only_gets_a_derived_text_alternative(structure):
+    out = parsed(run(html_only(structure)))
+    text = out.get_body(preferencelist=("plain",))
+    html = out.get_body(preferencelist=("html",))
+    assert text is not None and html is not None
+    assert "# Hello" in text.get_content()
+    assert "[this](https://x.example)" in text.get_content()
+    assert "<h1>Hello</h1>" in html.get_content()
+    if structure == "related":
+        assert any(p.get("Content-ID") == "<logo@x>" for p in out.walk())
+    if structure == "mixed":
+        assert [p.get_filename() for p in out.iter_attachments()] == ["a.pdf"]
+
+
+def test_message_with_text_and_html_is_not_rebuilt():
+    msg = EmailMessage()
+    msg["From"] = "a@example.com"
+    msg.set_content("text")
+    msg.add_alternative("<p>html</p>", subtype="html")
+    raw = msg.as_bytes(policy=policy.SMTP)
+    assert run(raw).endswith(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "no header section"),
+        (b"\r\n\r\nbody only\r\n", "no header section"),
+        (b"not a header line\r\n\r\n", "does not start with a header"),
+        (b"Subject: x\r\n\r\nbody\r\n", "no From header"),
+        (b"From: a@example.com\r\nX: \x00\r\n\r\n", "NUL"),
+    ],
+)
+def test_unacceptable_messages_are_refused_with_a_reason(raw, reason):
+    with pytest.raises(MessageRejected, match=reason):
+        run(raw)
+
+
+def test_summary_decodes_subject_and_from():
+    raw = b"From: =?utf-8?q?J=C3=BCrgen?= <j@example.com>\r\nSubject: =?utf-8?b?4pyT?=\r\nX-Tag: a, b\r\n\r\n"
+    _, summary = prepare(raw, trace="", queue_id="Q", hostname="h")
+    assert summary.subject == "✓"
+    assert [(a.name, a.addr) for a in summary.from_] == [("Jürgen", "j@example.com")]
+    assert summary.tags == ("a", "b")
+
+
+def test_parse_gives_bodies_attachments_and_inline_parts():
+    msg = EmailMessage()
+    msg["From"] = "Ada <ada@example.com>"
+    msg["To"] = "bob@example.net"
+    msg["Cc"] = "Carol <carol@example.org>"
+    msg["Reply-To"] = "help@example.com"
+    msg["Subject"] = "Grüße"
+    msg["X-Campaign"] = "nov"
+    msg["X-Mailgun-Tag"] = "welcome"
+    msg.set_content("text body")
+    msg.add_alternative("<p>html <img src='cid:logo@x'></p>", subtype="html")
+    msg.get_payload()[1].add_related(b"PNGDATA", maintype="image", subtype="png", cid="<logo@x>")
+    msg.add_attachment(b"\x00\x01binary", maintype="application", subtype="octet-stream", filename="b.bin")
+    m = parse(msg.as_bytes(policy=policy.SMTP))
+    assert m.subject == "Grüße"
+    assert [a.addr for a in m.from_ + m.to + m.cc + m.reply_to] == [
+        "ada@example.com", "bob@example.net", "carol@example.org", "help@example.com",
+    ]
+    assert m.text.strip() == "text body"
+    assert "html" in m.html
+    assert ("X-Campaign", "nov") in m.headers
+    assert m.tags == ("welcome",)
+    inline = [a for a in m.attachments if a.inline]
+    files = [a for a in m.attachments if not a.inline]
+    assert [(a.content_id, a.content) for a in inline] == [("logo@x", b"PNGDATA")]
+    assert [(a.filename, a.content) for a in files] == [("b.bin", b"\x00\x01binary")]
