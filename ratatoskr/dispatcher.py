@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ratatoskr.backoff import retry_delay
+from ratatoskr.bounce import build_dsn
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.errors import (
     AmbiguousFailure,
@@ -62,8 +63,10 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
+        hostname: str = "localhost",
     ) -> None:
         self.spool = spool
+        self.hostname = hostname
         self.providers = list(providers)
         self.config = config
         self.metrics = metrics
@@ -333,12 +336,10 @@ class Dispatcher:
         error = _summary(result.attempts) or "no provider is taking traffic"
         now = self.clock()
         if refused >= {p.name for p in self.providers}:
-            await self.spool.bury(stored.id, error=f"refused by every provider: {error}", attempts=result.attempts)
-            self.log_dead(stored, f"refused by every provider: {error}")
+            await self._bury(stored, f"refused by every provider: {error}", result, expired=False)
         elif now >= stored.expires_at:
             reason = f"undelivered after {stored.attempts + 1} attempts, lifetime over: {error}"
-            await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
-            self.log_dead(stored, reason)
+            await self._bury(stored, reason, result, expired=True)
         else:
             delay = retry_delay(
                 stored.attempts + 1,
@@ -349,8 +350,18 @@ class Dispatcher:
             await self.spool.defer(stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts)
             log.info("deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error)
 
-    def log_dead(self, stored: StoredMessage, reason: str) -> None:
-        log.error("dead id=%s message_id=%s sender=%s reason=%s", stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason)
+    async def _bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
+        await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
+        log.error(
+            "dead id=%s message_id=%s sender=<%s> reason=%s",
+            stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason,
+        )
+        if self.config.bounce and stored.envelope.sender:
+            qid, envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired)
+            meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
+            await self.spool.put(qid, envelope, raw, meta)
+            log.info("bounce id=%s for dead id=%s to <%s>", qid, stored.id, stored.envelope.sender)
+            self.wake()
 
 
 def refused_by(history: list[dict[str, Any]]) -> set[str]:

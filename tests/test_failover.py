@@ -203,3 +203,28 @@ async def test_expired_message_becomes_dead(relay, fake_mailgun, fake_mandrill, 
     await daemon.spool.reschedule_deferred(clock())
     daemon.dispatcher.wake()
     await wait_until(lambda: _dead(daemon, 1), what="message dead after its lifetime")
+
+
+async def test_dead_message_bounces_to_its_sender_when_enabled(relay, fake_mailgun, fake_mandrill):
+    """[delivery] bounce: an RFC 3464 notice goes to the envelope sender, through the
+    providers, with a null sender of its own; a null-sender message gets none."""
+    refusal = {"message": "to parameter is not a valid address. please check documentation"}
+    invalid = {"status": "error", "code": -2, "name": "ValidationError", "message": "bad address"}
+    fake_mailgun.fail(400, refusal, times=1)
+    fake_mandrill.fail(500, invalid, times=1)
+    daemon = await relay(bounce=True)
+    await send(daemon, 7)
+    [notice] = await fake_mailgun.wait_for(1)
+    assert notice.accepted == ["ada@example.com"]
+    assert notice.header("Subject") == "Undelivered Mail Returned to Sender"
+    assert "multipart/report" in notice.header("Content-Type")
+    assert b"Subject: failover 7" in notice.raw
+    assert b"Final-Recipient: rfc822; bob@example.net" in notice.raw
+
+    fake_mailgun.fail(400, refusal, times=1)
+    fake_mandrill.fail(500, invalid, times=1)
+    await smtp_send(daemon.smtp_port, MESSAGE.format(n=8), sender="<>")
+    await wait_until(lambda: _dead(daemon, 2), what="second message dead")
+    await wait_until(lambda: daemon.dispatcher.in_flight == 0, what="delivery finished")
+    assert sum((await queue_counts(daemon)).values()) == 2  # the two dead, no new notice
+    assert len(fake_mailgun.messages) == 1
