@@ -31,6 +31,7 @@ class TlsFiles:
 
 
 def make_tls(folder: Path, name: str = "relay.test") -> TlsFiles:
+    folder.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
     issued = ca.issue_cert(name, "127.0.0.1")
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
@@ -62,7 +63,11 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-async def starttls(s: RawSmtp, tls: TlsFiles) -> None:
+async def starttls(s: RawSmtp, tls: TlsFiles) -> list[str]:
+    """STARTTLS, the handshake, and the EHLO a client must send again; returns its features."""
     code, _ = await s.cmd("STARTTLS")
     assert code == 220
     await s.writer.start_tls(tls.client, server_hostname="relay.test")
+    code, features = await s.cmd("EHLO client.test")
+    assert code == 250
+    return features.splitlines()

@@ -110,8 +110,6 @@ async def test_reload_names_changes_that_need_a_restart(running_daemon, tmp_path
 async def test_reload_loads_a_renewed_certificate(running_daemon, tmp_path):
     """After the reload TLS handshakes use the new certificate, also in a session opened
     before it; the listener never closed."""
-    (tmp_path / "old").mkdir()
-    (tmp_path / "new").mkdir()
     old, new = make_tls(tmp_path / "old"), make_tls(tmp_path / "new")
     daemon = await running_daemon(smtp=secure_smtp(old))
     daemon.loader = lambda: build_config(tmp_path, smtp=secure_smtp(new))
@@ -119,7 +117,6 @@ async def test_reload_loads_a_renewed_certificate(running_daemon, tmp_path):
         await opened_before.cmd("EHLO client.test")
         assert await daemon.reload()
         await starttls(opened_before, new)
-        await opened_before.cmd("EHLO client.test")
         assert (await opened_before.cmd(f"AUTH PLAIN {plain_blob()}"))[0] == 235
     async with RawSmtp(daemon.smtp_port) as s:
         await s.cmd("EHLO client.test")
@@ -175,8 +172,6 @@ async def sighup_and_wait_for(daemon: DaemonProcess, text: str) -> None:
 
 async def test_mismatched_certificate_on_reload_changes_nothing(running_daemon, tmp_path, caplog):
     """A renewed certificate whose key does not match is refused before anything is swapped."""
-    (tmp_path / "old").mkdir()
-    (tmp_path / "new").mkdir()
     old, new = make_tls(tmp_path / "old"), make_tls(tmp_path / "new")
     daemon = await running_daemon(smtp=secure_smtp(old))
     providers = daemon.providers
