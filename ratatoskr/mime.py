@@ -193,6 +193,12 @@ def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
     return tuple(found)
 
 
+def header_tags(raw: bytes) -> tuple[str, ...]:
+    """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, reading only the header block."""
+    head, _ = split_head(raw)
+    return _tags(BytesHeaderParser(policy=policy.compat32).parsebytes(head))
+
+
 def _tags(msg: email.message.Message) -> tuple[str, ...]:
     tags: list[str] = []
     for name in TAG_HEADERS:

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
-from email import policy
-from email.parser import BytesHeaderParser
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
@@ -36,7 +34,7 @@ from ratatoskr.errors import (
     TemporaryFailure,
 )
 from ratatoskr.message import Envelope, Message
-from ratatoskr.mime import parse, split_head, strip_bcc, summarize
+from ratatoskr.mime import header_tags, parse, strip_bcc
 
 USER_AGENT = f"ratatoskr/{__version__} (+https://github.com/ratatoskr-relay/ratatoskr)"
 
@@ -65,8 +63,7 @@ class Outbound:
     def tags(self) -> tuple[str, ...]:
         """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, read from the header block only
         (cheaper than :attr:`message`, which parses every attachment)."""
-        head, _ = split_head(self.raw)
-        return summarize(BytesHeaderParser(policy=policy.default).parsebytes(head)).tags
+        return header_tags(self.raw)
 
 
 @dataclass(frozen=True, slots=True)
