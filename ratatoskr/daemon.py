@@ -59,7 +59,7 @@ class Daemon:
         self.providers = build_providers(config.providers)
         self.dispatcher = Dispatcher(
             self.spool, self.providers, config.delivery, self.metrics,
-            clock=clock, poll_interval=poll_interval,
+            clock=clock, poll_interval=poll_interval, hostname=config.smtp.hostname,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
@@ -137,6 +137,7 @@ class Daemon:
             config=self.config.http, ingest=self.ingest, spool=self.spool,
             dispatcher=self.dispatcher, metrics=self.metrics,
             max_message_size=self.config.smtp.max_message_size,
+            max_recipients=self.config.smtp.max_recipients,
         )
         self.http_runner = web.AppRunner(build_app(services), access_log=None)
         await self.http_runner.setup()

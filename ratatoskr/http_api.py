@@ -46,6 +46,7 @@ class Services:
     dispatcher: Dispatcher
     metrics: Metrics
     max_message_size: int
+    max_recipients: int = 100
 
 
 SERVICES = web.AppKey("services", Services)
@@ -125,6 +126,12 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
     if len(raw) > services.max_message_size:
         error = f"message is {len(raw)} bytes, over the limit of {services.max_message_size}"
         raise Refused(413, "too_large", {"error": error})
+    if len(env.recipients) > services.max_recipients:
+        limit = services.max_recipients
+        detail = f"{len(env.recipients)} recipients in to, cc and bcc; at most {limit} per message"
+        raise Refused(400, "invalid", {"error": "too many recipients", "details": [
+            {"field": field, "message": detail} for field in ("/to", "/cc", "/bcc")
+        ]})
     return raw, env
 
 

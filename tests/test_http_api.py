@@ -445,3 +445,17 @@ def test_curl_examples_in_the_docs_are_valid_messages() -> None:
                 schema.parse(body.encode())
         else:
             schema.parse(body.encode())
+
+
+async def test_too_many_recipients_is_400_like_smtp_452(
+    running_daemon: Callable[..., Any], http: aiohttp.ClientSession
+) -> None:
+    """The HTTP API keeps smtp.max_recipients too, counting to, cc and bcc together."""
+    daemon = await running_daemon(smtp={"max_recipients": 2})
+    body = minimal(to=["a@example.net"], cc=["b@example.net"], bcc=["c@example.net"])
+    status, answer, _ = await post(http, daemon, body)
+    assert status == 400
+    assert answer["error"] == "too many recipients"
+    assert {d["field"] for d in answer["details"]} == {"/to", "/cc", "/bcc"}
+    status, _, _ = await post(http, daemon, minimal(to=["a@example.net"], bcc=["c@example.net"]))
+    assert status == 202
