@@ -98,8 +98,9 @@ def describe(config: Config) -> list[str]:
         f"config: {config.source}",
         f"smtp: {smtp.listen} as {smtp.hostname}, max size {smtp.max_message_size} bytes, "
         f"max {smtp.max_recipients} recipients, auth {auth}, "
-        f"STARTTLS {'on' if smtp.tls_cert else 'off'}",
-        f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (open to loopback callers)'}",
+        f"STARTTLS {'on' if smtp.tls_cert else 'off'}, implicit TLS {smtp.tls_listen or 'off'}"
+        f"{'' if smtp.trust_loopback else ', loopback not trusted'}",
+        f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (loopback callers only)'}",
         f"queue: {config.spool.path}",
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]

@@ -355,8 +355,15 @@ def _http(t: _Table) -> HttpConfig:
     for i, token in enumerate(tokens):
         if not isinstance(token, str) or not token:
             raise ConfigError(f"{t.key('api_tokens')}[{i}]", "must be a non-empty string")
+    listen = parse_listen(t.key("listen"), t.get("listen", str, "127.0.0.1:8025"))
+    if not tokens and not listen.is_loopback:
+        # Without tokens anyone who reaches the port could send mail through us.
+        raise ConfigError(
+            t.key("api_tokens"),
+            f"required on non-loopback listener {listen}: POST /v1/messages would be an open relay",
+        )
     return HttpConfig(
-        listen=parse_listen(t.key("listen"), t.get("listen", str, "127.0.0.1:8025")),
+        listen=listen,
         api_tokens=tuple(Secret(tok) for tok in tokens),
         max_body_size=t.positive("max_body_size", int, 36_000_000),
     )

@@ -86,6 +86,14 @@ def test_non_loopback_listener_needs_users_and_tls(tmp_path):
     assert info.value.key == "smtp.tls_cert"
 
 
+def test_non_loopback_http_needs_api_tokens():
+    with pytest.raises(ConfigError) as info:
+        parse(http={"listen": "0.0.0.0:8025"})
+    assert info.value.key == "http.api_tokens"
+    assert "open relay" in info.value.problem
+    assert parse(http={"listen": "0.0.0.0:8025", "api_tokens": ["t0ken-123"]}).http.api_tokens
+
+
 def test_ipv6_listen_parses():
     cfg = parse(smtp={"listen": "[::1]:2526"})
     assert (cfg.smtp.listen.host, cfg.smtp.listen.port) == ("::1", 2526)
