@@ -30,6 +30,7 @@ from ratatoskr.dispatcher import Dispatcher
 from ratatoskr.errors import ConfigError
 from ratatoskr.http_api import Services, build_app
 from ratatoskr.ingest import Ingest
+from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
 from ratatoskr.sdnotify import Notifier, watchdog_interval
@@ -124,6 +125,7 @@ class Daemon:
             policy=Policy.for_listener(smtp, listen, implicit_tls=implicit_tls),
             limiter=self.limiter,
             tls_context=None if implicit_tls else self.tls_context,
+            spill_dir=self.config.spool.path,
         )
         server = await asyncio.get_running_loop().create_server(
             factory, host=listen.host, port=listen.port,
@@ -299,5 +301,6 @@ async def _serve(config: Config, loader: Callable[[], Config] | None) -> None:
 
 def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP calls ``loader`` for a fresh config and applies it."""
+    tune_malloc()
     asyncio.run(_serve(config, loader))
     return 0

@@ -43,6 +43,10 @@ from ratatoskr.spool import Spool, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
+# Message bytes held by deliveries in flight: 16 workers × 10 MB messages would otherwise
+# keep 160 MB (plus the HTTP client's copies) in memory at once.
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+
 
 @dataclass(slots=True)
 class Round:
@@ -75,6 +79,7 @@ class Dispatcher:
         self.health = {p.name: self._health_for(p) for p in self.providers}
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._task_bytes: dict[str, int] = {}
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         for p in self.providers:
@@ -148,6 +153,7 @@ class Dispatcher:
             for stored in claimed:
                 task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
                 self._tasks[stored.id] = task
+                self._task_bytes[stored.id] = len(stored.raw)
                 task.add_done_callback(lambda _t, qid=stored.id: self._finished(qid))
             if claimed and len(self._tasks) < self.config.workers:
                 continue
@@ -158,6 +164,7 @@ class Dispatcher:
 
     def _finished(self, qid: str) -> None:
         self._tasks.pop(qid, None)
+        self._task_bytes.pop(qid, None)
         self._wake.set()
 
     def _idle_wait(self) -> float:
@@ -169,11 +176,12 @@ class Dispatcher:
 
     async def _claim(self) -> list[StoredMessage]:
         free = self.config.workers - len(self._tasks)
-        if free <= 0:
+        budget = MAX_INFLIGHT_BYTES - sum(self._task_bytes.values())
+        if free <= 0 or budget <= 0:
             return []
         healths = [h for h in self.health.values() if h.available()]
         if any(h.up for h in healths):
-            return await self.spool.claim(free, exclude=self._tasks)
+            return await self.spool.claim(free, exclude=self._tasks, max_bytes=budget)
         if healths:
             # Every provider is out; one whose cool-down ended gets the oldest waiting message
             # as its trial, even one whose own backoff is not over yet.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from ratatoskr.errors import MessageRejected
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
-from ratatoskr.mime import prepare
+from ratatoskr.mime import prepare_parts
 from ratatoskr.spool import Spool, new_id
 
 log = logging.getLogger("ratatoskr.ingest")
@@ -47,7 +47,8 @@ class Ingest:
         self.on_queued = on_queued
 
     async def accept(
-        self, raw: bytes, envelope: Envelope, *, ingress: str, helo: str, peer: str, protocol: str
+        self, raw: bytes | bytearray, envelope: Envelope, *, ingress: str, helo: str, peer: str,
+        protocol: str,
     ) -> str:
         """Queue one message and return its id once it is on disk.
 
@@ -59,11 +60,13 @@ class Ingest:
         )
         try:
             if len(raw) >= _THREAD_THRESHOLD:
-                prepared, summary = await asyncio.to_thread(
-                    prepare, raw, trace=trace, queue_id=qid, hostname=self.hostname
+                parts, summary = await asyncio.to_thread(
+                    prepare_parts, raw, trace=trace, queue_id=qid, hostname=self.hostname
                 )
             else:
-                prepared, summary = prepare(raw, trace=trace, queue_id=qid, hostname=self.hostname)
+                parts, summary = prepare_parts(
+                    raw, trace=trace, queue_id=qid, hostname=self.hostname
+                )
         except MessageRejected as exc:
             self.metrics.rejected(ingress, "content")
             log.info("rejected ingress=%s peer=%s reason=%s", ingress, peer, exc)
@@ -73,13 +76,13 @@ class Ingest:
             "subject": summary.subject[:200],
             "from": summary.from_[0].addr if summary.from_ else "",
             "ingress": ingress,
-            "size": len(prepared),
+            "size": sum(len(p) for p in parts),
         }
-        await self.spool.put(qid, envelope, prepared, meta)
+        await self.spool.put(qid, envelope, parts, meta)
         self.metrics.received(ingress)
         log.info(
             "queued id=%s message_id=%s ingress=%s from=<%s> recipients=%d size=%d",
-            qid, summary.message_id, ingress, envelope.sender, len(envelope.recipients), len(prepared),
+            qid, summary.message_id, ingress, envelope.sender, len(envelope.recipients), meta["size"],
         )
         self.on_queued()
         return qid

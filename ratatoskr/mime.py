@@ -41,7 +41,7 @@ _STANDARD_HEADERS = frozenset(
 TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
 
 
-def split_head(raw: bytes) -> tuple[bytes, bytes]:
+def split_head(raw: bytes | bytearray) -> tuple[bytes, bytes]:
     """Split raw bytes into the header block (with its final line break) and the rest."""
     match = _BLANK_LINE.search(raw)
     if match is None:
@@ -62,7 +62,7 @@ def _fields(head: bytes) -> list[bytes]:
     return fields
 
 
-def strip_bcc(raw: bytes) -> bytes:
+def strip_bcc(raw: bytes | bytearray) -> bytes | bytearray:
     """Remove every ``Bcc:``/``Resent-Bcc:`` field, leaving all other bytes untouched."""
     head, body = split_head(raw)
     lowered = head.lower()
@@ -113,7 +113,16 @@ def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
 
 
 def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[bytes, Message]:
-    """Check and normalize an incoming message; return the bytes to queue and a parsed view.
+    """:func:`prepare_parts`, joined into one bytes object."""
+    parts, summary = prepare_parts(raw, trace=trace, queue_id=queue_id, hostname=hostname)
+    return b"".join(parts), summary
+
+
+def prepare_parts(
+    raw: bytes | bytearray, *, trace: str, queue_id: str, hostname: str
+) -> tuple[list[bytes | bytearray], Message]:
+    """Check and normalize an incoming message; return the pieces to queue, in order, and a
+    parsed view. Kept as pieces so a large message is never copied just to prepend headers.
 
     Raises :class:`MessageRejected` with a client-safe reason for anything we will never take.
     """
@@ -133,11 +142,10 @@ def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[by
     ctype = headers.get_content_type()
     if ctype == "text/html" or (ctype.startswith("multipart/") and not _TEXT_PART.search(raw)):
         raw = _with_text_part(raw)
-    prepared = added.encode("utf-8") + raw
-    return prepared, summarize(headers, queue_id=queue_id, hostname=hostname)
+    return [added.encode("utf-8"), raw], summarize(headers, queue_id=queue_id, hostname=hostname)
 
 
-def _with_text_part(raw: bytes) -> bytes:
+def _with_text_part(raw: bytes | bytearray) -> bytes | bytearray:
     """``raw`` with a text/plain alternative derived from its HTML, if it has no text part."""
     root = cast(EmailMessage, BytesParser(policy=_SMTP_POLICY).parsebytes(raw))
     html_part = _needs_text_part(root)

@@ -17,9 +17,11 @@ Bytes the client sent after the terminator (pipelined commands) go back to the r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import BinaryIO
 
 CHUNK = 256 * 1024
+SPILL_AT = 1024 * 1024
 _END = b"\r\n.\r\n"
 
 
@@ -33,13 +35,99 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
+class _Collected:
+    """The unstuffed message so far: in memory, or beyond ``spill_at`` bytes in a file.
+
+    ``buf`` always starts with a CRLF: the virtual one until the first spill, afterwards the
+    real line break the previous cut was made in front of.
+    """
+
+    def __init__(self, spill: Callable[[], BinaryIO] | None, spill_at: int) -> None:
+        self.spill = spill
+        self.spill_at = spill_at
+        self.file: BinaryIO | None = None
+        self.written = 0
+        self.virtual = 2  # bytes at the front of buf that are not content
+
+    def maybe_spill(self, buf: bytearray) -> None:
+        """Move all of ``buf`` up to its last line break to the file.
+
+        Cutting just before a CRLF keeps every ``<CRLF>.`` (to unstuff) and every possible
+        terminator whole on one side of the cut.
+        """
+        if self.spill is None or len(buf) < self.spill_at:
+            return
+        cut = buf.rfind(b"\r\n", 2)
+        if cut <= 0:
+            return
+        if self.file is None:
+            self.file = self.spill()
+        segment = unstuff(buf[:cut])
+        self.file.write(memoryview(segment)[self.virtual:])
+        self.written += len(segment) - self.virtual
+        self.virtual = 0
+        del buf[:cut]
+
+    def size(self, buf: bytearray) -> int:
+        """Unstuffed content bytes so far, ``buf`` included."""
+        return self.written + len(buf) - self.virtual - buf.count(b"\r\n.")
+
+    def finish(self, buf: bytearray) -> bytearray:
+        tail = unstuff(buf)
+        if self.file is None:
+            del tail[: self.virtual]  # O(1) at a bytearray's front
+            return tail
+        with self.file:
+            self.file.write(memoryview(tail)[self.virtual:])
+            self.file.seek(0)
+            content = bytearray(self.written + len(tail) - self.virtual)
+            self.file.readinto(content)
+        return content
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def unstuff(data: bytearray) -> bytearray:
+    """RFC 5321 §4.5.2: every line that starts with a dot loses that dot."""
+    return data.replace(b"\r\n.", b"\r\n") if data.find(b"\r\n.") >= 0 else data
+
+
 async def read_data(
-    reader: asyncio.StreamReader, limit: int | None, on_progress: Callable[[], None] = lambda: None
-) -> bytes:
-    """Read one DATA section; return the unstuffed message bytes or raise DataTooLarge.
+    reader: asyncio.StreamReader,
+    limit: int | None,
+    on_progress: Callable[[], None] = lambda: None,
+    *,
+    spill: Callable[[], BinaryIO] | None = None,
+    spill_at: int = SPILL_AT,
+    reserve: Callable[[int], Awaitable[None]] | None = None,
+) -> bytearray:
+    """Read one DATA section; return the unstuffed message or raise DataTooLarge.
+
+    With ``spill`` (a factory of temporary files), anything past ``spill_at`` bytes waits in a
+    file rather than in memory, so many large uploads at once cost little RAM; the message
+    is read back in one piece once complete, after ``reserve(size)`` (a :class:`ByteBudget`)
+    lets it, which bounds how many large messages sit in memory at once.
 
     Raises :class:`asyncio.IncompleteReadError` when the client goes away mid-DATA.
     """
+    collected = _Collected(spill, spill_at)
+    try:
+        buf = await _read(reader, limit, on_progress, collected)
+        if collected.file is not None and reserve is not None:
+            await reserve(collected.size(buf))
+        return collected.finish(buf)
+    except BaseException:
+        collected.discard()
+        raise
+
+
+async def _read(
+    reader: asyncio.StreamReader, limit: int | None, on_progress: Callable[[], None],
+    collected: _Collected,
+) -> bytearray:
+    """Read to the terminator; return what is still in memory (the rest is in the file)."""
     # A virtual CRLF in front lets the first line be handled like every other one.
     buf = bytearray(b"\r\n")
     scan = 0
@@ -55,17 +143,40 @@ async def read_data(
             _unread(reader, bytes(buf[end + len(_END):]))
             del buf[end + 2:]
             break
-        if not over and limit is not None and len(buf) - 2 > limit:
+        if not over and limit is not None and collected.written + len(buf) - 4 > limit:
             # Dots removed by unstuffing do not count: give up only when even the unstuffed
             # content is too large.
-            over = len(buf) - 2 - buf.count(b"\r\n.") > limit
+            over = collected.size(buf) > limit
         if over:
             # Keep only the tail, so memory stays bounded and the terminator can still match.
             del buf[:-4]
+        else:
+            collected.maybe_spill(buf)
         scan = max(0, len(buf) - 4)
-    if over:
+    if over or (limit is not None and collected.size(buf) > limit):
         raise DataTooLarge()
-    content = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
-    if limit is not None and len(content) > limit:
-        raise DataTooLarge()
-    return content
+    return buf
+
+
+class ByteBudget:
+    """How many bytes of large messages may be in memory at once, shared by all sessions.
+
+    A message bigger than the whole budget still gets in, alone, so nothing waits forever.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.held == 0 or self.held + size <= self.capacity
+            )
+            self.held += size
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self.held -= size
+            self._changed.notify_all()

@@ -25,8 +25,10 @@ import errno
 import logging
 import ssl
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Any, AnyStr, cast
+from pathlib import Path
+from typing import Any, AnyStr, BinaryIO, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session, syntax
 
@@ -36,10 +38,14 @@ from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
-from ratatoskr.smtp_data import DataTooLarge, read_data
+from ratatoskr.smtp_data import ByteBudget, DataTooLarge, read_data
 from ratatoskr.smtp_limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
+
+# Large messages (those that spilled to disk while arriving) loaded back into memory at once,
+# across all sessions of a listener: 20 sessions x 10 MB otherwise peaked near 900 MB RSS.
+LARGE_MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 
 # Postfix's smtpd_junk_command_limit; every other command is limited only by the error count
 # (aiosmtpd applies its default of 20 to any command left out, RCPT included, hence "*").
@@ -89,6 +95,8 @@ class RelaySMTP(SMTP):
         policy: Policy,
         limiter: ConnectionLimiter,
         logins: SmtpLogins,
+        spill_dir: Path | None = None,
+        data_budget: ByteBudget | None = None,
         **kwargs: Any,
     ) -> None:
         # aiosmtpd knows only its own STARTTLS as "encrypted" and warns (per connection) about
@@ -99,12 +107,18 @@ class RelaySMTP(SMTP):
             command_call_limit=_CALL_LIMITS, **kwargs,
         )
         self.policy = policy
+        self.spill_dir = spill_dir
+        self.data_budget = data_budget or ByteBudget(LARGE_MESSAGES_IN_MEMORY)
         self.limiter = limiter
         self.logins = logins
         self.client = ""
         self._refusal: str | None = None
         self._admitted = False
         self._errors = 0
+
+    def _spill_file(self) -> BinaryIO:
+        # Large uploads wait on the queue's disk, not in RAM (nor in a tmpfs /tmp).
+        return tempfile.TemporaryFile(dir=self.spill_dir, prefix="data-")
 
     # -- connection: limits, implicit TLS, timeout ----------------------------------------------
 
@@ -225,14 +239,25 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push(replies.DATA_START)
+        reserved = 0
+
+        async def reserve(size: int) -> None:
+            nonlocal reserved
+            await self.data_budget.acquire(size)
+            reserved = size
+
         try:
-            content = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
+            content = await read_data(
+                self._reader, self.data_size_limit, self._reset_timeout,
+                spill=self._spill_file, reserve=reserve,
+            )
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
         except DataTooLarge:
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(replies.MESSAGE_TOO_BIG)
-            return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+            status = replies.MESSAGE_TOO_BIG
+        finally:
+            if reserved:
+                await self.data_budget.release(reserved)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
@@ -299,7 +324,7 @@ class RelayHandler:
             protocol += "A"
         try:
             qid = await self.ingest.accept(
-                bytes(envelope.original_content or b""),
+                envelope.original_content or b"",
                 Envelope(sender=sender, recipients=tuple(envelope.rcpt_tos)),
                 ingress="smtp",
                 helo=session.host_name or "",
@@ -337,9 +362,12 @@ def smtp_factory(
     policy: Policy,
     limiter: ConnectionLimiter,
     tls_context: ssl.SSLContext | None = None,
+    spill_dir: Path | None = None,
 ) -> Any:
     """A protocol factory for ``loop.create_server``. ``tls_context`` offers STARTTLS; leave it
     out on the implicit-TLS listener, whose server does the TLS itself."""
+
+    data_budget = ByteBudget(LARGE_MESSAGES_IN_MEMORY)
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
@@ -347,6 +375,8 @@ def smtp_factory(
             policy=policy,
             limiter=limiter,
             logins=handler.logins,
+            spill_dir=spill_dir,
+            data_budget=data_budget,
             tls_context=tls_context,
             data_size_limit=config.max_message_size,
             enable_SMTPUTF8=True,

@@ -27,7 +27,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -236,39 +236,60 @@ class Spool:
             raise QueueUnavailable("queue is closed")
         return self._writer.submit(op)
 
-    async def put(self, qid: str, envelope: Envelope, raw: bytes, meta: dict[str, Any]) -> str:
-        """Commit a new message durably; return its id once it is on disk."""
+    async def put(
+        self, qid: str, envelope: Envelope, raw: bytes | bytearray | Sequence[bytes | bytearray],
+        meta: dict[str, Any],
+    ) -> str:
+        """Commit a new message durably; return its id once it is on disk.
+
+        ``raw`` may be a list of pieces: they are written one after the other into the blob,
+        so a large message is neither joined nor copied by SQLite's own binding.
+        """
+        parts = [raw] if isinstance(raw, (bytes, bytearray)) else list(raw)
+        size = sum(len(p) for p in parts)
         now = self.clock()
         row = (
             qid, State.QUEUED.value, now, now + self.lifetime, now, envelope.sender,
-            json.dumps(list(envelope.recipients)), json.dumps(meta), raw,
+            json.dumps(list(envelope.recipients)), json.dumps(meta), size,
         )
 
         def insert(conn: sqlite3.Connection) -> str:
-            conn.execute(
+            rowid = conn.execute(
                 "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
-                " recipients, meta, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " recipients, meta, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
                 row,
-            )
+            ).lastrowid
+            assert rowid is not None
+            with conn.blobopen("messages", "raw", rowid) as blob:
+                for part in parts:
+                    blob.write(part)
             return qid
 
         return await self._submit(insert)
 
     async def claim(
-        self, limit: int, *, exclude: Iterable[str] = (), due: float | None = None
+        self, limit: int, *, exclude: Iterable[str] = (), due: float | None = None,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
-        """Mark up to ``limit`` messages due by ``due`` (default now) in flight, oldest first."""
+        """Mark up to ``limit`` messages due by ``due`` (default now) in flight, oldest first,
+        stopping once they hold ``max_bytes`` (the first one is always taken)."""
         now = min(self.clock() if due is None else due, 1e18)
         skip = tuple(exclude)
+        budget = max_bytes if max_bytes is not None else 1 << 62
 
         def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
             marks = ",".join("?" * len(skip))
+            # length(raw) comes from the record header; the blob itself is not read here.
+            due_rows = (
+                "SELECT id, SUM(length(raw)) OVER (ORDER BY next_attempt_at, id) - length(raw)"
+                " AS before FROM messages WHERE state IN ('queued', 'deferred')"
+                f" AND next_attempt_at <= ?{f' AND id NOT IN ({marks})' if skip else ''}"
+                " ORDER BY next_attempt_at, id LIMIT ?"
+            )
             rows = conn.execute(
-                f"UPDATE messages SET state = 'inflight' WHERE id IN (SELECT id FROM messages"
-                f" WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
-                f"{f' AND id NOT IN ({marks})' if skip else ''}"
-                f" ORDER BY next_attempt_at, id LIMIT ?) RETURNING {_COLUMNS}, raw",
-                (now, *skip, limit),
+                f"UPDATE messages SET state = 'inflight' WHERE id IN (SELECT id FROM ({due_rows})"
+                f" WHERE before < ?) RETURNING {_COLUMNS}, raw",
+                (now, *skip, limit, budget),
             ).fetchall()
             found = [StoredMessage.from_row(r[:-1], raw=r[-1]) for r in rows]
             return sorted(found, key=lambda m: (m.next_attempt_at, m.id))

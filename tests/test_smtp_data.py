@@ -131,3 +131,61 @@ async def test_smuggling_over_smtp_is_one_message(running_daemon, tmp_path):
     assert len(emls) == 1
     assert json.loads(emls[0].with_suffix(".json").read_text())["recipients"] == ["bob@example.net"]
     assert b"Subject: smuggled" in emls[0].read_bytes()
+
+
+SPILL_CASES = [
+    b"Subject: x\r\n\r\nhello\r\n.\r\n",
+    b".\r\n",
+    b"..leading dot\r\nmid.dle\r\n..\r\n...three\r\n.\r\n",
+    b"Subject: a\r\n\r\nfirst\n.\nMAIL FROM:<e@x.y>\r\n\r\n.x\r\n..\r\n.\r\n",
+    (b"line of text\r\n" * 500) + (b"..dotted\r\n" * 300) + b"y" * 5000 + b"\r\n.\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SPILL_CASES)
+@pytest.mark.parametrize("spill_at", [3, 64, 1000])
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+async def test_spilling_to_a_file_gives_the_same_message(tmp_path, raw, spill_at, piece):
+    """Past spill_at the message waits in a file; the result is byte-identical."""
+    import tempfile
+
+    expected, _ = await feed(raw)
+    files = []
+
+    def spill():
+        f = tempfile.TemporaryFile(dir=tmp_path)
+        files.append(f)
+        return f
+
+    reader = asyncio.StreamReader()
+    task = asyncio.create_task(read_data(reader, None, spill=spill, spill_at=spill_at))
+    for i in range(0, len(raw), piece):
+        reader.feed_data(raw[i:i + piece])
+        await asyncio.sleep(0)
+    reader.feed_eof()
+    assert await task == expected
+    assert all(f.closed for f in files)
+    if len(raw) > 2 * spill_at + 100 and piece > 1:
+        assert files, "a large message should have spilled"
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_size_limit_holds_across_a_spill(tmp_path, extra):
+    import tempfile
+
+    body = (b"z" * 98 + b"\r\n") * 50  # 5000 octets
+    body = body[:-2] + b"z" * extra + b"\r\n"
+    reader = asyncio.StreamReader()
+    task = asyncio.create_task(
+        read_data(reader, 5000, spill=lambda: tempfile.TemporaryFile(dir=tmp_path), spill_at=512)
+    )
+    for i in range(0, len(body), 300):
+        reader.feed_data(body[i:i + 300])
+        await asyncio.sleep(0)
+    reader.feed_data(b".\r\n")
+    reader.feed_eof()
+    if extra:
+        with pytest.raises(DataTooLarge):
+            await task
+    else:
+        assert len(await task) == 5000

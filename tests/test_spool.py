@@ -153,3 +153,11 @@ async def test_revived_message_forgets_earlier_refusals(spool, tmp_path):
     assert revived.history[-1]["outcome"] == "revived"
     assert refused_by(revived.history) == set()
     assert refused_by(revived.history + [{"provider": "b", "outcome": "permanent"}]) == {"b"}
+
+
+async def test_claim_stops_at_the_byte_budget_but_always_takes_one(spool):
+    ids = [await put(spool, b"x" * 1000) for _ in range(5)]
+    first = await spool.claim(10, max_bytes=2500)
+    assert [m.id for m in first] == ids[:3]  # 0, 1000, 2000 bytes before each: under 2500
+    one = await spool.claim(10, max_bytes=10)
+    assert [m.id for m in one] == ids[3:4]
