@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS messages (
     meta TEXT NOT NULL,
     history TEXT NOT NULL DEFAULT '[]',
     last_error TEXT NOT NULL DEFAULT '',
-    raw BLOB NOT NULL
+    raw BLOB NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 """
@@ -118,6 +119,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if "size" not in columns:  # a queue written before the size column existed
+        conn.execute("ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE messages SET size = length(raw)")
     return conn
 
 
@@ -256,8 +261,8 @@ class Spool:
         def insert(conn: sqlite3.Connection) -> str:
             rowid = conn.execute(
                 "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
-                " recipients, meta, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
-                row,
+                " recipients, meta, raw, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?), ?)",
+                (*row, size),
             ).lastrowid
             assert rowid is not None
             with conn.blobopen("messages", "raw", rowid) as blob:
@@ -279,12 +284,16 @@ class Spool:
 
         def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
             marks = ",".join("?" * len(skip))
-            # length(raw) comes from the record header; the blob itself is not read here.
-            due_rows = (
-                "SELECT id, SUM(length(raw)) OVER (ORDER BY next_attempt_at, id) - length(raw)"
-                " AS before FROM messages WHERE state IN ('queued', 'deferred')"
+            # The running total covers only the first `limit` due rows (LIMIT inside), and uses
+            # the size column: length(raw) read every blob of the backlog on each claim.
+            first_due = (
+                "SELECT id, size, next_attempt_at FROM messages WHERE state IN ('queued', 'deferred')"
                 f" AND next_attempt_at <= ?{f' AND id NOT IN ({marks})' if skip else ''}"
                 " ORDER BY next_attempt_at, id LIMIT ?"
+            )
+            due_rows = (
+                "SELECT id, SUM(size) OVER (ORDER BY next_attempt_at, id) - size AS before"
+                f" FROM ({first_due})"
             )
             rows = conn.execute(
                 f"UPDATE messages SET state = 'inflight' WHERE id IN (SELECT id FROM ({due_rows})"
