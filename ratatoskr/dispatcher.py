@@ -80,6 +80,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._task_bytes: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         for p in self.providers:
@@ -192,7 +193,10 @@ class Dispatcher:
         self.metrics.set_provider_up(health.name, up)
         if up:
             log.warning("provider %s is taking traffic again (%s)", health.name, reason)
-            asyncio.get_running_loop().create_task(self._bring_forward())
+            # The loop keeps only a weak reference to a task: hold it until it is done.
+            task = asyncio.get_running_loop().create_task(self._bring_forward())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         else:
             log.warning("provider %s stopped taking traffic: %s", health.name, reason)
 
