@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 """
+_INSERT = (
+    "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+    " recipients, meta, raw, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {raw}, ?)"
+)
+_JOIN_BELOW = 256 * 1024
 _COLUMNS = (
     "id, state, created_at, expires_at, next_attempt_at, attempts, recoveries, sender, "
     "recipients, meta, history, last_error"
@@ -159,27 +164,50 @@ class _Writer(threading.Thread):
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[Any]) -> None:
-        outcomes: list[tuple[Any, Any, BaseException | None]] = []
+        ops = [op for op, _, _ in batch]
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            for op, future, loop in batch:
-                outcomes.append((future, *self._run_one(op)))
-            self.conn.execute("COMMIT")
+            try:
+                outcomes = self._transaction(ops, isolated=False)
+            except _OperationFailed:
+                # Rare: run the batch again with a savepoint around each operation, so only
+                # the one that fails fails. The fast path above needs no savepoints, which
+                # matters because every statement is a GIL hand-off for this thread.
+                outcomes = self._transaction(ops, isolated=True)
             self.commits += 1
         except (sqlite3.Error, OSError) as exc:
+            failure = QueueUnavailable(f"queue cannot commit: {exc}")
+            failure.__cause__ = exc
+            outcomes = [(None, failure)] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for (_, future, loop), outcome in zip(batch, outcomes):
+            by_loop.setdefault(loop, []).append((future, *outcome))
+        for loop, results in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, results)
+
+    def _transaction(
+        self, ops: list[Callable[[sqlite3.Connection], Any]], *, isolated: bool
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Run ``ops`` in one transaction and COMMIT it; raises if the commit fails."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if isolated:
+                outcomes = [self._run_one(op) for op in ops]
+            else:
+                outcomes = []
+                for op in ops:
+                    try:
+                        outcomes.append((op(self.conn), None))
+                    except Exception as exc:
+                        raise _OperationFailed from exc
+            self.conn.execute("COMMIT")
+        except BaseException:
             try:
                 self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            failure = QueueUnavailable(f"queue cannot commit: {exc}")
-            failure.__cause__ = exc
-            outcomes = [(future, None, failure) for _, future, _ in batch]
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for (_, _, loop), outcome in zip(batch, outcomes):
-            by_loop.setdefault(loop, []).append(outcome)
-        for loop, results in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve, results)
+            raise
+        return outcomes
 
     def _run_one(self, op: Callable[[sqlite3.Connection], Any]) -> tuple[Any, BaseException | None]:
         self.conn.execute("SAVEPOINT op")
@@ -195,6 +223,10 @@ class _Writer(threading.Thread):
             return None, exc
         self.conn.execute("RELEASE op")
         return result, None
+
+
+class _OperationFailed(Exception):
+    """An operation failed on the fast path; the batch is rolled back and run isolated."""
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -259,11 +291,10 @@ class Spool:
         )
 
         def insert(conn: sqlite3.Connection) -> str:
-            rowid = conn.execute(
-                "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
-                " recipients, meta, raw, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?), ?)",
-                (*row, size),
-            ).lastrowid
+            if size <= _JOIN_BELOW:  # one statement: cheaper than a blob handle for small mail
+                conn.execute(_INSERT.format(raw="?"), (*row[:-1], b"".join(parts), size))
+                return qid
+            rowid = conn.execute(_INSERT.format(raw="zeroblob(?)"), (*row, size)).lastrowid
             assert rowid is not None
             with conn.blobopen("messages", "raw", rowid) as blob:
                 for part in parts:
@@ -386,9 +417,15 @@ class Spool:
         return await self._submit(next_due)
 
     async def writable(self) -> bool:
-        """True when a commit can go through right now."""
+        """True when a commit that writes to the queue can go through right now. The probe
+        rewrites the header's user_version, so a full disk fails it like any real write."""
+
+        def probe(conn: sqlite3.Connection) -> None:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
         try:
-            await self._submit(lambda conn: conn.execute("CREATE TEMP TABLE IF NOT EXISTS probe (x)"))
+            await self._submit(probe)
         except QueueUnavailable:
             return False
         return True
