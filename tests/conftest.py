@@ -16,12 +16,52 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ratatoskr import config as config_mod
 from ratatoskr.daemon import Daemon
 
 # Fixtures for the fake provider servers live beside the fakes themselves.
 pytest_plugins = ["tests.fakes.fixtures"]
+
+# Hypothesis in the reliability tests: few examples by default, many under --slow; derandomized so
+# a run is repeatable, and no example database left behind. Examples share one running daemon
+# (that is the point: the next client must still be served), hence the fixture health check off.
+_HYPOTHESIS = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+settings.register_profile("ratatoskr", max_examples=30, **_HYPOTHESIS)
+settings.register_profile("ratatoskr-slow", max_examples=300, **_HYPOTHESIS)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow", action="store_true", default=False,
+        help="run the heavy reliability variants: more crashes, messages and hypothesis examples, "
+             "and the tests marked slow",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings.load_profile("ratatoskr-slow" if config.getoption("--slow") else "ratatoskr")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="heavy variant: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def heavy(request: pytest.FixtureRequest) -> bool:
+    """True under ``--slow``: reliability tests scale their load up instead of running reduced."""
+    return bool(request.config.getoption("--slow"))
 
 
 class FakeClock:
