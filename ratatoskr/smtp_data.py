@@ -7,7 +7,8 @@ The rules kept from RFC 5321 and from aiosmtpd's smuggling fixes:
   part of it, never as a message of its own);
 * dot-unstuffing (§4.5.2): a line that starts with ``.`` loses that first dot;
 * size: counted on the unstuffed content; once over the limit we keep reading (and discarding)
-  to the terminator, then answer 552, so the session stays in step (§4.2.5);
+  to the terminator, then answer 552, so the session stays in step (§4.2.5); the same when the
+  spill file cannot be written (a full disk), answered 452 (:class:`SpillFailed`);
 * long lines: accepted as they are, as Postfix does, rather than failing the session; the HTTP
   APIs we hand mail to have no line-length limit and the size limit bounds memory.
 
@@ -27,6 +28,11 @@ _END = b"\r\n.\r\n"
 
 class DataTooLarge(Exception):
     """The message was read to its end but exceeded the size limit."""
+
+
+class SpillFailed(Exception):
+    """The message was read to its end, but its spill file could not be written (a full disk);
+    raised ``from`` the OSError. The session is still in step: answer 4xx and go on."""
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -117,7 +123,10 @@ async def read_data(
         buf = await _read(reader, limit, on_progress, collected)
         if collected.file is not None and reserve is not None:
             await reserve(collected.size(buf))
-        return collected.finish(buf)
+        try:
+            return collected.finish(buf)
+        except OSError as exc:
+            raise SpillFailed(str(exc)) from exc
     except BaseException:
         collected.discard()
         raise
@@ -132,6 +141,7 @@ async def _read(
     buf = bytearray(b"\r\n")
     scan = 0
     over = False
+    failed: OSError | None = None
     while True:
         chunk = await reader.read(CHUNK)
         if not chunk:
@@ -147,12 +157,19 @@ async def _read(
             # Dots removed by unstuffing do not count: give up only when even the unstuffed
             # content is too large.
             over = collected.size(buf) > limit
+        if not over:
+            try:
+                collected.maybe_spill(buf)
+            except OSError as exc:
+                # A full disk: read on to the terminator, discarding like an oversize message,
+                # so the rest of the message is never taken for commands.
+                failed, over = exc, True
         if over:
             # Keep only the tail, so memory stays bounded and the terminator can still match.
             del buf[:-4]
-        else:
-            collected.maybe_spill(buf)
         scan = max(0, len(buf) - 4)
+    if failed is not None:
+        raise SpillFailed(str(failed)) from failed
     if over or (limit is not None and collected.size(buf) > limit):
         raise DataTooLarge()
     return buf

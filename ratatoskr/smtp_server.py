@@ -38,7 +38,7 @@ from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
-from ratatoskr.smtp_data import ByteBudget, DataTooLarge, read_data
+from ratatoskr.smtp_data import ByteBudget, DataTooLarge, SpillFailed, read_data
 from ratatoskr.smtp_limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
@@ -255,6 +255,10 @@ class RelaySMTP(SMTP):
             status = await self._call_handler_hook("DATA")
         except DataTooLarge:
             status = replies.MESSAGE_TOO_BIG
+        except SpillFailed as exc:
+            log.error("cannot spill DATA to disk, answering 4xx: %s", exc)
+            self.event_handler.ingest.metrics.rejected("smtp", "queue_unavailable")
+            status = replies.STORAGE_FULL if _is_disk_full(exc) else replies.QUEUE_UNAVAILABLE
         finally:
             if reserved:
                 await self.data_budget.release(reserved)
