@@ -217,10 +217,7 @@ class Dispatcher:
         finished = False
         try:
             result = await self._round(outbound, stored)
-            await self._record(stored, result)
-            finished = True
-        except QueueUnavailable as exc:
-            log.error("id=%s cannot record delivery outcome: %s", stored.id, exc)
+            finished = await self._record_when_possible(stored, result)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message a retry, not a loss
             log.exception("id=%s delivery failed unexpectedly; deferring", stored.id)
             finished = await self._defer_after_bug(stored, exc)
@@ -230,6 +227,20 @@ class Dispatcher:
                     await asyncio.shield(self.spool.release(stored.id))
                 except QueueUnavailable:
                     pass
+
+    async def _record_when_possible(self, stored: StoredMessage, result: Round) -> bool:
+        """Record the outcome, trying again while the queue cannot commit (a full disk): given
+        up, the message would sit in flight until a restart. False if the daemon stops first."""
+        while True:
+            try:
+                await self._record(stored, result)
+                return True
+            except QueueUnavailable as exc:
+                if not self._stopping:
+                    log.error("id=%s cannot record delivery outcome, will retry: %s", stored.id, exc)
+            if self._stopping:
+                return False
+            await asyncio.sleep(self.poll_interval)
 
     async def _defer_after_bug(self, stored: StoredMessage, exc: Exception) -> bool:
         reason = f"internal error: {type(exc).__name__}"
