@@ -231,13 +231,15 @@ class Dispatcher:
     async def _record_when_possible(self, stored: StoredMessage, result: Round) -> bool:
         """Record the outcome, trying again while the queue cannot commit (a full disk): given
         up, the message would sit in flight until a restart. False if the daemon stops first."""
+        logged = False
         while True:
             try:
                 await self._record(stored, result)
                 return True
             except QueueUnavailable as exc:
-                if not self._stopping:
-                    log.error("id=%s cannot record delivery outcome, will retry: %s", stored.id, exc)
+                if not logged:
+                    log.error("id=%s cannot record delivery outcome, retrying: %s", stored.id, exc)
+                    logged = True
             if self._stopping:
                 return False
             await asyncio.sleep(self.poll_interval)
