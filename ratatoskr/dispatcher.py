@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ratatoskr.backoff import retry_delay
@@ -39,13 +39,16 @@ from ratatoskr.errors import (
 from ratatoskr.health import ProviderHealth
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers.base import Outbound, Provider, Receipt
-from ratatoskr.spool import Spool, StoredMessage
+from ratatoskr.message import Envelope
+from ratatoskr.spool import Spool, StoredMessage, new_id
 
 log = logging.getLogger("ratatoskr.delivery")
 
 # Message bytes held by deliveries in flight: 16 workers × 10 MB messages would otherwise
 # keep 160 MB (plus the HTTP client's copies) in memory at once.
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+# How often (in the dispatcher's clock) waiting messages are checked for an expired lifetime.
+_SWEEP_EVERY = 10.0
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class Round:
     attempts: list[dict[str, Any]]
     receipt: Receipt | None = None
     retry_after: float | None = None
+    final: bool = False  #: refused in a way no other provider may override
 
 
 class Dispatcher:
@@ -81,6 +85,8 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._task_bytes: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._trial: str | None = None
+        self._next_sweep = 0.0
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         for p in self.providers:
@@ -147,6 +153,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
+                await self._sweep_expired()
                 claimed = await self._claim()
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
@@ -166,6 +173,8 @@ class Dispatcher:
     def _finished(self, qid: str) -> None:
         self._tasks.pop(qid, None)
         self._task_bytes.pop(qid, None)
+        if self._trial == qid:
+            self._trial = None
         self._wake.set()
 
     def _idle_wait(self) -> float:
@@ -183,10 +192,13 @@ class Dispatcher:
         healths = [h for h in self.health.values() if h.available()]
         if any(h.up for h in healths):
             return await self.spool.claim(free, exclude=self._tasks, max_bytes=budget)
-        if healths:
+        if healths and self._trial is None:
             # Every provider is out; one whose cool-down ended gets the oldest waiting message
-            # as its trial, even one whose own backoff is not over yet.
-            return await self.spool.claim(1, exclude=self._tasks, due=float("inf"))
+            # as its trial, even one whose own backoff is not over yet. One trial at a time:
+            # the provider only takes it when the delivery task runs.
+            trial = await self.spool.claim(1, exclude=self._tasks, due=float("inf"))
+            self._trial = trial[0].id if trial else None
+            return trial
         return []
 
     def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
@@ -260,16 +272,16 @@ class Dispatcher:
         refused = refused_by(stored.history)
         result = Round(attempts=[])
         previous: str | None = None
-        for provider in self.providers:
-            if provider.name in refused:
+        for provider in list(self.providers):  # a reload may replace the list meanwhile
+            health = self.health.get(provider.name)
+            if provider.name in refused or health is None:
                 continue
-            health = self.health[provider.name]
             if not health.acquire():
                 previous = previous or provider.name
                 continue
             if previous is not None:
                 self.metrics.failover(previous, provider.name)
-            if await self._try(provider, health, outbound, result):
+            if await self._try(provider, health, outbound, result) or result.final:
                 return result
             previous = provider.name
         return result
@@ -302,13 +314,18 @@ class Dispatcher:
             except PermanentFailure as exc:
                 self._note(result, provider, "permanent", exc, started)
                 health.record_success()
+                if exc.final:
+                    result.attempts[-1]["final"] = True
+                    result.final = True
             except asyncio.CancelledError:
                 health.release()
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug on one message must not lose it
+                # Most likely this message tripped a bug in the adapter: it says nothing about
+                # the provider, whose circuit must not open because of one odd message.
                 log.exception("id=%s provider %s failed unexpectedly", outbound.id, provider.name)
                 self._note(result, provider, "error", exc, started)
-                health.record_failure(f"internal error: {type(exc).__name__}")
+                health.release()
             else:
                 self._note(result, provider, "sent", None, started, receipt=receipt)
                 health.record_success()
@@ -354,13 +371,15 @@ class Dispatcher:
                 "delivered id=%s message_id=%s provider=%s provider_id=%s",
                 stored.id, message_id, receipt.provider, receipt.provider_id,
             )
-            for rcpt, reason in receipt.rejected.items():
-                log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
+            if receipt.rejected:
+                await self._partly_refused(stored, receipt)
             return
         refused = refused_by(stored.history + result.attempts)
         error = _summary(result.attempts) or "no provider is taking traffic"
         now = self.clock()
-        if refused >= {p.name for p in self.providers}:
+        if result.final:
+            await self._bury(stored, f"refused for good: {error}", result, expired=False)
+        elif refused >= {p.name for p in self.providers}:
             await self._bury(stored, f"refused by every provider: {error}", result, expired=False)
         elif now >= stored.expires_at:
             reason = f"undelivered after {stored.attempts + 1} attempts, lifetime over: {error}"
@@ -377,16 +396,65 @@ class Dispatcher:
 
     async def _bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
         await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
+        self._log_dead(stored, reason)
+        await self._bounce(stored, reason, expired=expired)
+
+    def _log_dead(self, stored: StoredMessage, reason: str) -> None:
         log.error(
             "dead id=%s message_id=%s sender=<%s> reason=%s",
             stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason,
         )
-        if self.config.bounce and stored.envelope.sender:
-            qid, envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired)
-            meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
-            await self.spool.put(qid, envelope, raw, meta)
-            log.info("bounce id=%s for dead id=%s to <%s>", qid, stored.id, stored.envelope.sender)
-            self.wake()
+
+    async def _bounce(self, stored: StoredMessage, reason: str, *, expired: bool) -> None:
+        if not (self.config.bounce and stored.envelope.sender):
+            return
+        qid, envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired)
+        meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
+        await self.spool.put(qid, envelope, raw, meta)
+        log.info("bounce id=%s for id=%s to <%s>", qid, stored.id, stored.envelope.sender)
+        self.wake()
+
+    async def _partly_refused(self, stored: StoredMessage, receipt: Receipt) -> None:
+        """Some recipients were refused while the rest were taken. Those worth another try go
+        back into the queue as a message of their own (not to the provider that refused them,
+        when it refused for a reason of its own); the rest are reported to the sender."""
+        for rcpt, reason in receipt.rejected.items():
+            log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
+        later, elsewhere = receipt.retry_later, receipt.retry_elsewhere
+        for recipients, outcome in ((later, "temporary"), (elsewhere, "permanent")):
+            if recipients:
+                await self._split(stored, receipt, recipients, outcome)
+        final = tuple(r for r in receipt.rejected if r not in later and r not in elsewhere)
+        if final:
+            refused = replace(stored, envelope=Envelope(stored.envelope.sender, final))
+            reasons = "; ".join(f"{r}: {receipt.rejected[r]}" for r in final)
+            await self._bounce(refused, f"refused by {receipt.provider}: {reasons}", expired=False)
+
+    async def _split(
+        self, stored: StoredMessage, receipt: Receipt, recipients: tuple[str, ...], outcome: str
+    ) -> None:
+        """Queue a copy for ``recipients``; recorded as ``permanent`` at the refusing provider,
+        the copy goes to the others (a refusal for the provider's own account reasons)."""
+        qid = new_id()
+        refusal = {"at": round(self.clock(), 3), "provider": receipt.provider, "outcome": outcome,
+                   "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients)}
+        await self.spool.put(
+            qid, Envelope(stored.envelope.sender, recipients), stored.raw,
+            {**stored.meta, "split_from": stored.id}, history=[refusal],
+            not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),
+        )
+        log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))
+        self.wake()
+
+    async def _sweep_expired(self) -> None:
+        """Messages out of lifetime while no provider could be asked die here, not never."""
+        if self.clock() < self._next_sweep:
+            return
+        self._next_sweep = self.clock() + _SWEEP_EVERY
+        for stored in await self.spool.expire("lifetime over before any provider took traffic"):
+            reason = f"undelivered after {stored.attempts} attempts, lifetime over: {stored.last_error}"
+            self._log_dead(stored, reason)
+            await self._bounce(stored, reason, expired=True)
 
 
 def refused_by(history: list[dict[str, Any]]) -> set[str]:

@@ -19,6 +19,8 @@ Every error carries its context as attributes and never a secret.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RatatoskrError(Exception):
     """Root of everything ratatoskr raises on purpose."""
@@ -76,7 +78,15 @@ class RateLimited(TemporaryFailure):
 
 
 class PermanentFailure(DeliveryError):
-    """This provider will never take this message as it is."""
+    """This provider will never take this message as it is.
+
+    ``final`` marks a refusal no other provider should be asked to override either: a
+    recipient on the provider's suppression list (unsubscribed, complained, hard-bounced).
+    """
+
+    def __init__(self, reason: str, *, final: bool = False, **context: Any) -> None:
+        super().__init__(reason, **context)
+        self.final = final
 
 
 class ProviderUnavailable(DeliveryError):

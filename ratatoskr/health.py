@@ -122,17 +122,24 @@ class ProviderHealth:
 
     def record_success(self) -> None:
         self.consecutive_failures = 0
-        self.recent.append(True)
-        if self.circuit is not Circuit.CLOSED:
+        if self.circuit is Circuit.CLOSED:
+            self.recent.append(True)
+        else:
             self.circuit = Circuit.CLOSED
             self.cooldown = self.cooldown_initial
+            self.recent.clear()
         self.trial_taken = False
         self._set_up(self.paused_until <= self.clock(), "delivered again")
 
     def record_failure(self, reason: str, *, unusable: bool = False) -> None:
+        """A failure of the provider itself. Answers to deliveries that were already in flight
+        when the circuit opened count only once it is closed again, so a burst of them cannot
+        reopen a circuit that a trial has just closed."""
+        self.last_error = reason
+        if self.circuit is Circuit.OPEN:
+            return
         self.consecutive_failures += 1
         self.recent.append(False)
-        self.last_error = reason
         if self.circuit is Circuit.HALF_OPEN:
             self.cooldown = min(self.cooldown * 2, self.cooldown_max)
             self._open(reason)

@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 """
 _INSERT = (
     "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
-    " recipients, meta, raw, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {raw}, ?)"
+    " recipients, meta, history, raw, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {raw}, ?)"
 )
 _JOIN_BELOW = 256 * 1024
 _COLUMNS = (
@@ -275,7 +275,8 @@ class Spool:
 
     async def put(
         self, qid: str, envelope: Envelope, raw: bytes | bytearray | Sequence[bytes | bytearray],
-        meta: dict[str, Any],
+        meta: dict[str, Any], *, history: Sequence[dict[str, Any]] = (),
+        not_before: float | None = None,
     ) -> str:
         """Commit a new message durably; return its id once it is on disk.
 
@@ -286,8 +287,9 @@ class Spool:
         size = sum(len(p) for p in parts)
         now = self.clock()
         row = (
-            qid, State.QUEUED.value, now, now + self.lifetime, now, envelope.sender,
-            json.dumps(list(envelope.recipients)), json.dumps(meta), size,
+            qid, State.QUEUED.value, now, now + self.lifetime, not_before or now, envelope.sender,
+            json.dumps(list(envelope.recipients)), json.dumps(meta), json.dumps(list(history)),
+            size,
         )
 
         def insert(conn: sqlite3.Connection) -> str:
@@ -370,13 +372,29 @@ class Spool:
             if row is None:
                 return
             history = json.loads(row[0]) + new
+            # A round in which no provider could even be asked does not count as an attempt.
             conn.execute(
                 "UPDATE messages SET state = ?, next_attempt_at = ?, last_error = ?, history = ?,"
-                " attempts = attempts + 1 WHERE id = ?",
-                (state.value, when, error, json.dumps(history), qid),
+                " attempts = attempts + ? WHERE id = ?",
+                (state.value, when, error, json.dumps(history), 1 if new else 0, qid),
             )
 
         await self._submit(update)
+
+    async def expire(self, reason: str) -> list[StoredMessage]:
+        """Bury every waiting message whose lifetime is over, whether or not any provider
+        could be asked (during a long outage only trial messages are); return them."""
+        now = self.clock()
+
+        def expire(conn: sqlite3.Connection) -> list[StoredMessage]:
+            rows = conn.execute(
+                "UPDATE messages SET state = 'dead', last_error = ? WHERE state IN"
+                f" ('queued', 'deferred') AND expires_at <= ? RETURNING {_COLUMNS}, raw",
+                (reason, now),
+            ).fetchall()
+            return [StoredMessage.from_row(r[:-1], raw=r[-1]) for r in rows]
+
+        return await self._submit(expire)
 
     async def recover(self, max_recoveries: int) -> tuple[int, int]:
         """At start-up: return in-flight messages to the queue; bury repeat offenders.

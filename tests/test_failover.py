@@ -228,3 +228,61 @@ async def test_dead_message_bounces_to_its_sender_when_enabled(relay, fake_mailg
     await wait_until(lambda: daemon.dispatcher.in_flight == 0, what="delivery finished")
     assert sum((await queue_counts(daemon)).values()) == 2  # the two dead, no new notice
     assert len(fake_mailgun.messages) == 1
+
+
+@pytest.fixture
+async def mandrill_first(running_daemon, fake_mailgun, fake_mandrill, clock):
+    async def start(**delivery):
+        return await running_daemon(
+            clock=clock,
+            delivery={**DELIVERY, **delivery},
+            providers=[fake_mandrill.provider_entry(timeout=0.5), fake_mailgun.provider_entry(timeout=0.5)],
+        )
+
+    return start
+
+
+async def test_suppressed_recipient_is_not_routed_round_the_suppression(mandrill_first, fake_mailgun, fake_mandrill):
+    """Mandrill refusing a recipient on its suppression list (unsubscribed) is final: the
+    message dies instead of going out through Mailgun."""
+    fake_mandrill.reject("bob@example.net", "unsub")
+    daemon = await mandrill_first()
+    await send(daemon, 0)
+    await wait_until(lambda: _dead(daemon, 1), what="message dead")
+    await wait_until(lambda: daemon.dispatcher.in_flight == 0, what="delivery finished")
+    fake_mailgun.assert_nothing_sent()
+    assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 1
+
+
+async def test_partly_refused_recipients_are_retried_not_dropped(mandrill_first, fake_mailgun, fake_mandrill, clock):
+    """Mandrill takes one recipient and refuses two: the account-level refusal goes to the
+    next provider at once, the soft bounce comes back later, nobody is silently dropped."""
+    fake_mandrill.reject("soft@example.net", "soft-bounce")
+    fake_mandrill.reject("acct@example.net", "unsigned")
+    daemon = await mandrill_first()
+    await send(daemon, 0, recipients=["ok@example.net", "soft@example.net", "acct@example.net"])
+    [first] = await fake_mandrill.wait_for(1)
+    [elsewhere] = await fake_mailgun.wait_for(1)
+    assert elsewhere.accepted == ["acct@example.net"]
+    assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 1
+
+    fake_mandrill.recipient_status.clear()
+    clock.advance(DELIVERY["retry_initial"] + 1)
+    await fake_mandrill.wait_for(2)
+    assert fake_mandrill.messages[-1].accepted == ["soft@example.net"]
+    await wait_until(lambda: _empty(daemon), what="queue drained")
+
+
+async def test_lifetime_ends_during_an_outage_even_untried(relay, fake_mailgun, fake_mandrill, clock):
+    """While every circuit is open only trial messages are tried; the rest still die when
+    their lifetime is over instead of waiting forever."""
+    fake_mailgun.revoke_key()
+    fake_mandrill.fail(401, {"status": "error", "code": -1, "name": "Invalid_Key",
+                             "message": "Invalid API key"}, times=None)
+    daemon = await relay(circuit_cooldown=10_000, circuit_cooldown_max=100_000)
+    for n in range(5):
+        await send(daemon, n)
+    await wait_until(lambda: _deferred_or_queued(daemon, 5), what="five waiting")
+    clock.advance(172_800 + 60)
+    daemon.dispatcher.wake()
+    await wait_until(lambda: _dead(daemon, 5), what="all five dead")

@@ -113,3 +113,18 @@ def test_backoff_grows_caps_and_honours_retry_after():
     assert retry_delay(1, explicit=99999, **no_jitter) == 3600
     jittered = retry_delay(1, initial=60, maximum=3600, rand=lambda: 1.0)
     assert jittered == 45
+
+
+def test_answers_from_before_the_outage_do_not_reopen_a_recovered_circuit(health, clock):
+    """Deliveries in flight when the circuit opened report their failures late; once a trial
+    has closed the circuit, one new failure must not open it again."""
+    for _ in range(16):  # 16 were in flight; the circuit opens at the third
+        health.record_failure("503")
+    assert health.circuit is Circuit.OPEN
+    clock.advance(health.reopen_at - clock())
+    assert health.acquire()
+    health.record_success()
+    for _ in range(5):
+        health.record_success()
+    health.record_failure("one blip")
+    assert health.circuit is Circuit.CLOSED

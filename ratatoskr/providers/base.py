@@ -68,11 +68,14 @@ class Outbound:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A provider took the message. ``rejected`` maps refused recipients to the reason."""
+    """A provider took the message. ``rejected`` maps refused recipients to the reason; of
+    those, ``retry_later`` may succeed here later and ``retry_elsewhere`` at another provider."""
 
     provider: str
     provider_id: str = ""
     rejected: Mapping[str, str] = field(default_factory=dict)
+    retry_later: tuple[str, ...] = ()
+    retry_elsewhere: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,8 @@ REFUSED = frozenset({"rejected", "invalid"})
 # Reject reasons that are about our account or sender, not the recipient: another provider can
 # deliver these, so the provider is reported unusable rather than the message refused.
 ACCOUNT_REASONS = frozenset({"unsigned", "invalid-sender", "test-mode-limit"})
+# Refused because the recipient is on Mandrill's suppression list or caught by a rule.
+SUPPRESSION_REASONS = frozenset({"hard-bounce", "spam", "unsub", "custom", "rule"})
 # Queued for these reasons, a message may never leave Mandrill: worth a warning.
 STUCK_QUEUE_REASONS = frozenset({
     "sending-paused", "sending-suspended", "account-suspended", "free-trial-sends-exhausted",
@@ -68,6 +70,9 @@ class MandrillProvider(HttpProvider):
             raw_message = json_text(with_tags(message.mime, message.tags))
         except ValueError as exc:
             raise self.permanent(str(exc)) from exc
+        except (LookupError, RecursionError) as exc:
+            # An unknown charset or a MIME tree too deep to walk: this message, not Mandrill.
+            raise self.permanent(f"cannot re-encode the message: {type(exc).__name__}") from exc
         payload = {"key": self._secret, "raw_message": raw_message, "to": recipients, "async": False}
         answer = await self.request("POST", "/messages/send-raw.json", json=payload)
         body = answer.json()
@@ -122,7 +127,12 @@ class MandrillProvider(HttpProvider):
         if not ids:
             raise self.all_refused(refused, by_email)
         provider_id = ", ".join(dict.fromkeys(i for i in ids if i))
-        return Receipt(provider=self.name, provider_id=provider_id, rejected=refused)
+        reason = {r: by_email[r.lower()].get("reject_reason") for r in refused}
+        return Receipt(
+            provider=self.name, provider_id=provider_id, rejected=refused,
+            retry_later=tuple(r for r in refused if reason[r] == "soft-bounce"),
+            retry_elsewhere=tuple(r for r in refused if reason[r] in ACCOUNT_REASONS),
+        )
 
     def all_refused(self, refused: Mapping[str, str], by_email: Mapping[str, Any]) -> DeliveryError:
         """Every recipient refused: HTTP 200 all the same. Whose fault it is decides the class."""
@@ -136,7 +146,10 @@ class MandrillProvider(HttpProvider):
             )
         if reasons == {"soft-bounce"}:
             return self.temporary(f"Mandrill refused every recipient for now: {listed}")
-        return self.permanent(f"Mandrill refused every recipient: {listed}")
+        # Suppression-list refusals must not be routed round through another provider
+        # (providers.md §2.9: "failing over would bypass the suppression").
+        final = reasons <= SUPPRESSION_REASONS
+        return self.permanent(f"Mandrill refused every recipient: {listed}", final=final)
 
     def _note_odd(self, rcpt: str, result: Mapping[str, Any]) -> None:
         status, queued = result.get("status"), result.get("queued_reason")
