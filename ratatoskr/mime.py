@@ -151,8 +151,11 @@ def _with_text_part(raw: bytes | bytearray) -> bytes | bytearray:
     html_part = _needs_text_part(root)
     if html_part is None:
         return raw
-    add_text_alternative(root, html_part)
-    return root.as_bytes(policy=_SMTP_POLICY)
+    try:
+        add_text_alternative(root, html_part)
+        return root.as_bytes(policy=_SMTP_POLICY)
+    except Exception:  # noqa: BLE001 - HTML we cannot decode (charset "x-none") goes out as it came
+        return raw
 
 
 def summarize(headers: email.message.Message, *, queue_id: str = "", hostname: str = "") -> Message:
