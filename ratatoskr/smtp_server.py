@@ -13,7 +13,9 @@ DATA loop with the chunked reader in :mod:`ratatoskr.smtp_data`, and applies the
   the greeting;
 * ``max_errors`` error replies in one session without a message accepted → 421 and hang up
   (Postfix's ``smtpd_hard_error_limit``); aiosmtpd's own budget of five unknown commands and a
-  cap on junk commands (NOOP, RSET, VRFY, ...) apply too;
+  cap on junk commands (NOOP, RSET, VRFY, ...) apply too. A 452 for a recipient over
+  ``max_recipients`` is not an error (the client is meant to send it again later, RFC 5321
+  §4.5.3.1.10) until a session has had 1000 of them (Postfix's ``smtpd_recipient_overshoot_limit``);
 * the idle timeout restarts on every command and on every chunk of DATA, so a slow upload of a
   big message is not cut off while bytes are still arriving.
 """
@@ -51,6 +53,7 @@ LARGE_MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 # (aiosmtpd applies its default of 20 to any command left out, RCPT included, hence "*").
 _JUNK_LIMIT = 100
 _CALL_LIMITS = {cmd: _JUNK_LIMIT for cmd in ("NOOP", "RSET", "VRFY", "EXPN", "HELP")} | {"*": sys.maxsize}
+_RECIPIENT_OVERSHOOT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._admitted = False
         self._errors = 0
+        self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
 
     def _spill_file(self) -> BinaryIO:
         # Large uploads wait on the queue's disk, not in RAM (nor in a tmpfs /tmp).
@@ -165,10 +169,12 @@ class RelaySMTP(SMTP):
             return  # we hung up (too many errors, timeout): say nothing more
         await super().push(status)
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        if text.startswith(("4", "5")):
+        if text == replies.TOO_MANY_RECIPIENTS and self._overshoot < _RECIPIENT_OVERSHOOT:
+            self._overshoot += 1
+        elif text.startswith(("4", "5")):
             await self._count_error()
         elif text.startswith(replies.QUEUED[:9]):
-            self._errors = 0  # like Postfix: errors count only while no mail gets through
+            self._errors = self._overshoot = 0  # like Postfix: count only while no mail gets through
 
     async def _count_error(self) -> None:
         self._errors += 1
