@@ -118,9 +118,9 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
     hostname = services.ingest.hostname
     try:
         if len(body) >= _THREAD_THRESHOLD:
-            raw, env = await asyncio.to_thread(_compose, body, hostname)
+            raw, env = await asyncio.to_thread(_compose, body, hostname, services.max_recipients)
         else:
-            raw, env = _compose(body, hostname)
+            raw, env = _compose(body, hostname, services.max_recipients)
     except schema.InvalidMessage as exc:
         raise Refused(400, "invalid", exc.as_json()) from None
     if len(raw) > services.max_message_size:
@@ -135,8 +135,8 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
     return raw, env
 
 
-def _compose(body: bytes, hostname: str) -> tuple[bytes, Envelope]:
-    draft = schema.parse(body)
+def _compose(body: bytes, hostname: str, max_recipients: int) -> tuple[bytes, Envelope]:
+    draft = schema.parse(body, max_recipients=max_recipients)
     return compose(draft, hostname=hostname), envelope(draft)
 
 

@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import mimetypes
+import re
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
@@ -45,6 +46,10 @@ _OWN_PREFIXES = ("content-", "resent-")
 # Multipart and message parts are structure, not bytes: the email library cannot attach them
 # as opaque content (message/* must not be base64 encoded, RFC 2046 §5.2.1).
 _STRUCTURED_TYPES = ("multipart/", "message/")
+# "\ud800" is valid JSON (and Python's decoder takes the UTF-8 bytes ED A0 80 as well) but no
+# character: nothing can encode it into a message. The byte pattern spots bodies that may hold one.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +84,11 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(schema())
 
 
-def parse(body: bytes) -> Draft:
+def parse(body: bytes, *, max_recipients: int | None = None) -> Draft:
     """Decode, validate and check a request body; raise :class:`InvalidMessage` on any fault."""
     document = decode(body)
+    if max_recipients is not None:
+        _check_recipient_count(document, max_recipients)
     details = schema_errors(document)
     checks = _Checks(failed={d.field for d in details})
     draft = checks.draft(document)
@@ -99,7 +106,38 @@ def decode(body: bytes) -> dict[str, Any]:
         raise InvalidMessage("body is nested too deeply", [Detail("", "nested too deeply")]) from None
     if not isinstance(document, dict):
         raise InvalidMessage("body must be a JSON object", [Detail("", "must be a JSON object")])
+    if _MAYBE_SURROGATE.search(body) and (details := _lone_surrogates(document)):
+        raise InvalidMessage("invalid message", details)
     return document
+
+
+def _check_recipient_count(document: dict[str, Any], limit: int) -> None:
+    """Refuse more distinct to/cc/bcc entries than ``limit`` before any is parsed: composing a
+    To header of 20,000 addresses takes 14 s, and the cost grows with the square."""
+    entries = {
+        v.lower() for k in ("to", "cc", "bcc") if isinstance(document.get(k), list)
+        for v in document[k] if isinstance(v, str)
+    }
+    if len(entries) > limit:
+        detail = f"{len(entries)} recipients in to, cc and bcc; at most {limit} per message"
+        raise InvalidMessage("too many recipients", [Detail(f, detail) for f in ("/to", "/cc", "/bcc")])
+
+
+def _lone_surrogates(document: object) -> list[Detail]:
+    """A detail for each string or key holding a lone UTF-16 surrogate."""
+    found: list[Detail] = []
+    stack: list[tuple[tuple[object, ...], object]] = [((), document)]
+    while stack:  # no recursion: the nesting may go as deep as the decoder allowed
+        path, value = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            found.append(Detail(pointer(path), "is not valid Unicode (a lone surrogate)"))
+        elif isinstance(value, dict):
+            found += [Detail(pointer((*path, k)), "name is not valid Unicode (a lone surrogate)")
+                      for k in value if _SURROGATE.search(k)]
+            stack += [((*path, k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [((*path, i), v) for i, v in enumerate(value)]
+    return sorted(found, key=lambda d: d.field)
 
 
 # -- schema errors → details -----------------------------------------------------------------
