@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,7 +183,10 @@ class _Table:
         self.seen.add(name)
         if name not in self.data:
             return default
-        value = _expand_env(self.key(name), self.data[name], secret=name in SECRET_KEYS)
+        raw = self.data[name]
+        value = _expand_env(self.key(name), raw, secret=name in SECRET_KEYS)
+        if isinstance(raw, str) and _ENV_REF.search(raw) and kind in (int, float, bool):
+            value = _from_env_text(self.key(name), value, kind, secret=name in SECRET_KEYS)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -204,6 +208,22 @@ class _Table:
         for name in self.data:
             if name not in self.seen:
                 raise ConfigError(self.key(name), "unknown key")
+
+
+def _from_env_text(key: str, text: str, kind: type, *, secret: bool) -> Any:
+    """A number or boolean given as ``"${ENV}"``: the environment only has strings."""
+    shown = "the value" if secret else repr(text)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text.strip())
+    except ValueError:
+        raise ConfigError(key, f"must be {_article(kind.__name__)}, got {shown} from the environment") from None
 
 
 def _article(word: str) -> str:
@@ -292,7 +312,20 @@ def _tls_files(t: _Table, tls_listen: Listen | None) -> tuple[str, str]:
             raise ConfigError(t.key(name), f"no such file: {value}")
     if tls_listen is not None and not cert:
         raise ConfigError(t.key("tls_listen"), "needs tls_cert and tls_key")
+    if cert:
+        _check_tls_pair(t.key("tls_cert"), Path(cert), Path(key))
     return cert, key
+
+
+def _check_tls_pair(key_name: str, cert: Path, key: Path) -> None:
+    """Load the pair now, so a bad certificate fails `check` and start-up with exit 2."""
+    from ratatoskr.tls import server_context
+
+    try:
+        server_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigError(key_name, f"cannot load {cert} with its key: {reason}") from None
 
 
 def _users(t: _Table) -> dict[str, Secret]:

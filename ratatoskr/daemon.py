@@ -232,6 +232,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting, let deliveries in flight finish (bounded), then close everything."""
+        self.ingest.closed = True  # sessions still open and HTTP callers get a 4xx/503 now
         for server in self.smtp_servers:
             server.close()
         cut = await self.dispatcher.stop(self.config.delivery.shutdown_timeout)

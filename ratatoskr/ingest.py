@@ -7,7 +7,7 @@ import email.utils
 import logging
 from collections.abc import Callable
 
-from ratatoskr.errors import MessageRejected
+from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.mime import prepare_parts
@@ -45,6 +45,8 @@ class Ingest:
         self.metrics = metrics
         self.hostname = hostname
         self.on_queued = on_queued
+        #: Set at shutdown: from then on every message is refused with a temporary error.
+        self.closed = False
 
     async def accept(
         self, raw: bytes | bytearray, envelope: Envelope, *, ingress: str, helo: str, peer: str,
@@ -54,6 +56,8 @@ class Ingest:
 
         Raises :class:`MessageRejected` (never take it) or :class:`QueueUnavailable` (not now).
         """
+        if self.closed:
+            raise QueueUnavailable("shutting down: not accepting new mail")
         qid = new_id()
         trace = trace_header(
             hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid

@@ -13,6 +13,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,6 +25,8 @@ QUEUE_STATES = ("queued", "deferred", "dead")
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The *_created series are not part of our interface and double the exposition.
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)

@@ -65,7 +65,9 @@ class _Collected:
             return
         cut = buf.rfind(b"\r\n", 2)
         if cut <= 0:
-            return
+            cut = _mid_line_cut(buf)
+            if cut <= self.virtual:
+                return
         if self.file is None:
             self.file = self.spill()
         segment = unstuff(buf[:cut])
@@ -93,6 +95,16 @@ class _Collected:
     def discard(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _mid_line_cut(buf: bytearray) -> int:
+    """A cut inside a very long line: not in the last four bytes (a terminator may start
+    there) and not right after a CR or LF (a ``<CRLF>.`` to unstuff may start there). A dot
+    just after the cut is then never at the start of a line."""
+    cut = len(buf) - 4
+    while cut > 0 and buf[cut - 1] in (0x0D, 0x0A):
+        cut -= 1
+    return cut
 
 
 def unstuff(data: bytearray) -> bytearray:

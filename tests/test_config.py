@@ -176,3 +176,30 @@ def test_unreadable_or_invalid_toml_is_exit_2(tmp_path):
     bad.write_text("[smtp\n")
     result = run_cli("check", "--config", str(bad))
     assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_numbers_and_booleans_may_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MAXSIZE", "1048576")
+    monkeypatch.setenv("BOUNCE", "true")
+    monkeypatch.setenv("TIMEOUT", "2.5")
+    cfg = parse(
+        smtp={"max_message_size": "${MAXSIZE}"},
+        delivery={"bounce": "${BOUNCE}"},
+        providers=[{"kind": "outbox", "timeout": "${TIMEOUT}"}],
+    )
+    assert (cfg.smtp.max_message_size, cfg.delivery.bounce, cfg.providers[0].timeout) == (1048576, True, 2.5)
+    monkeypatch.setenv("MAXSIZE", "big")
+    with pytest.raises(ConfigError) as info:
+        parse(smtp={"max_message_size": "${MAXSIZE}"})
+    assert info.value.key == "smtp.max_message_size"
+    assert "from the environment" in info.value.problem
+
+
+def test_unloadable_tls_certificate_is_a_config_error(tmp_path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    with pytest.raises(ConfigError) as info:
+        parse(smtp={"tls_cert": str(cert), "tls_key": str(key)})
+    assert info.value.key == "smtp.tls_cert"
+    assert "cannot load" in info.value.problem

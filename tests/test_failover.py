@@ -286,3 +286,34 @@ async def test_lifetime_ends_during_an_outage_even_untried(relay, fake_mailgun, 
     clock.advance(172_800 + 60)
     daemon.dispatcher.wake()
     await wait_until(lambda: _dead(daemon, 5), what="all five dead")
+
+
+async def test_shutdown_refuses_new_mail_while_deliveries_drain(fake_mailgun, tmp_path):
+    """From SIGTERM on (Daemon.stop), nothing new is accepted: SMTP gets a 4xx, HTTP a 503,
+    while the delivery in flight still finishes."""
+    import aiohttp
+
+    from ratatoskr.daemon import Daemon
+    from tests.conftest import RawSmtp, build_config
+
+    gate = fake_mailgun.stall(times=1)
+    daemon = Daemon(build_config(tmp_path, providers=[fake_mailgun.provider_entry()]), poll_interval=0.05)
+    await daemon.start()
+    await send(daemon, 0)
+    await wait_until(lambda: len(fake_mailgun.calls) == 1, what="delivery in flight")
+    async with RawSmtp(daemon.smtp_port) as session:  # opened before the stop
+        await session.cmd("EHLO client.test")
+        stopping = asyncio.create_task(daemon.stop())
+        await wait_until(lambda: daemon.ingest.closed, what="draining")
+        await session.cmd("MAIL FROM:<ada@example.com>")
+        await session.cmd("RCPT TO:<bob@example.net>")
+        await session.cmd("DATA")
+        code, _ = await session.send_data(MESSAGE.format(n=1).encode())
+        assert code == 451
+    async with aiohttp.ClientSession() as http:
+        body = {"from": "a@example.com", "to": ["b@example.net"], "subject": "s", "text": "t"}
+        async with http.post(f"http://127.0.0.1:{daemon.http_port}/v1/messages", json=body) as resp:
+            assert resp.status == 503
+    gate.set()
+    await stopping
+    assert [m.header("Subject") for m in fake_mailgun.messages] == ["failover 0"]

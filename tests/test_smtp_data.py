@@ -139,6 +139,8 @@ SPILL_CASES = [
     b"..leading dot\r\nmid.dle\r\n..\r\n...three\r\n.\r\n",
     b"Subject: a\r\n\r\nfirst\n.\nMAIL FROM:<e@x.y>\r\n\r\n.x\r\n..\r\n.\r\n",
     (b"line of text\r\n" * 500) + (b"..dotted\r\n" * 300) + b"y" * 5000 + b"\r\n.\r\n",
+    b"Subject: one long line\r\n\r\n" + b"w" * 20000 + b"\r\n..end\r\n.\r\n",
+    b"x" * 3000 + b"\r" + b"y" * 3000 + b"\n.z\r\n.\r\n",
 ]
 
 
