@@ -135,10 +135,10 @@ async def test_connection_refused_fails_over_and_opens_the_circuit(relay, fake_m
     for n in range(6):  # one at a time: the count of tries below is then exact
         await send(daemon, range(n, n + 1))
         await all_delivered(range(n + 1), fake_mandrill)
+    await queue_empty(daemon)
     assert outcomes(daemon, "mailgun") == {"sent": 0, "temporary_failure": 2, "permanent_failure": 0}
     assert_metrics_match(daemon, mandrill=fake_mandrill)
     assert (up(daemon, "mailgun"), failovers(daemon)) == (0, 6)
-    await queue_empty(daemon)
 
 
 async def test_429_storm_defers_without_hammering_then_delivers(relay, fake_mailgun, fake_mandrill, clock):
@@ -179,12 +179,14 @@ async def test_flapping_provider_up_and_down(relay, fake_mailgun, fake_mandrill,
         await send(daemon, range(n, n + 3))
         n += 3
         await all_delivered(range(n), fake_mailgun, fake_mandrill)
+        await queue_empty(daemon)  # every outcome recorded, not just seen by the fakes
         assert up(daemon, "mailgun") == 0
         fake_mailgun.heal()
         clock.advance(1)  # the cool-down: the next message is Mailgun's trial
         await send(daemon, range(n, n + 3))
         n += 3
         await all_delivered(range(n), fake_mailgun, fake_mandrill)
+        await queue_empty(daemon)
         assert up(daemon, "mailgun") == 1
     await queue_empty(daemon)
     assert delivered(fake_mailgun, fake_mandrill) == Counter(f"fault {i}" for i in range(n))
