@@ -208,3 +208,14 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await asyncio.sleep(0.01)
+
+
+async def queue_drained(daemon: Daemon, timeout: float = 10.0) -> None:
+    """Wait until the daemon's queue holds nothing: every delivery's outcome recorded, not just
+    seen by the provider (which gets the message before the queue lets go of it)."""
+
+    async def empty() -> bool:
+        counts, _ = await daemon.spool.stats()
+        return sum(counts.values()) == 0
+
+    await wait_until(empty, timeout, what="an empty queue")

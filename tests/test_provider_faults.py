@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock, smtp_send, wait_until
+from tests.conftest import FakeClock, queue_drained, smtp_send, wait_until
 from tests.process import free_port
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: fault {n}\r\n\r\nbody {n}\r\n"
@@ -77,14 +77,6 @@ async def all_delivered(numbers: range, *fakes: Any) -> None:
     await wait_until(lambda: want <= set(delivered(*fakes)), what=f"{len(want)} messages delivered")
 
 
-async def queue_empty(daemon) -> None:
-    async def empty() -> bool:
-        counts, _ = await daemon.spool.stats()
-        return sum(counts.values()) == 0
-
-    await wait_until(empty, what="an empty queue")
-
-
 def assert_metrics_match(daemon, **fakes: Any) -> None:
     """Every send request a fake saw is one delivery attempt in the metrics: ``sent`` for each
     message it recorded, ``temporary_failure`` for every other answer (or non-answer)."""
@@ -117,7 +109,7 @@ async def test_a_broken_provider_loses_nothing_and_metrics_match(relay, fake_mai
     await all_delivered(range(8), fake_mandrill)
     # A stalled provider costs a message two 0.3 s timeouts at most, not the stall (endless here).
     assert time.monotonic() - started < 5
-    await queue_empty(daemon)
+    await queue_drained(daemon)
     assert delivered(fake_mailgun, fake_mandrill) == Counter(f"fault {n}" for n in range(8))
     assert any(c.route == "send" for c in fake_mailgun.calls)
     assert_metrics_match(daemon, mailgun=fake_mailgun, mandrill=fake_mandrill)
@@ -135,7 +127,7 @@ async def test_connection_refused_fails_over_and_opens_the_circuit(relay, fake_m
     for n in range(6):  # one at a time: the count of tries below is then exact
         await send(daemon, range(n, n + 1))
         await all_delivered(range(n + 1), fake_mandrill)
-    await queue_empty(daemon)
+    await queue_drained(daemon)
     assert outcomes(daemon, "mailgun") == {"sent": 0, "temporary_failure": 2, "permanent_failure": 0}
     assert_metrics_match(daemon, mandrill=fake_mandrill)
     assert (up(daemon, "mailgun"), failovers(daemon)) == (0, 6)
@@ -163,7 +155,7 @@ async def test_429_storm_defers_without_hammering_then_delivers(relay, fake_mail
     fake_mandrill.heal()
     clock.advance(30)
     await all_delivered(range(10), fake_mailgun, fake_mandrill)
-    await queue_empty(daemon)
+    await queue_drained(daemon)
     assert delivered(fake_mailgun, fake_mandrill) == Counter(f"fault {n}" for n in range(10))
     assert_metrics_match(daemon, mailgun=fake_mailgun, mandrill=fake_mandrill)
     assert up(daemon, "mailgun") == 1
@@ -179,16 +171,16 @@ async def test_flapping_provider_up_and_down(relay, fake_mailgun, fake_mandrill,
         await send(daemon, range(n, n + 3))
         n += 3
         await all_delivered(range(n), fake_mailgun, fake_mandrill)
-        await queue_empty(daemon)  # every outcome recorded, not just seen by the fakes
+        await queue_drained(daemon)  # every outcome recorded, not just seen by the fakes
         assert up(daemon, "mailgun") == 0
         fake_mailgun.heal()
         clock.advance(1)  # the cool-down: the next message is Mailgun's trial
         await send(daemon, range(n, n + 3))
         n += 3
         await all_delivered(range(n), fake_mailgun, fake_mandrill)
-        await queue_empty(daemon)
+        await queue_drained(daemon)
         assert up(daemon, "mailgun") == 1
-    await queue_empty(daemon)
+    await queue_drained(daemon)
     assert delivered(fake_mailgun, fake_mandrill) == Counter(f"fault {i}" for i in range(n))
     assert_metrics_match(daemon, mailgun=fake_mailgun, mandrill=fake_mandrill)
     assert failovers(daemon) == len(fake_mandrill.messages)

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from ratatoskr import replies
-from tests.conftest import FakeClock, smtp_data_reply, wait_until
+from tests.conftest import FakeClock, queue_drained, smtp_data_reply, wait_until
 from tests.fakes.base import Failure
 
 SIZES = (100, 20_000, 3_000_000)  # the last one spills out of SQLite's page cache mid-INSERT
@@ -173,7 +173,7 @@ async def test_full_disk_is_452_and_503_then_mail_flows_again(disk, relay, fake_
     daemon = relay
     assert (await smtp_data_reply(daemon.smtp_port, message("before")))[0] == 250
     await fake_mailgun.wait_for(1)
-    await wait_until(lambda: _empty(daemon), what="the first delivery recorded")
+    await queue_drained(daemon)
 
     disk.fill()
     for size in SIZES:
@@ -187,11 +187,10 @@ async def test_full_disk_is_452_and_503_then_mail_flows_again(disk, relay, fake_
     assert (await smtp_data_reply(daemon.smtp_port, message("after", 900_000)))[0] == 250
     assert await post(daemon, "after http") == 202
     await fake_mailgun.wait_for(3)
-    await wait_until(lambda: daemon.dispatcher.in_flight == 0, what="deliveries finished")
+    await queue_drained(daemon)
     assert subjects(fake_mailgun) == ["after", "after http", "before"]
     [after] = [m for m in fake_mailgun.messages if m.header("Subject") == "after"]
     assert after.raw.endswith(message("after", 900_000).split(b"\r\n\r\n", 1)[1])
-    assert sum((await queue_counts(daemon)).values()) == 0
     assert await ready(daemon) == (200, True)
 
 
@@ -216,13 +215,9 @@ async def test_delivery_ending_while_the_disk_is_full_is_retried_once_space_retu
     clock.advance(60)
     [delivered] = await fake_mailgun.wait_for(1)
     assert delivered.header("Subject") == "in flight"
-    await wait_until(lambda: _empty(daemon), what="an empty queue")
+    await queue_drained(daemon)
 
 
 async def _waiting(daemon: Any) -> bool:
     counts = await queue_counts(daemon)
     return counts["deferred"] + counts["queued"] == 1 and counts["inflight"] == 0
-
-
-async def _empty(daemon: Any) -> bool:
-    return sum((await queue_counts(daemon)).values()) == 0
