@@ -123,6 +123,10 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
             raw, env = _compose(body, hostname, services.max_recipients)
     except schema.InvalidMessage as exc:
         raise Refused(400, "invalid", exc.as_json()) from None
+    except (ValueError, UnicodeError) as exc:
+        # The schema should have caught it; the email package's own check is the backstop.
+        detail = {"field": "", "message": str(exc)[:200]}
+        raise Refused(400, "invalid", {"error": "message cannot be composed", "details": [detail]}) from None
     if len(raw) > services.max_message_size:
         error = f"message is {len(raw)} bytes, over the limit of {services.max_message_size}"
         raise Refused(413, "too_large", {"error": error})

@@ -459,3 +459,14 @@ async def test_too_many_recipients_is_400_like_smtp_452(
     assert {d["field"] for d in answer["details"]} == {"/to", "/cc", "/bcc"}
     status, _, _ = await post(http, daemon, minimal(to=["a@example.net"], bcc=["c@example.net"]))
     assert status == 202
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x85"])
+async def test_every_unicode_line_break_in_a_header_is_a_400(
+    running_daemon: Callable[..., Any], http: aiohttp.ClientSession, separator: str
+) -> None:
+    """Python's email package splits headers on these too: header injection, not a 500."""
+    daemon = await running_daemon()
+    status, answer, _ = await post(http, daemon, minimal(subject=f"a{separator}Bcc: x@example.org"))
+    assert status == 400
+    assert [d["field"] for d in answer["details"]] == ["/subject"]
