@@ -141,7 +141,11 @@ def prepare_parts(
         added += f"Date: {email.utils.formatdate(localtime=True)}\r\n"
     ctype = headers.get_content_type()
     if ctype == "text/html" or (ctype.startswith("multipart/") and not _TEXT_PART.search(raw)):
-        raw = _with_text_part(raw)
+        try:
+            raw = _with_text_part(raw)
+        except RecursionError:
+            # Thousands of nested multiparts: the email package recurses per level.
+            raise MessageRejected("MIME structure nested too deeply") from None
     return [added.encode("utf-8"), raw], summarize(headers, queue_id=queue_id, hostname=hostname)
 
 

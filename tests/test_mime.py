@@ -133,3 +133,13 @@ def test_parse_gives_bodies_attachments_and_inline_parts():
     files = [a for a in m.attachments if not a.inline]
     assert [(a.content_id, a.content) for a in inline] == [("logo@x", b"PNGDATA")]
     assert [(a.filename, a.content) for a in files] == [("b.bin", b"\x00\x01binary")]
+
+
+def test_absurdly_nested_mime_is_refused_not_a_crash():
+    """1,500 nested multiparts would exhaust the parser's recursion: a 5xx reason, not a 451."""
+    depth = 1500
+    body = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth))
+    body += b"Content-Type: text/html\r\n\r\n<p>x</p>\r\n"
+    body += b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+    with pytest.raises(MessageRejected, match="nested too deeply"):
+        run(b"From: a@example.com\r\nMIME-Version: 1.0\r\n" + body)
