@@ -313,3 +313,30 @@ async def test_probe_reports_an_unreachable_provider(harness: Harness, unused_tc
     provider = harness.make_provider(base_url=f"http://127.0.0.1:{unused_tcp_port}")
     result = await provider.probe()
     assert not result.ok and result.detail.startswith("unreachable: ")
+
+
+async def test_multi_megabyte_message_is_streamed_by_every_http_provider(fake_mailgun, fake_mandrill):
+    """A 3 MB message goes out as a stream (aiohttp warns, here an error, about raw bytes)."""
+    import hashlib
+
+    from ratatoskr.config import ProviderConfig, Secret
+    from ratatoskr.message import Envelope
+    from ratatoskr.providers.base import Outbound
+    from ratatoskr.providers.mailgun import MailgunProvider
+    from ratatoskr.providers.mandrill import MandrillProvider
+
+    blob = bytes(range(256)) * (3 * 4096)
+    raw = (b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: big\r\n"
+           b"Content-Type: text/plain\r\n\r\n" + blob.hex().encode()[:3_000_000] + b"\r\n")
+    providers = [
+        (MailgunProvider(ProviderConfig(name="mg", kind="mailgun", api_key=Secret(fake_mailgun.api_key),
+                                        domain=fake_mailgun.domain, base_url=fake_mailgun.url)), fake_mailgun),
+        (MandrillProvider(ProviderConfig(name="md", kind="mandrill", api_key=Secret(fake_mandrill.api_key),
+                                         base_url=fake_mandrill.url)), fake_mandrill),
+    ]
+    for provider, fake in providers:
+        try:
+            await provider.send(Outbound("Q1", Envelope("ada@example.com", ("bob@example.net",)), raw))
+        finally:
+            await provider.close()
+        assert hashlib.sha256(fake.last_mime()).digest() == hashlib.sha256(raw).digest()

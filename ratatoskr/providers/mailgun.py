@@ -21,6 +21,8 @@ key; a domain sending key can send but gets 401 there.
 
 from __future__ import annotations
 
+import io
+
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -170,7 +172,8 @@ def _form(recipients: Sequence[str], mime: bytes, tags: Sequence[str]) -> aiohtt
         form.add_field("to", rcpt)
     for tag in tags:
         form.add_field("o:tag", tag)
-    form.add_field("message", mime, filename="message.mime", content_type="message/rfc822")
+    # A file object, not bytes: aiohttp streams it (and warns about raw bytes over 1 MiB).
+    form.add_field("message", io.BytesIO(mime), filename="message.mime", content_type="message/rfc822")
     return form
 
 

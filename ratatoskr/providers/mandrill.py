@@ -25,6 +25,7 @@ forms are still seen.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -74,11 +75,16 @@ class MandrillProvider(HttpProvider):
             # An unknown charset or a MIME tree too deep to walk: this message, not Mandrill.
             raise self.permanent(f"cannot re-encode the message: {type(exc).__name__}") from exc
         payload = {"key": self._secret, "raw_message": raw_message, "to": recipients, "async": False}
-        answer = await self.request("POST", "/messages/send-raw.json", json=payload)
-        body = answer.json()
-        if answer.status == 200 and isinstance(body, list):
-            return self.read_results(body, recipients)
-        if answer.status == 200 and not _is_error(body):
+        # Serialized here and sent as a stream: aiohttp's json= would hold (and warn about) a
+        # multi-megabyte body as raw bytes.
+        body = io.BytesIO(json.dumps(payload).encode())
+        answer = await self.request(
+            "POST", "/messages/send-raw.json", data=body, headers={"Content-Type": "application/json"}
+        )
+        result = answer.json()
+        if answer.status == 200 and isinstance(result, list):
+            return self.read_results(result, recipients)
+        if answer.status == 200 and not _is_error(result):
             reason = f"200 without per-recipient results ({answer.text(80)!r}): check base_url"
             raise self.unavailable(reason, status=200)
         raise self.refusal(answer)
