@@ -260,6 +260,7 @@ class RelaySMTP(SMTP):
             self.envelope.content = self.envelope.original_content = content
             status = await self._call_handler_hook("DATA")
         except DataTooLarge:
+            self.event_handler.ingest.metrics.rejected("smtp", "too_large")
             status = replies.MESSAGE_TOO_BIG
         except SpillFailed as exc:
             log.error("cannot spill DATA to disk, answering 4xx: %s", exc)

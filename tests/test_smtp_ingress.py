@@ -91,6 +91,10 @@ async def test_oversize_message_is_refused_with_552(running_daemon, tmp_path):
         await s.cmd("DATA")
         code, text = await s.send_data(big)
         assert (code, text) == (552, replies.MESSAGE_TOO_BIG[4:])
+        rejected = daemon.metrics.registry.get_sample_value(
+            "ratatoskr_messages_rejected_total", {"ingress": "smtp", "reason": "too_large"}
+        )
+        assert rejected == 1
         await s.cmd("MAIL FROM:<ada@example.com>")
         await s.cmd("RCPT TO:<bob@example.net>")
         await s.cmd("DATA")
