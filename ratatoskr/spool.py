@@ -214,8 +214,13 @@ class _Writer(threading.Thread):
         try:
             result = op(self.conn)
         except Exception as exc:  # noqa: BLE001 - one bad operation must not fail its batch
-            self.conn.execute("ROLLBACK TO op")
-            self.conn.execute("RELEASE op")
+            try:
+                self.conn.execute("ROLLBACK TO op")
+                self.conn.execute("RELEASE op")
+            except sqlite3.Error:
+                # SQLite already rolled the whole transaction back (a full disk does that):
+                # the batch fails, with the operation's error rather than "no such savepoint".
+                raise exc from None
             if isinstance(exc, sqlite3.OperationalError):
                 wrapped = QueueUnavailable(f"queue cannot commit: {exc}")
                 wrapped.__cause__ = exc
