@@ -9,11 +9,14 @@ One round for one message walks the providers in configured order:
   failing over. Either way the provider may already have the first copy, so this rule accepts a
   possible duplicate in exchange for never losing the message; every try is in the history;
 * permanent refusal → the next provider gets one chance too (one provider's refusal is not the
-  world's); a provider that refused is not asked again in later rounds.
+  world's); a provider that refused is not asked again in later rounds; a refusal marked final
+  (a recipient on the provider's suppression list) ends the round: no routing round it;
+* an unexpected exception → recorded, and not held against the provider's health.
 
-If no provider took it: dead when every provider refused it or its lifetime is over, otherwise
-deferred with backoff (:mod:`ratatoskr.backoff`). A provider's recovery brings deferred messages
-forward, so nobody waits out a long backoff after an outage ends.
+What the round's result means for the queue is :mod:`ratatoskr.outcomes`. A provider's recovery
+brings deferred messages forward, so nobody waits out a long backoff after an outage ends.
+While every provider is out, one trial message at a time goes to a provider whose cool-down
+is over. Deliveries in flight hold at most ``MAX_INFLIGHT_BYTES`` of message bytes.
 """
 
 from __future__ import annotations
@@ -22,11 +25,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
-from ratatoskr.backoff import retry_delay
-from ratatoskr.bounce import build_dsn
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.errors import (
     AmbiguousFailure,
@@ -38,27 +38,15 @@ from ratatoskr.errors import (
 )
 from ratatoskr.health import ProviderHealth
 from ratatoskr.metrics import Metrics
+from ratatoskr.outcomes import Outcomes, Round, refused_by
 from ratatoskr.providers.base import Outbound, Provider, Receipt
-from ratatoskr.message import Envelope
-from ratatoskr.spool import Spool, StoredMessage, new_id
+from ratatoskr.spool import Spool, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
 # Message bytes held by deliveries in flight: 16 workers × 10 MB messages would otherwise
 # keep 160 MB (plus the HTTP client's copies) in memory at once.
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
-# How often (in the dispatcher's clock) waiting messages are checked for an expired lifetime.
-_SWEEP_EVERY = 10.0
-
-
-@dataclass(slots=True)
-class Round:
-    """What happened to one message in one pass over the providers."""
-
-    attempts: list[dict[str, Any]]
-    receipt: Receipt | None = None
-    retry_after: float | None = None
-    final: bool = False  #: refused in a way no other provider may override
 
 
 class Dispatcher:
@@ -74,7 +62,10 @@ class Dispatcher:
         hostname: str = "localhost",
     ) -> None:
         self.spool = spool
-        self.hostname = hostname
+        self.outcomes = Outcomes(
+            spool, config, clock=clock, hostname=hostname,
+            provider_names=lambda: [p.name for p in self.providers], wake=self.wake,
+        )
         self.providers = list(providers)
         self.config = config
         self.metrics = metrics
@@ -86,7 +77,6 @@ class Dispatcher:
         self._task_bytes: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._trial: str | None = None
-        self._next_sweep = 0.0
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         for p in self.providers:
@@ -153,7 +143,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._sweep_expired()
+                await self.outcomes.sweep_expired()
                 claimed = await self._claim()
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
@@ -246,7 +236,7 @@ class Dispatcher:
         logged = False
         while True:
             try:
-                await self._record(stored, result)
+                await self.outcomes.record(stored, result)
                 return True
             except QueueUnavailable as exc:
                 if not logged:
@@ -362,111 +352,6 @@ class Dispatcher:
                 attempt["rejected"] = dict(receipt.rejected)
         result.attempts.append(attempt)
 
-    async def _record(self, stored: StoredMessage, result: Round) -> None:
-        message_id = stored.meta.get("message_id", "")
-        if result.receipt is not None:
-            await self.spool.complete(stored.id)
-            receipt = result.receipt
-            log.info(
-                "delivered id=%s message_id=%s provider=%s provider_id=%s",
-                stored.id, message_id, receipt.provider, receipt.provider_id,
-            )
-            if receipt.rejected:
-                await self._partly_refused(stored, receipt)
-            return
-        refused = refused_by(stored.history + result.attempts)
-        error = _summary(result.attempts) or "no provider is taking traffic"
-        now = self.clock()
-        if result.final:
-            await self._bury(stored, f"refused for good: {error}", result, expired=False)
-        elif refused >= {p.name for p in self.providers}:
-            await self._bury(stored, f"refused by every provider: {error}", result, expired=False)
-        elif now >= stored.expires_at:
-            reason = f"undelivered after {stored.attempts + 1} attempts, lifetime over: {error}"
-            await self._bury(stored, reason, result, expired=True)
-        else:
-            delay = retry_delay(
-                stored.attempts + 1,
-                initial=self.config.retry_initial,
-                maximum=self.config.retry_max,
-                explicit=result.retry_after,
-            )
-            await self.spool.defer(stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts)
-            log.info("deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error)
-
-    async def _bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
-        await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
-        self._log_dead(stored, reason)
-        await self._bounce(stored, reason, expired=expired)
-
-    def _log_dead(self, stored: StoredMessage, reason: str) -> None:
-        log.error(
-            "dead id=%s message_id=%s sender=<%s> reason=%s",
-            stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason,
-        )
-
-    async def _bounce(self, stored: StoredMessage, reason: str, *, expired: bool) -> None:
-        if not (self.config.bounce and stored.envelope.sender):
-            return
-        qid, envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired)
-        meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
-        await self.spool.put(qid, envelope, raw, meta)
-        log.info("bounce id=%s for id=%s to <%s>", qid, stored.id, stored.envelope.sender)
-        self.wake()
-
-    async def _partly_refused(self, stored: StoredMessage, receipt: Receipt) -> None:
-        """Some recipients were refused while the rest were taken. Those worth another try go
-        back into the queue as a message of their own (not to the provider that refused them,
-        when it refused for a reason of its own); the rest are reported to the sender."""
-        for rcpt, reason in receipt.rejected.items():
-            log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
-        later, elsewhere = receipt.retry_later, receipt.retry_elsewhere
-        for recipients, outcome in ((later, "temporary"), (elsewhere, "permanent")):
-            if recipients:
-                await self._split(stored, receipt, recipients, outcome)
-        final = tuple(r for r in receipt.rejected if r not in later and r not in elsewhere)
-        if final:
-            refused = replace(stored, envelope=Envelope(stored.envelope.sender, final))
-            reasons = "; ".join(f"{r}: {receipt.rejected[r]}" for r in final)
-            await self._bounce(refused, f"refused by {receipt.provider}: {reasons}", expired=False)
-
-    async def _split(
-        self, stored: StoredMessage, receipt: Receipt, recipients: tuple[str, ...], outcome: str
-    ) -> None:
-        """Queue a copy for ``recipients``; recorded as ``permanent`` at the refusing provider,
-        the copy goes to the others (a refusal for the provider's own account reasons)."""
-        qid = new_id()
-        refusal = {"at": round(self.clock(), 3), "provider": receipt.provider, "outcome": outcome,
-                   "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients)}
-        await self.spool.put(
-            qid, Envelope(stored.envelope.sender, recipients), stored.raw,
-            {**stored.meta, "split_from": stored.id}, history=[refusal],
-            not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),
-        )
-        log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))
-        self.wake()
-
-    async def _sweep_expired(self) -> None:
-        """Messages out of lifetime while no provider could be asked die here, not never."""
-        if self.clock() < self._next_sweep:
-            return
-        self._next_sweep = self.clock() + _SWEEP_EVERY
-        for stored in await self.spool.expire("lifetime over before any provider took traffic"):
-            reason = f"undelivered after {stored.attempts} attempts, lifetime over: {stored.last_error}"
-            self._log_dead(stored, reason)
-            await self._bounce(stored, reason, expired=True)
-
-
-def refused_by(history: list[dict[str, Any]]) -> set[str]:
-    """Providers that refused the message for good since it was last revived by an operator."""
-    refused: set[str] = set()
-    for attempt in history:
-        if attempt.get("outcome") == "revived":
-            refused.clear()
-        elif attempt.get("outcome") == "permanent":
-            refused.add(attempt["provider"])
-    return refused
-
 
 def _later(a: float | None, b: float | None) -> float | None:
     if a is None:
@@ -474,7 +359,3 @@ def _later(a: float | None, b: float | None) -> float | None:
     if b is None:
         return a
     return max(a, b)
-
-
-def _summary(attempts: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{a['provider']}: {a['outcome']} ({a.get('detail', '')})" for a in attempts)

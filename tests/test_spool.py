@@ -139,7 +139,7 @@ def test_ids_sort_by_arrival():
 
 
 async def test_revived_message_forgets_earlier_refusals(spool, tmp_path):
-    from ratatoskr.dispatcher import refused_by
+    from ratatoskr.outcomes import refused_by
 
     qid = await put(spool)
     await spool.claim(1)
