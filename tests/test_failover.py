@@ -18,18 +18,23 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture
-async def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
-    """A daemon delivering to mailgun first and mandrill second, on the fake clock."""
+def relay_starter(running_daemon, clock, *fakes):
+    """Start a daemon on the fake clock delivering to ``fakes`` in that order."""
 
     async def start(**delivery):
         return await running_daemon(
             clock=clock,
             delivery={**DELIVERY, **delivery},
-            providers=[fake_mailgun.provider_entry(timeout=0.5), fake_mandrill.provider_entry(timeout=0.5)],
+            providers=[fake.provider_entry(timeout=0.5) for fake in fakes],
         )
 
     return start
+
+
+@pytest.fixture
+async def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
+    """A daemon delivering to mailgun first and mandrill second, on the fake clock."""
+    return relay_starter(running_daemon, clock, fake_mailgun, fake_mandrill)
 
 
 def metric(daemon, name: str, **labels: str) -> float:
@@ -232,14 +237,7 @@ async def test_dead_message_bounces_to_its_sender_when_enabled(relay, fake_mailg
 
 @pytest.fixture
 async def mandrill_first(running_daemon, fake_mailgun, fake_mandrill, clock):
-    async def start(**delivery):
-        return await running_daemon(
-            clock=clock,
-            delivery={**DELIVERY, **delivery},
-            providers=[fake_mandrill.provider_entry(timeout=0.5), fake_mailgun.provider_entry(timeout=0.5)],
-        )
-
-    return start
+    return relay_starter(running_daemon, clock, fake_mandrill, fake_mailgun)
 
 
 async def test_suppressed_recipient_is_not_routed_round_the_suppression(mandrill_first, fake_mailgun, fake_mandrill):
