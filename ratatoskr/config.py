@@ -22,7 +22,7 @@ from ratatoskr.message import check_addr_spec
 
 ENV_VAR = "RATATOSKR_CFG"
 PROVIDER_KINDS = ("mailgun", "mandrill", "outbox")
-SECRET_KEYS = frozenset({"api_key", "api_tokens", "users"})
+SECRET_KEYS = frozenset({"api_key", "probe_api_key", "api_tokens", "users"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
@@ -140,6 +140,7 @@ class ProviderConfig:
     path: Path = Path("./outbox")
     circuit_failures: int | None = None
     circuit_cooldown: float | None = None
+    probe_api_key: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log redaction filter."""
-        found = [p.api_key.reveal() for p in self.providers if p.api_key]
+        found = [k.reveal() for p in self.providers for k in (p.api_key, p.probe_api_key) if k]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
         return [s for s in found if s]
@@ -451,6 +452,9 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
     domain = t.get("domain", str, "")
+    # Mailgun's domain check needs the account key; deployments that send with a domain
+    # sending key give the account key for `check --probe` only.
+    probe_key = _api_key(t, "probe_api_key", required=False) if kind == "mailgun" else None
     if kind == "mailgun":
         # A '/' in the domain (even as %2F) makes Mailgun answer 200 "Mailgun Magnificent API"
         # without sending, so refuse anything that is not a plain DNS name up front.
@@ -461,18 +465,21 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
     return ProviderConfig(
         name=name, kind=kind, api_key=api_key, domain=domain, base_url=base_url,
         timeout=timeout, circuit_failures=failures, circuit_cooldown=cooldown,
+        probe_api_key=probe_key,
     )
 
 
-def _api_key(t: _Table) -> Secret:
-    key = t.get("api_key", str, "")
-    key_file = t.get("api_key_file", str, "")
+def _api_key(t: _Table, name: str = "api_key", *, required: bool = True) -> Secret | None:
+    key = t.get(name, str, "")
+    key_file = t.get(f"{name}_file", str, "")
     if key and key_file:
-        raise ConfigError(t.key("api_key"), "give api_key or api_key_file, not both")
+        raise ConfigError(t.key(name), f"give {name} or {name}_file, not both")
     if key_file:
-        return _read_secret_file(t.key("api_key_file"), key_file)
+        return _read_secret_file(t.key(f"{name}_file"), key_file)
     if not key:
-        raise ConfigError(t.key("api_key"), "missing (or set api_key_file)")
+        if required:
+            raise ConfigError(t.key(name), f"missing (or set {name}_file)")
+        return None
     return Secret(key)
 
 

@@ -203,3 +203,11 @@ def test_unloadable_tls_certificate_is_a_config_error(tmp_path):
         parse(smtp={"tls_cert": str(cert), "tls_key": str(key)})
     assert info.value.key == "smtp.tls_cert"
     assert "cannot load" in info.value.problem
+
+
+def test_mailgun_probe_key_is_optional_and_secret(tmp_path):
+    cfg = parse(providers=[{"kind": "mailgun", "api_key": "sending-k", "domain": "mg.example.com",
+                            "probe_api_key": "account-k"}])
+    assert cfg.providers[0].probe_api_key.reveal() == "account-k"
+    assert "account-k" in cfg.secrets() and "account-k" not in repr(cfg)
+    assert parse(providers=[{"kind": "mailgun", "api_key": "k", "domain": "mg.example.com"}]).providers[0].probe_api_key is None

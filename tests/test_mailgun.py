@@ -184,3 +184,23 @@ async def test_fake_structured_send_drops_attachments_without_filename(fake_mail
     assert seen.envelope == ["bob@example.net", "carol@example.org"] and seen.tags == ["bridge"]
     assert seen.header("X-Ticket") == "T-9"
     assert [p.filename for p in seen.parts()] == ["invoice.pdf"]
+
+
+async def test_probe_uses_probe_api_key_when_sending_with_a_domain_key(fake_mailgun):
+    """A domain sending key cannot read /v4/domains; probe_api_key (the account key) can,
+    and neither key ever shows in what the probe says."""
+    sending_key = "key-domain-sending-0123456789"
+    provider = make_provider(fake_mailgun, api_key=Secret(sending_key),
+                             probe_api_key=Secret(fake_mailgun.api_key))
+    try:
+        result = await provider.probe()
+    finally:
+        await provider.close()
+    assert result.ok, result.detail
+    wrong = make_provider(fake_mailgun, probe_api_key=Secret("key-wrong-account-key-000"))
+    try:
+        result = await wrong.probe()
+    finally:
+        await wrong.close()
+    assert not result.ok and "probe_api_key" in result.detail
+    assert "key-wrong" not in result.detail

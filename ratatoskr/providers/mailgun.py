@@ -62,6 +62,11 @@ class MailgunProvider(HttpProvider):
         super().__init__(config, **kwargs)
         self.domain = config.domain
         self._auth = {"Authorization": aiohttp.encode_basic_auth("api", self._secret)}
+        probe_key = config.probe_api_key.reveal() if config.probe_api_key else ""
+        self._probe_secret = probe_key
+        self._probe_auth = (
+            {"Authorization": aiohttp.encode_basic_auth("api", probe_key)} if probe_key else self._auth
+        )
         self._domain_path = quote(self.domain, safe="")
 
     async def send(self, message: Outbound) -> Receipt:
@@ -140,13 +145,20 @@ class MailgunProvider(HttpProvider):
             wait = float(seconds) if seconds else seconds_until(date, now=now)
         return wait
 
+    def redact(self, text: str) -> str:
+        text = super().redact(text)
+        return text.replace(self._probe_secret, "***") if self._probe_secret else text
+
     async def ping(self) -> HttpAnswer:
-        return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=self._auth)
+        return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=self._probe_auth)
 
     def read_ping(self, answer: HttpAnswer) -> ProbeResult:
         if answer.status == 401:
+            if self._probe_secret:
+                return ProbeResult(False, "bad credentials (401): check probe_api_key")
             return ProbeResult(False, "bad credentials (401): check api_key; the probe needs the "
-                                      "account key, a domain sending key is refused here")
+                                      "account key, a domain sending key is refused here "
+                                      "(set probe_api_key to the account key)")
         if answer.status == 404:
             return ProbeResult(False, self._not_found(error_text(answer)))
         body = answer.json()
