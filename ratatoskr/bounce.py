@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import email.utils
 import secrets
-from email.parser import BytesHeaderParser
 from email import policy
+from email.parser import BytesHeaderParser
 
 from ratatoskr.message import Envelope
 from ratatoskr.mime import split_head

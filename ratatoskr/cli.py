@@ -10,7 +10,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ratatoskr import __version__, config as config_mod
+from ratatoskr import __version__
+from ratatoskr import config as config_mod
 from ratatoskr.auth import hash_password
 from ratatoskr.config import Config
 from ratatoskr.errors import ConfigError, QueueUnavailable

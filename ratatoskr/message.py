@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from email.headerregistry import Address as _EmailAddress
 from email.errors import HeaderParseError
+from email.headerregistry import Address as _EmailAddress
 
 from ratatoskr.errors import InvalidAddress
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr, BinaryIO, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as SmtpEnvelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ratatoskr import replies
 from ratatoskr.auth import SmtpLogins

@@ -179,7 +179,7 @@ class _Writer(threading.Thread):
             failure.__cause__ = exc
             outcomes = [(None, failure)] * len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for (_, future, loop), outcome in zip(batch, outcomes):
+        for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((future, *outcome))
         for loop, results in by_loop.items():
             if not loop.is_closed():

@@ -9,7 +9,12 @@ import aiohttp
 import pytest
 
 from ratatoskr.config import ProviderConfig, Secret
-from ratatoskr.errors import PermanentFailure, ProviderUnavailable, RateLimited, TemporaryFailure
+from ratatoskr.errors import (
+    PermanentFailure,
+    ProviderUnavailable,
+    RateLimited,
+    TemporaryFailure,
+)
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
 from ratatoskr.providers.mailgun import MailgunProvider

@@ -33,9 +33,9 @@ from ratatoskr.message import Envelope
 from ratatoskr.mime import prepare
 from ratatoskr.providers import Outbound, Provider, build_providers
 from tests.fakes.base import FakeServer
-from tests.fakes.records import Delivery, parse_mime
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
+from tests.fakes.records import Delivery, parse_mime
 
 SENDER = "ada@example.com"
 

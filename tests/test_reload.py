@@ -13,7 +13,14 @@ import pytest
 from ratatoskr import config as config_mod
 from tests.conftest import RawSmtp, build_config, smtp_send, wait_until
 from tests.process import DaemonProcess, free_port, write_config
-from tests.secure import PASSWORD, make_tls, password_hash, plain_blob, secure_smtp, starttls
+from tests.secure import (
+    PASSWORD,
+    make_tls,
+    password_hash,
+    plain_blob,
+    secure_smtp,
+    starttls,
+)
 
 MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: reload\r\n\r\nbody\r\n"
 NEW_KEY = "key-rotated-7b1e4c0d93aa"

@@ -21,7 +21,15 @@ from ratatoskr.tls import server_context
 from tests.conftest import FakeClock, RawSmtp, wait_until
 from tests.process import write_config
 from tests.secure import (
-    PASSWORD, USER, TlsFiles, b64, make_tls, password_hash, plain_blob, secure_smtp, starttls,
+    PASSWORD,
+    USER,
+    TlsFiles,
+    b64,
+    make_tls,
+    password_hash,
+    plain_blob,
+    secure_smtp,
+    starttls,
 )
 
 MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nbody\r\n"

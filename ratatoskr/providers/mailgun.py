@@ -22,7 +22,6 @@ key; a domain sending key can send but gets 401 there.
 from __future__ import annotations
 
 import io
-
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar

@@ -36,7 +36,14 @@ from typing import Any, ClassVar
 
 from ratatoskr.errors import DeliveryError
 from ratatoskr.mime import split_head
-from ratatoskr.providers.base import HttpAnswer, HttpProvider, Outbound, ProbeResult, Receipt, retry_after
+from ratatoskr.providers.base import (
+    HttpAnswer,
+    HttpProvider,
+    Outbound,
+    ProbeResult,
+    Receipt,
+    retry_after,
+)
 
 log = logging.getLogger("ratatoskr.providers.mandrill")
 
