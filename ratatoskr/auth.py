@@ -90,17 +90,24 @@ class FailureDelay:
     def __init__(self, base: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.base = base
         self.clock = clock
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._failures: dict[str, tuple[int, float, float]] = {}
 
     def failed(self, client: str) -> float:
         """Record one failure and return the delay to apply to it."""
         now = self.clock()
-        count, last = self._failures.pop(client, (0, now))
+        count, last, _ = self._failures.pop(client, (0, now, now))
         count = 1 if now - last > self.FORGET_AFTER else count + 1
-        self._failures[client] = (count, now)
+        delay = self.base * 2.0 ** min(count - 1, self.MAX_DOUBLINGS)
+        self._failures[client] = (count, now, now + delay)
         if len(self._failures) > self.MAX_CLIENTS:
             del self._failures[next(iter(self._failures))]  # dicts keep order: oldest first
-        return self.base * 2.0 ** min(count - 1, self.MAX_DOUBLINGS)
+        return delay
+
+    def remaining(self, client: str) -> float:
+        """What is left of the client's last penalty: a client that hung up instead of waiting
+        for its answer still waits it out before the next password is even checked."""
+        entry = self._failures.get(client)
+        return max(0.0, entry[2] - self.clock()) if entry else 0.0
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
@@ -115,6 +122,8 @@ class Accounts:
 
     def may_send_as(self, user: str | None, address: str) -> bool:
         """Whether ``user`` may use ``address`` in MAIL FROM; users without a list may use any."""
+        if user is not None and user not in self.users:
+            return False  # removed by a reload while its session lasts: no wider rights
         allowed = self.senders.get(user) if user is not None else None
         if allowed is None:
             return True
@@ -134,7 +143,15 @@ class SmtpLogins:
         self._slots = asyncio.Semaphore(self.MAX_PARALLEL)
 
     async def check(self, login: str, password: bytes, client: str) -> bool:
-        """True when ``login``/``password`` match; a failure returns only after its delay."""
+        """True when ``login``/``password`` match; a failure returns only after its delay.
+
+        The check itself is shielded: a client that hangs up as soon as no quick success
+        arrives still has its failure counted, and its scrypt still holds a slot.
+        """
+        await asyncio.sleep(self.delay.remaining(client))
+        return await asyncio.shield(self._check(login, password, client))
+
+    async def _check(self, login: str, password: bytes, client: str) -> bool:
         hashed = self.accounts.users.get(login)
         async with self._slots:
             ok = await asyncio.to_thread(

@@ -130,6 +130,8 @@ class Daemon:
         server = await asyncio.get_running_loop().create_server(
             factory, host=listen.host, port=listen.port,
             ssl=self.tls_context if implicit_tls else None,
+            # Connection limits only see a session once its handshake is done: keep it short.
+            ssl_handshake_timeout=10.0 if implicit_tls else None,
         )
         self.smtp_servers.append(server)
         return int(server.sockets[0].getsockname()[1])

@@ -148,6 +148,9 @@ class Dispatcher:
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
                 claimed = []
+            except Exception:  # noqa: BLE001 - the runner must outlive any one bad turn
+                log.exception("delivery loop error; trying again")
+                claimed = []
             for stored in claimed:
                 task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
                 self._tasks[stored.id] = task
@@ -164,7 +167,10 @@ class Dispatcher:
         self._tasks.pop(qid, None)
         self._task_bytes.pop(qid, None)
         if self._trial == qid:
+            # Not at once: a trial that could not reach its provider (the message was refused
+            # there before) would otherwise be claimed again in a hot loop.
             self._trial = None
+            return
         self._wake.set()
 
     def _idle_wait(self) -> float:

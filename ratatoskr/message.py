@@ -32,6 +32,10 @@ def check_addr_spec(address: str, *, utf8: bool = True) -> str:
     ):
         raise InvalidAddress(f"bad address {address!r}: contains spaces or control characters")
     ascii_local = local.isascii()
+    try:
+        address.encode("utf-8")
+    except UnicodeError:  # bytes that were not UTF-8, carried as surrogates
+        raise InvalidAddress(f"bad address {address!r}: not valid UTF-8") from None
     if len(local.encode()) > 64 or (ascii_local and not _LOCAL.match(local)):
         raise InvalidAddress(f"bad address {address!r}: invalid local part")
     if local.startswith(".") or local.endswith(".") or ".." in local:

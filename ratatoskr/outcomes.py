@@ -137,6 +137,7 @@ class Outcomes:
         await self.spool.put(
             qid, Envelope(stored.envelope.sender, recipients), stored.raw,
             {**stored.meta, "split_from": stored.id}, history=[refusal],
+            expires_at=stored.expires_at,  # a copy does not get a fresh lifetime
             not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),
         )
         log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))

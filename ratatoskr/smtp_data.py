@@ -168,7 +168,8 @@ async def _read(
         if not over and limit is not None and collected.written + len(buf) - 4 > limit:
             # Dots removed by unstuffing do not count: give up only when even the unstuffed
             # content is too large.
-            over = collected.size(buf) > limit
+            # +1: a CR that may begin the terminator is counted as content until LF arrives.
+            over = collected.size(buf) > limit + 1
         if not over:
             try:
                 collected.maybe_spill(buf)

@@ -221,7 +221,7 @@ class _Writer(threading.Thread):
                 # SQLite already rolled the whole transaction back (a full disk does that):
                 # the batch fails, with the operation's error rather than "no such savepoint".
                 raise exc from None
-            if isinstance(exc, sqlite3.OperationalError):
+            if isinstance(exc, sqlite3.Error):
                 wrapped = QueueUnavailable(f"queue cannot commit: {exc}")
                 wrapped.__cause__ = exc
                 return None, wrapped
@@ -281,7 +281,7 @@ class Spool:
     async def put(
         self, qid: str, envelope: Envelope, raw: bytes | bytearray | Sequence[bytes | bytearray],
         meta: dict[str, Any], *, history: Sequence[dict[str, Any]] = (),
-        not_before: float | None = None,
+        not_before: float | None = None, expires_at: float | None = None,
     ) -> str:
         """Commit a new message durably; return its id once it is on disk.
 
@@ -292,7 +292,8 @@ class Spool:
         size = sum(len(p) for p in parts)
         now = self.clock()
         row = (
-            qid, State.QUEUED.value, now, now + self.lifetime, not_before or now, envelope.sender,
+            qid, State.QUEUED.value, now, expires_at or now + self.lifetime, not_before or now,
+            envelope.sender,
             json.dumps(list(envelope.recipients)), json.dumps(meta), json.dumps(list(history)),
             size,
         )
@@ -394,7 +395,10 @@ class Spool:
         def expire(conn: sqlite3.Connection) -> list[StoredMessage]:
             rows = conn.execute(
                 "UPDATE messages SET state = 'dead', last_error = ? WHERE state IN"
-                f" ('queued', 'deferred') AND expires_at <= ? RETURNING {_COLUMNS}, raw",
+                f" ('queued', 'deferred') AND expires_at <= ?"
+                # Only the head is needed (for a bounce): a long outage's backlog must not all
+                # come into memory at once.
+                f" RETURNING {_COLUMNS}, substr(raw, 1, 65536)",
                 (reason, now),
             ).fetchall()
             return [StoredMessage.from_row(r[:-1], raw=r[-1]) for r in rows]

@@ -191,3 +191,8 @@ async def test_size_limit_holds_across_a_spill(tmp_path, extra):
             await task
     else:
         assert len(await task) == 5000
+
+
+async def test_exactly_at_limit_when_a_read_ends_inside_the_terminator():
+    """A CR that may start the terminator is not yet content (review reproducer)."""
+    assert (await feed(b"..\r\n.\r", b"\n", limit=3))[0] == b".\r\n"
