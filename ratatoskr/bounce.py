@@ -15,14 +15,15 @@ from email.parser import BytesHeaderParser
 
 from ratatoskr.message import Envelope
 from ratatoskr.mime import split_head
-from ratatoskr.spool import StoredMessage, new_id
+from ratatoskr.spool import StoredMessage
 
 _HEADER_LIMIT = 64 * 1024
 
 
-def build_dsn(stored: StoredMessage, reason: str, *, hostname: str, expired: bool) -> tuple[str, Envelope, bytes]:
-    """Queue id, envelope and bytes of the notice for ``stored``."""
-    qid = new_id()
+def build_dsn(
+    stored: StoredMessage, reason: str, *, hostname: str, expired: bool, qid: str
+) -> tuple[Envelope, bytes]:
+    """Envelope and bytes of the notice for ``stored``, to be queued as ``qid``."""
     boundary = f"{qid}.{secrets.token_hex(8)}/{hostname}"
     status = "4.4.7" if expired else "5.0.0"
     reason_line = " ".join(reason.split())[:900]
@@ -58,4 +59,4 @@ def build_dsn(stored: StoredMessage, reason: str, *, hostname: str, expired: boo
         f"{per_recipient}"
         f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
     ).encode("utf-8") + original_head[:_HEADER_LIMIT] + f"\r\n--{boundary}--\r\n".encode()
-    return qid, Envelope(sender="", recipients=(stored.envelope.sender,)), raw
+    return Envelope(sender="", recipients=(stored.envelope.sender,)), raw

@@ -20,7 +20,7 @@ from ratatoskr.bounce import build_dsn
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Receipt
-from ratatoskr.spool import Spool, StoredMessage, new_id
+from ratatoskr.spool import Spool, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
@@ -61,14 +61,17 @@ class Outcomes:
         """Apply one round's result: delivered, dead, or deferred with backoff."""
         message_id = stored.meta.get("message_id", "")
         if result.receipt is not None:
-            await self.spool.complete(stored.id)
             receipt = result.receipt
+            # Copies and notices first, under ids derived from this message's and inserted only
+            # if absent: if recording fails half-way and is retried, nothing is queued twice,
+            # and the original leaves the queue only once they are all on disk.
+            if receipt.rejected:
+                await self.partly_refused(stored, receipt)
+            await self.spool.complete(stored.id)
             log.info(
                 "delivered id=%s message_id=%s provider=%s provider_id=%s",
                 stored.id, message_id, receipt.provider, receipt.provider_id,
             )
-            if receipt.rejected:
-                await self.partly_refused(stored, receipt)
             return
         refused = refused_by(stored.history + result.attempts)
         error = _summary(result.attempts) or "no provider is taking traffic"
@@ -91,9 +94,9 @@ class Outcomes:
             log.info("deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error)
 
     async def bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
+        await self.bounce(stored, reason, expired=expired)  # first: see record()
         await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
         self.log_dead(stored, reason)
-        await self.bounce(stored, reason, expired=expired)
 
     def log_dead(self, stored: StoredMessage, reason: str) -> None:
         log.error(
@@ -104,9 +107,10 @@ class Outcomes:
     async def bounce(self, stored: StoredMessage, reason: str, *, expired: bool) -> None:
         if not (self.config.bounce and stored.envelope.sender):
             return
-        qid, envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired)
+        qid = f"{stored.id}-B"
+        envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired, qid=qid)
         meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
-        await self.spool.put(qid, envelope, raw, meta)
+        await self.spool.put(qid, envelope, raw, meta, if_absent=True)
         log.info("bounce id=%s for id=%s to <%s>", qid, stored.id, stored.envelope.sender)
         self.wake()
 
@@ -131,13 +135,14 @@ class Outcomes:
     ) -> None:
         """Queue a copy for ``recipients``; recorded as ``permanent`` at the refusing provider,
         the copy goes to the others (a refusal for the provider's own account reasons)."""
-        qid = new_id()
+        qid = f"{stored.id}-{'L' if outcome == 'temporary' else 'E'}"  # later / elsewhere
         refusal = {"at": round(self.clock(), 3), "provider": receipt.provider, "outcome": outcome,
                    "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients)}
         await self.spool.put(
             qid, Envelope(stored.envelope.sender, recipients), stored.raw,
             {**stored.meta, "split_from": stored.id}, history=[refusal],
             expires_at=stored.expires_at,  # a copy does not get a fresh lifetime
+            if_absent=True,
             not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),
         )
         log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))

@@ -282,11 +282,13 @@ class Spool:
         self, qid: str, envelope: Envelope, raw: bytes | bytearray | Sequence[bytes | bytearray],
         meta: dict[str, Any], *, history: Sequence[dict[str, Any]] = (),
         not_before: float | None = None, expires_at: float | None = None,
+        if_absent: bool = False,
     ) -> str:
         """Commit a new message durably; return its id once it is on disk.
 
         ``raw`` may be a list of pieces: they are written one after the other into the blob,
-        so a large message is neither joined nor copied by SQLite's own binding.
+        so a large message is neither joined nor copied by SQLite's own binding. With
+        ``if_absent``, an id already in the queue is left as it is (a retried recording).
         """
         parts = [raw] if isinstance(raw, (bytes, bytearray)) else list(raw)
         size = sum(len(p) for p in parts)
@@ -298,11 +300,16 @@ class Spool:
             size,
         )
 
+        insert_sql = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1) if if_absent else _INSERT
+
         def insert(conn: sqlite3.Connection) -> str:
             if size <= _JOIN_BELOW:  # one statement: cheaper than a blob handle for small mail
-                conn.execute(_INSERT.format(raw="?"), (*row[:-1], b"".join(parts), size))
+                conn.execute(insert_sql.format(raw="?"), (*row[:-1], b"".join(parts), size))
                 return qid
-            rowid = conn.execute(_INSERT.format(raw="zeroblob(?)"), (*row, size)).lastrowid
+            cursor = conn.execute(insert_sql.format(raw="zeroblob(?)"), (*row, size))
+            if cursor.rowcount == 0:  # already there (if_absent)
+                return qid
+            rowid = cursor.lastrowid
             assert rowid is not None
             with conn.blobopen("messages", "raw", rowid) as blob:
                 for part in parts:

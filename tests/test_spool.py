@@ -161,3 +161,10 @@ async def test_claim_stops_at_the_byte_budget_but_always_takes_one(spool):
     assert [m.id for m in first] == ids[:3]  # 0, 1000, 2000 bytes before each: under 2500
     one = await spool.claim(10, max_bytes=10)
     assert [m.id for m in one] == ids[3:4]
+
+
+async def test_put_if_absent_keeps_the_first(spool):
+    await spool.put("X-B", ENV, b"first", {}, if_absent=True)
+    await spool.put("X-B", ENV, b"second", {}, if_absent=True)
+    [claimed] = await spool.claim(5)
+    assert claimed.raw == b"first"
