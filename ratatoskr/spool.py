@@ -439,17 +439,6 @@ class Spool:
         """Messages per state and the created_at of the oldest undelivered one."""
         return await self._submit(_stats)
 
-    async def next_due(self) -> float | None:
-        """When the earliest waiting message becomes due, if any is waiting."""
-
-        def next_due(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'deferred')"
-            ).fetchone()
-            return row[0] if row else None
-
-        return await self._submit(next_due)
-
     async def writable(self) -> bool:
         """True when a commit that writes to the queue can go through right now. The probe
         rewrites the header's user_version, so a full disk fails it like any real write."""
