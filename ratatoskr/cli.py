@@ -16,7 +16,7 @@ from ratatoskr.auth import hash_password
 from ratatoskr.config import Config
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.providers import build_providers
-from ratatoskr.spool import QueueAdmin, StoredMessage
+from ratatoskr.queue.sqlite import QueueAdmin, StoredMessage
 
 OK, TROUBLE, USAGE = 0, 1, 2
 

@@ -26,17 +26,17 @@ from aiohttp import web
 from ratatoskr import __version__, logs, tls
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
-from ratatoskr.dispatcher import Dispatcher
+from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import ConfigError
-from ratatoskr.http_api import Services, build_app
+from ratatoskr.api.app import Services, build_app
 from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
 from ratatoskr.sdnotify import Notifier, watchdog_interval
-from ratatoskr.smtp_limits import ConnectionLimiter
-from ratatoskr.smtp_server import Policy, RelayHandler, smtp_factory
-from ratatoskr.spool import Spool
+from ratatoskr.smtp.limits import ConnectionLimiter
+from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
+from ratatoskr.queue.sqlite import Spool
 
 log = logging.getLogger("ratatoskr")
 

@@ -11,7 +11,7 @@ from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.mime import prepare_parts
-from ratatoskr.spool import Spool, new_id
+from ratatoskr.queue.sqlite import Spool, new_id
 
 log = logging.getLogger("ratatoskr.ingest")
 

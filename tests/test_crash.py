@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from ratatoskr.spool import QueueAdmin, State
+from ratatoskr.queue.sqlite import QueueAdmin, State
 from tests.process import DaemonProcess, free_port, write_config
 
 SEED = int(os.environ.get("RATATOSKR_CRASH_SEED", "20260807"))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ratatoskr.spool import QueueAdmin
+from ratatoskr.queue.sqlite import QueueAdmin
 from tests.conftest import FakeClock, smtp_send, wait_until
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: failover {n}\r\n\r\nbody {n}\r\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ratatoskr.backoff import retry_delay
-from ratatoskr.health import Circuit, ProviderHealth
+from ratatoskr.delivery.backoff import retry_delay
+from ratatoskr.delivery.health import Circuit, ProviderHealth
 from tests.conftest import FakeClock
 
 

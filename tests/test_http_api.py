@@ -17,7 +17,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from ratatoskr import schema
+from ratatoskr.api import schema
 from ratatoskr.daemon import Daemon
 from ratatoskr.mime import html_to_text
 from tests.conftest import wait_until

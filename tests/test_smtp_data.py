@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ratatoskr.smtp_data import DataTooLarge, read_data
+from ratatoskr.smtp.data import DataTooLarge, read_data
 from tests.conftest import RawSmtp, wait_until
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ratatoskr import replies
+from ratatoskr.smtp import replies
 from tests.conftest import RawSmtp, smtp_data_reply, smtp_send, wait_until
 
 PLAIN = (
@@ -236,7 +236,7 @@ async def test_duplicate_recipients_are_delivered_once(running_daemon, tmp_path)
 
 async def test_every_handler_hook_fires(running_daemon, monkeypatch):
     """aiosmtpd finds hooks by name; a typo would silently disable one. Prove each runs."""
-    from ratatoskr.smtp_server import RelayHandler
+    from ratatoskr.smtp.server import RelayHandler
 
     seen = []
     for name in ("handle_MAIL", "handle_RCPT", "handle_DATA"):

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from ratatoskr import config, replies
+from ratatoskr import config
+from ratatoskr.smtp import replies
 from ratatoskr.auth import FailureDelay
 from ratatoskr.errors import ConfigError
 from ratatoskr.tls import server_context

@@ -8,7 +8,7 @@ import pytest
 
 from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
-from ratatoskr.spool import QueueAdmin, Spool, State, new_id
+from ratatoskr.queue.sqlite import QueueAdmin, Spool, State, new_id
 from tests.conftest import FakeClock
 
 ENV = Envelope(sender="ada@example.com", recipients=("bob@example.net", "hidden@example.org"))
@@ -139,7 +139,7 @@ def test_ids_sort_by_arrival():
 
 
 async def test_revived_message_forgets_earlier_refusals(spool, tmp_path):
-    from ratatoskr.outcomes import refused_by
+    from ratatoskr.delivery.outcomes import refused_by
 
     qid = await put(spool)
     await spool.claim(1)

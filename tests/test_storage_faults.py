@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratatoskr import replies
+from ratatoskr.smtp import replies
 from tests.conftest import FakeClock, queue_drained, smtp_data_reply, wait_until
 from tests.fakes.base import Failure
 

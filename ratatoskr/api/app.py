@@ -1,7 +1,7 @@
 """HTTP side: the JSON message API, health, readiness and Prometheus metrics.
 
 ``POST /v1/messages`` is a thin translator: check the bearer token, read the body (capped),
-:func:`ratatoskr.schema.parse` it, :func:`ratatoskr.compose.compose` it, and hand the bytes to
+:func:`ratatoskr.api.schema.parse` it, :func:`ratatoskr.api.compose.compose` it, and hand the bytes to
 :meth:`~ratatoskr.ingest.Ingest.accept`, the same path SMTP mail takes. ``202`` is sent only
 after ``accept`` returns, which is after the queue committed the message to disk. Every refusal
 is a JSON ``{"error": ...}`` and counts in ``ratatoskr_messages_rejected_total{ingress="http"}``.
@@ -18,16 +18,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ratatoskr import openapi, schema
+from ratatoskr.api import openapi, schema
 from ratatoskr.auth import token_allowed
-from ratatoskr.compose import compose, envelope
+from ratatoskr.api.compose import compose, envelope
 from ratatoskr.config import HttpConfig
-from ratatoskr.dispatcher import Dispatcher
+from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
-from ratatoskr.spool import Spool
+from ratatoskr.queue.sqlite import Spool
 
 log = logging.getLogger("ratatoskr.http")
 

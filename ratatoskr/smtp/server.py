@@ -2,14 +2,14 @@
 :class:`~ratatoskr.ingest.Ingest`.
 
 The handler validates envelope addresses and recipient counts and turns the outcome of queueing
-into a reply from :mod:`ratatoskr.replies`. :class:`RelaySMTP` replaces aiosmtpd's line-by-line
-DATA loop with the chunked reader in :mod:`ratatoskr.smtp_data`, and applies the listener's
+into a reply from :mod:`ratatoskr.smtp.replies`. :class:`RelaySMTP` replaces aiosmtpd's line-by-line
+DATA loop with the chunked reader in :mod:`ratatoskr.smtp.data`, and applies the listener's
 :class:`Policy`:
 
 * AUTH (PLAIN, LOGIN) only once the session is encrypted (STARTTLS or the implicit-TLS
   listener), except on a trusted loopback listener → 538 otherwise; MAIL without AUTH where auth
   is required → 530; the password check runs in a thread (:class:`~ratatoskr.auth.SmtpLogins`);
-* concurrent sessions per client and in total (:mod:`ratatoskr.smtp_limits`) → 421 instead of
+* concurrent sessions per client and in total (:mod:`ratatoskr.smtp.limits`) → 421 instead of
   the greeting;
 * ``max_errors`` error replies in one session without a message accepted → 421 and hang up
   (Postfix's ``smtpd_hard_error_limit``); aiosmtpd's own budget of five unknown commands and a
@@ -35,14 +35,14 @@ from typing import Any, AnyStr, BinaryIO, cast
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from ratatoskr import replies
+from ratatoskr.smtp import replies
 from ratatoskr.auth import SmtpLogins
 from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
-from ratatoskr.smtp_data import ByteBudget, DataTooLarge, SpillFailed, read_data
-from ratatoskr.smtp_limits import ConnectionLimiter
+from ratatoskr.smtp.data import ByteBudget, DataTooLarge, SpillFailed, read_data
+from ratatoskr.smtp.limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
 

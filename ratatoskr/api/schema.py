@@ -1,6 +1,6 @@
 """The JSON message of ``POST /v1/messages``: schema validation and the checks a schema cannot do.
 
-:func:`parse` turns a request body into a :class:`~ratatoskr.compose.Draft` or raises
+:func:`parse` turns a request body into a :class:`~ratatoskr.api.compose.Draft` or raises
 :class:`InvalidMessage` listing *every* failing field by JSON pointer, so a client fixes its
 request in one round. The schema itself is the package file ``message.schema.json`` (served at
 ``GET /v1/schema``); its ``x-error`` annotations hold the messages for rules whose jsonschema
@@ -26,7 +26,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from ratatoskr.compose import Draft
+from ratatoskr.api.compose import Draft
 from ratatoskr.errors import InvalidAddress, MessageRejected
 from ratatoskr.message import Address, Attachment
 
@@ -72,7 +72,7 @@ class InvalidMessage(MessageRejected):
 
 @cache
 def schema() -> dict[str, Any]:
-    text = resources.files("ratatoskr").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    text = resources.files("ratatoskr.api").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ratatoskr import replies
+from ratatoskr.smtp import replies
 
 
 class ConnectionLimiter:

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ratatoskr.backoff import retry_delay
-from ratatoskr.bounce import build_dsn
+from ratatoskr.delivery.backoff import retry_delay
+from ratatoskr.delivery.bounce import build_dsn
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Receipt
-from ratatoskr.spool import Spool, StoredMessage
+from ratatoskr.queue.sqlite import Spool, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 

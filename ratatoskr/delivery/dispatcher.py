@@ -13,7 +13,7 @@ One round for one message walks the providers in configured order:
   (a recipient on the provider's suppression list) ends the round: no routing round it;
 * an unexpected exception → recorded, and not held against the provider's health.
 
-What the round's result means for the queue is :mod:`ratatoskr.outcomes`. A provider's recovery
+What the round's result means for the queue is :mod:`ratatoskr.delivery.outcomes`. A provider's recovery
 brings deferred messages forward, so nobody waits out a long backoff after an outage ends.
 While every provider is out, one trial message at a time goes to a provider whose cool-down
 is over. Deliveries in flight hold at most ``MAX_INFLIGHT_BYTES`` of message bytes.
@@ -36,11 +36,11 @@ from ratatoskr.errors import (
     RateLimited,
     TemporaryFailure,
 )
-from ratatoskr.health import ProviderHealth
+from ratatoskr.delivery.health import ProviderHealth
 from ratatoskr.metrics import Metrics
-from ratatoskr.outcomes import Outcomes, Round, refused_by
+from ratatoskr.delivery.outcomes import Outcomes, Round, refused_by
 from ratatoskr.providers.base import Outbound, Provider, Receipt
-from ratatoskr.spool import Spool, StoredMessage
+from ratatoskr.queue.sqlite import Spool, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
