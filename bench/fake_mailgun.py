@@ -37,9 +37,7 @@ async def send_mime(request: web.Request) -> web.Response:
         return web.json_response({"message": "to parameter is missing"}, status=400)
     counter = request.app[COUNTER]
     counter[0] += 1
-    return web.json_response(
-        {"id": f"<bench.{counter[0]}@mg.example.com>", "message": "Queued. Thank you."}
-    )
+    return web.json_response({"id": f"<bench.{counter[0]}@mg.example.com>", "message": "Queued. Thank you."})
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -49,8 +49,12 @@ async def one_message(host: str, port: int, payload: bytes, latencies: list[floa
 
 
 async def transaction(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes,
-    latencies: list[float], *, ehlo: bool = False,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    payload: bytes,
+    latencies: list[float],
+    *,
+    ehlo: bool = False,
 ) -> int:
     if ehlo:
         writer.write(b"EHLO loadgen.test\r\n")
@@ -123,7 +127,8 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument(
-        "--persistent", action="store_true",
+        "--persistent",
+        action="store_true",
         help="send every message of a session over one connection (smtp-source -d)",
     )
     asyncio.run(main(parser.parse_args()))

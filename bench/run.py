@@ -84,23 +84,34 @@ class Target:
         else:
             cmd = [sys.executable, "-m", "ratatoskr", "serve", "--config", str(self._config())]
         self.proc = subprocess.Popen(
-            cmd, cwd=self.workdir, stdout=subprocess.DEVNULL,
+            cmd,
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / f"{self.kind}.log", "ab"),
         )
         wait_listening(self.port, self.proc)
 
     def _config(self) -> Path:
         provider = (
-            {"name": "mailgun", "kind": "mailgun", "api_key": "bench-key", "domain": "mg.example.com",
-             "base_url": self.provider_url}
+            {
+                "name": "mailgun",
+                "kind": "mailgun",
+                "api_key": "bench-key",
+                "domain": "mg.example.com",
+                "base_url": self.provider_url,
+            }
             if self.provider_url
             else {"name": "outbox", "kind": "outbox", "path": str(self.workdir / "outbox")}
         )
         return write_config(
             self.workdir / "bench.toml",
             {
-                "smtp": {"listen": f"127.0.0.1:{self.port}", "hostname": "bench.test",
-                         "max_connections": 5000, "max_connections_per_client": 5000},
+                "smtp": {
+                    "listen": f"127.0.0.1:{self.port}",
+                    "hostname": "bench.test",
+                    "max_connections": 5000,
+                    "max_connections_per_client": 5000,
+                },
                 "http": {"listen": f"127.0.0.1:{free_port()}"},
                 "spool": {"path": str(self.workdir / "var")},
                 "delivery": {"workers": 32},
@@ -120,9 +131,21 @@ class Target:
 
 def run_load(port: int, sessions: int, messages: int, size: int) -> dict:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port),
-         "--sessions", str(sessions), "--messages", str(messages), "--size", str(size)],
-        capture_output=True, check=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "loadgen.py"),
+            "--port",
+            str(port),
+            "--sessions",
+            str(sessions),
+            "--messages",
+            str(messages),
+            "--size",
+            str(size),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=600,
     )
     return json.loads(out.stdout)
 
@@ -181,13 +204,16 @@ def row(name: str, ours: Result, sink: Result) -> list[str]:
         return f"{a / b:5.2f}x" if a is not None and b else "   - "
 
     return [
-        f"{name:<18} accepted {ours.accepted_per_s:8.0f}/s ({ratio(ours.accepted_per_s, sink.accepted_per_s)} sink)"
-        f"  delivered {ours.delivered_per_s or 0:8.0f}/s ({ratio(ours.delivered_per_s, ours.accepted_per_s)} accepted)",
+        f"{name:<18} accepted {ours.accepted_per_s:8.0f}/s"
+        f" ({ratio(ours.accepted_per_s, sink.accepted_per_s)} sink)"
+        f"  delivered {ours.delivered_per_s or 0:8.0f}/s"
+        f" ({ratio(ours.delivered_per_s, ours.accepted_per_s)} accepted)",
         f"{'':<18} p50 {ours.p50_ms:6.2f} ms ({ratio(ours.p50_ms, sink.p50_ms)})  p99 {ours.p99_ms:6.2f} ms"
         f" ({ratio(ours.p99_ms, sink.p99_ms)})  cpu {ours.cpu_ms_per_msg:5.2f} ms/msg"
         f" ({ratio(ours.cpu_ms_per_msg, sink.cpu_ms_per_msg)})  peak rss {ours.peak_rss_mb:5.0f} MB",
         f"{'  sink':<18} accepted {sink.accepted_per_s:8.0f}/s  p50 {sink.p50_ms:6.2f} ms"
-        f"  p99 {sink.p99_ms:6.2f} ms  cpu {sink.cpu_ms_per_msg:5.2f} ms/msg  peak rss {sink.peak_rss_mb:5.0f} MB",
+        f"  p99 {sink.p99_ms:6.2f} ms  cpu {sink.cpu_ms_per_msg:5.2f} ms/msg"
+        f"  peak rss {sink.peak_rss_mb:5.0f} MB",
     ]
 
 
@@ -196,7 +222,9 @@ def start_provider(workdir: Path):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "fake_mailgun.py"), "--port", str(port)],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=open(workdir / "fake.log", "ab"),
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "fake.log", "ab"),
     )
     wait_listening(port, proc)
     url = f"http://127.0.0.1:{port}"

@@ -17,7 +17,8 @@ async def main(port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(Sink(), hostname="sink.test", data_size_limit=None, loop=loop),
-        host="127.0.0.1", port=port,
+        host="127.0.0.1",
+        port=port,
     )
     async with server:
         await server.serve_forever()

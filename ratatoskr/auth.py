@@ -54,8 +54,13 @@ def verify_password(password: str | bytes, hashed: str) -> bool:
             return False
         expected = _unb64(key)
         actual = hashlib.scrypt(
-            secret, salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
-            dklen=len(expected), maxmem=256 * 1024 * 1024,
+            secret,
+            salt=_unb64(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+            maxmem=256 * 1024 * 1024,
         )
     except (ValueError, TypeError):
         return False

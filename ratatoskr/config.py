@@ -224,7 +224,9 @@ def _from_env_text(key: str, text: str, kind: type, *, secret: bool) -> Any:
             raise ValueError(text)
         return kind(text.strip())
     except ValueError:
-        raise ConfigError(key, f"must be {_article(kind.__name__)}, got {shown} from the environment") from None
+        raise ConfigError(
+            key, f"must be {_article(kind.__name__)}, got {shown} from the environment"
+        ) from None
 
 
 def _article(word: str) -> str:
@@ -373,9 +375,7 @@ def _refuse_open_relay(t: _Table, smtp: SmtpConfig) -> None:
     if not smtp.users:
         raise ConfigError(t.key("users"), f"no users configured, but {where} needs auth")
     if smtp.tls_cert is None:
-        raise ConfigError(
-            t.key("tls_cert"), f"required on {where}: credentials travel only over TLS"
-        )
+        raise ConfigError(t.key("tls_cert"), f"required on {where}: credentials travel only over TLS")
 
 
 def _describe_public(listen: Listen, smtp: SmtpConfig) -> str:
@@ -430,9 +430,7 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
     if not kind:
         raise ConfigError(t.key("kind"), f"missing (expected {', '.join(PROVIDER_KINDS)})")
     if kind not in PROVIDER_KINDS:
-        raise ConfigError(
-            t.key("kind"), f"unknown kind {kind!r} (expected {', '.join(PROVIDER_KINDS)})"
-        )
+        raise ConfigError(t.key("kind"), f"unknown kind {kind!r} (expected {', '.join(PROVIDER_KINDS)})")
     name = t.get("name", str, kind)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(t.key("name"), f"{name!r} must be letters, digits, '-', '_' or '.'")
@@ -444,8 +442,12 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
     cooldown = t.get("circuit_cooldown", float, 0.0) or None
     if kind == "outbox":
         return ProviderConfig(
-            name=name, kind=kind, timeout=timeout, path=Path(t.get("path", str, "./outbox")),
-            circuit_failures=failures, circuit_cooldown=cooldown,
+            name=name,
+            kind=kind,
+            timeout=timeout,
+            path=Path(t.get("path", str, "./outbox")),
+            circuit_failures=failures,
+            circuit_cooldown=cooldown,
         )
     api_key = _api_key(t)
     base_url = t.get("base_url", str, _DEFAULT_URLS[kind]).rstrip("/")
@@ -463,8 +465,14 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
         if not _DOMAIN.match(domain):
             raise ConfigError(t.key("domain"), f"{domain!r} is not a domain name")
     return ProviderConfig(
-        name=name, kind=kind, api_key=api_key, domain=domain, base_url=base_url,
-        timeout=timeout, circuit_failures=failures, circuit_cooldown=cooldown,
+        name=name,
+        kind=kind,
+        api_key=api_key,
+        domain=domain,
+        base_url=base_url,
+        timeout=timeout,
+        circuit_failures=failures,
+        circuit_cooldown=cooldown,
         probe_api_key=probe_key,
     )
 

@@ -24,19 +24,19 @@ from typing import Any
 from aiohttp import web
 
 from ratatoskr import __version__, logs, tls
+from ratatoskr.api.app import Services, build_app
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import ConfigError
-from ratatoskr.api.app import Services, build_app
 from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
+from ratatoskr.queue.sqlite import Spool
 from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.limits import ConnectionLimiter
 from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
-from ratatoskr.queue.sqlite import Spool
 
 log = logging.getLogger("ratatoskr")
 
@@ -59,16 +59,19 @@ class Daemon:
         self.spool = Spool(config.spool.path, lifetime=config.delivery.max_queue_lifetime, clock=clock)
         self.providers = build_providers(config.providers)
         self.dispatcher = Dispatcher(
-            self.spool, self.providers, config.delivery, self.metrics,
-            clock=clock, poll_interval=poll_interval, hostname=config.smtp.hostname,
+            self.spool,
+            self.providers,
+            config.delivery,
+            self.metrics,
+            clock=clock,
+            poll_interval=poll_interval,
+            hostname=config.smtp.hostname,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
         )
         smtp = config.smtp
-        self.logins = SmtpLogins(
-            Accounts(smtp.users, smtp.senders), FailureDelay(smtp.auth_failure_delay)
-        )
+        self.logins = SmtpLogins(Accounts(smtp.users, smtp.senders), FailureDelay(smtp.auth_failure_delay))
         self.limiter = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client)
         self.notifier = notifier or Notifier(None)
         self.watchdog = watchdog
@@ -100,8 +103,11 @@ class Daemon:
             listeners += f" + {_shown(smtp.tls_listen, self.smtp_tls_port)} (TLS)"
         log.info(
             "ratatoskr %s ready: smtp %s, http %s, queue %s, providers %s",
-            __version__, listeners, _shown(self.config.http.listen, self.http_port),
-            self.config.spool.path, ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
+            __version__,
+            listeners,
+            _shown(self.config.http.listen, self.http_port),
+            self.config.spool.path,
+            ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
         )
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
@@ -121,14 +127,17 @@ class Daemon:
         certificate is configured; the implicit-TLS one speaks TLS from the first byte."""
         smtp = self.config.smtp
         factory = smtp_factory(
-            smtp, handler,
+            smtp,
+            handler,
             policy=Policy.for_listener(smtp, listen, implicit_tls=implicit_tls),
             limiter=self.limiter,
             tls_context=None if implicit_tls else self.tls_context,
             spill_dir=self.config.spool.path,
         )
         server = await asyncio.get_running_loop().create_server(
-            factory, host=listen.host, port=listen.port,
+            factory,
+            host=listen.host,
+            port=listen.port,
             ssl=self.tls_context if implicit_tls else None,
             # Connection limits only see a session once its handshake is done: keep it short.
             ssl_handshake_timeout=10.0 if implicit_tls else None,
@@ -138,8 +147,11 @@ class Daemon:
 
     async def _start_http(self) -> None:
         services = Services(
-            config=self.config.http, ingest=self.ingest, spool=self.spool,
-            dispatcher=self.dispatcher, metrics=self.metrics,
+            config=self.config.http,
+            ingest=self.ingest,
+            spool=self.spool,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
             max_message_size=self.config.smtp.max_message_size,
             max_recipients=self.config.smtp.max_recipients,
         )
@@ -225,7 +237,9 @@ class Daemon:
         self.config = dataclasses.replace(self.config, providers=new.providers, smtp=smtp)
         log.info(
             "reloaded %s: providers %s, %d SMTP users",
-            new.source, ", ".join(p.name for p in providers), len(new.smtp.users),
+            new.source,
+            ", ".join(p.name for p in providers),
+            len(new.smtp.users),
         )
         if ignored:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(ignored))
@@ -278,7 +292,7 @@ async def _close_after(deliveries: Sequence[asyncio.Task[None]], providers: Sequ
     for provider in providers:
         try:
             await provider.close()
-        except Exception:  # noqa: BLE001 - a provider that fails to close must not stop the others
+        except Exception:
             log.exception("closing replaced provider %s failed", provider.name)
 
 
@@ -287,9 +301,7 @@ def _shown(listen: Listen, port: int) -> str:
 
 
 async def _serve(config: Config, loader: Callable[[], Config] | None) -> None:
-    daemon = Daemon(
-        config, notifier=Notifier.from_env(), watchdog=watchdog_interval(), loader=loader
-    )
+    daemon = Daemon(config, notifier=Notifier.from_env(), watchdog=watchdog_interval(), loader=loader)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)

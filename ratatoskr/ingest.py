@@ -49,7 +49,13 @@ class Ingest:
         self.closed = False
 
     async def accept(
-        self, raw: bytes | bytearray, envelope: Envelope, *, ingress: str, helo: str, peer: str,
+        self,
+        raw: bytes | bytearray,
+        envelope: Envelope,
+        *,
+        ingress: str,
+        helo: str,
+        peer: str,
         protocol: str,
     ) -> str:
         """Queue one message and return its id once it is on disk.
@@ -59,18 +65,14 @@ class Ingest:
         if self.closed:
             raise QueueUnavailable("shutting down: not accepting new mail")
         qid = new_id()
-        trace = trace_header(
-            hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid
-        )
+        trace = trace_header(hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid)
         try:
             if len(raw) >= _THREAD_THRESHOLD:
                 parts, summary = await asyncio.to_thread(
                     prepare_parts, raw, trace=trace, queue_id=qid, hostname=self.hostname
                 )
             else:
-                parts, summary = prepare_parts(
-                    raw, trace=trace, queue_id=qid, hostname=self.hostname
-                )
+                parts, summary = prepare_parts(raw, trace=trace, queue_id=qid, hostname=self.hostname)
         except MessageRejected as exc:
             self.metrics.rejected(ingress, "content")
             log.info("rejected ingress=%s peer=%s reason=%s", ingress, peer, exc)
@@ -86,7 +88,12 @@ class Ingest:
         self.metrics.received(ingress)
         log.info(
             "queued id=%s message_id=%s ingress=%s from=<%s> recipients=%d size=%d",
-            qid, summary.message_id, ingress, envelope.sender, len(envelope.recipients), meta["size"],
+            qid,
+            summary.message_id,
+            ingress,
+            envelope.sender,
+            len(envelope.recipients),
+            meta["size"],
         )
         self.on_queued()
         return qid

@@ -38,9 +38,9 @@ def check_addr_spec(address: str, *, utf8: bool = True) -> str:
         raise InvalidAddress(f"bad address {address!r}: not valid UTF-8") from None
     if len(local.encode()) > 64 or (ascii_local and not _LOCAL.match(local)):
         raise InvalidAddress(f"bad address {address!r}: invalid local part")
-    if local.startswith(".") or local.endswith(".") or ".." in local:
-        if not local.startswith('"'):
-            raise InvalidAddress(f"bad address {address!r}: invalid dots in local part")
+    dots_misplaced = local.startswith(".") or local.endswith(".") or ".." in local
+    if dots_misplaced and not local.startswith('"'):
+        raise InvalidAddress(f"bad address {address!r}: invalid dots in local part")
     if not ascii_local and not utf8:
         raise InvalidAddress(f"bad address {address!r}: non-ASCII local part needs SMTPUTF8")
     if domain.startswith("[") and domain.endswith("]"):

@@ -26,7 +26,7 @@ QUEUE_STATES = ("queued", "deferred", "dead")
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # The *_created series are not part of our interface and double the exposition.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -35,25 +35,35 @@ class Metrics:
             "ratatoskr_messages_received", "Messages accepted into the queue.", ["ingress"], registry=r
         )
         self.messages_rejected = Counter(
-            "ratatoskr_messages_rejected", "Messages refused at ingress.", ["ingress", "reason"],
+            "ratatoskr_messages_rejected",
+            "Messages refused at ingress.",
+            ["ingress", "reason"],
             registry=r,
         )
         self.deliveries = Counter(
-            "ratatoskr_deliveries", "Delivery attempts by outcome.", ["provider", "outcome"],
+            "ratatoskr_deliveries",
+            "Delivery attempts by outcome.",
+            ["provider", "outcome"],
             registry=r,
         )
         self.delivery_duration = Histogram(
-            "ratatoskr_delivery_duration_seconds", "Time one provider took for one attempt.",
-            ["provider"], registry=r,
+            "ratatoskr_delivery_duration_seconds",
+            "Time one provider took for one attempt.",
+            ["provider"],
+            registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.provider_up = Gauge(
-            "ratatoskr_provider_up", "1 while the provider takes traffic, 0 while its circuit is open.",
-            ["provider"], registry=r,
+            "ratatoskr_provider_up",
+            "1 while the provider takes traffic, 0 while its circuit is open.",
+            ["provider"],
+            registry=r,
         )
         self.failovers = Counter(
-            "ratatoskr_failovers", "Messages moved from one provider to the next.",
-            ["from_provider", "to_provider"], registry=r,
+            "ratatoskr_failovers",
+            "Messages moved from one provider to the next.",
+            ["from_provider", "to_provider"],
+            registry=r,
         )
         self.queue_messages = Gauge(
             "ratatoskr_queue_messages", "Messages in the queue by state.", ["state"], registry=r

@@ -17,7 +17,7 @@ import re
 from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser, BytesParser
-from typing import cast
+from typing import cast, overload
 
 import html2text
 
@@ -33,24 +33,41 @@ _TEXT_PART = re.compile(rb"(?im)^content-type:[ \t]*text/plain\b")
 _STANDARD_HEADERS = frozenset(
     h.lower()
     for h in (
-        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "MIME-Version",
-        "Content-Type", "Content-Transfer-Encoding", "Content-Disposition", "Received",
-        "Return-Path", "Sender", "X-Tag", "X-Mailgun-Tag", "X-MC-Tags",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Received",
+        "Return-Path",
+        "Sender",
+        "X-Tag",
+        "X-Mailgun-Tag",
+        "X-MC-Tags",
     )
 )
 TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
+#: Message bytes as SMTP reads them (a bytearray, never copied) or as the queue returns them.
+Bytes = bytes | bytearray
 
 
-def split_head(raw: bytes | bytearray) -> tuple[bytes, bytes]:
+def split_head(raw: Bytes) -> tuple[Bytes, Bytes]:
     """Split raw bytes into the header block (with its final line break) and the rest."""
     match = _BLANK_LINE.search(raw)
     if match is None:
-        return raw, b""
+        return raw, raw[:0]
     cut = match.start() + (2 if raw[match.start()] == 13 else 1)
     return raw[:cut], raw[cut:]
 
 
-def _fields(head: bytes) -> list[bytes]:
+def _fields(head: Bytes) -> list[bytes]:
     """Header fields, each with its continuation lines, in order."""
     lines = head.splitlines(keepends=True)
     fields: list[bytes] = []
@@ -58,11 +75,15 @@ def _fields(head: bytes) -> list[bytes]:
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
         else:
-            fields.append(line)
+            fields.append(bytes(line))
     return fields
 
 
-def strip_bcc(raw: bytes | bytearray) -> bytes | bytearray:
+@overload
+def strip_bcc(raw: bytes) -> bytes: ...
+@overload
+def strip_bcc(raw: Bytes) -> Bytes: ...
+def strip_bcc(raw: Bytes) -> Bytes:
     """Remove every ``Bcc:``/``Resent-Bcc:`` field, leaving all other bytes untouched."""
     head, body = split_head(raw)
     lowered = head.lower()
@@ -72,7 +93,7 @@ def strip_bcc(raw: bytes | bytearray) -> bytes | bytearray:
     return b"".join(kept) + body
 
 
-def check_head(head: bytes) -> None:
+def check_head(head: Bytes) -> None:
     """Refuse a message whose header section is not RFC 5322 headers."""
     if not head.strip():
         raise MessageRejected("message has no header section")
@@ -97,7 +118,7 @@ def _needs_text_part(root: EmailMessage) -> MIMEPart | None:
         return None
     if root.get_body(preferencelist=("plain",)) is not None:
         return None
-    return cast("MIMEPart | None", root.get_body(preferencelist=("related", "html")))
+    return root.get_body(preferencelist=("related", "html"))
 
 
 def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
@@ -109,7 +130,7 @@ def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
     html_part.make_alternative()
     text_part = MIMEPart(policy=_SMTP_POLICY)
     text_part.set_content(text, subtype="plain", charset="utf-8")
-    cast(list, html_part.get_payload()).insert(0, text_part)
+    cast("list[MIMEPart]", html_part.get_payload()).insert(0, text_part)
 
 
 def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[bytes, Message]:
@@ -151,7 +172,7 @@ def prepare_parts(
 
 def _with_text_part(raw: bytes | bytearray) -> bytes | bytearray:
     """``raw`` with a text/plain alternative derived from its HTML, if it has no text part."""
-    root = cast(EmailMessage, BytesParser(policy=_SMTP_POLICY).parsebytes(raw))
+    root = BytesParser(policy=_SMTP_POLICY).parsebytes(raw)
     html_part = _needs_text_part(root)
     if html_part is None:
         return raw
@@ -246,14 +267,12 @@ def _attachments(root: EmailMessage, bodies: tuple[object, ...]) -> tuple[Attach
 
 def parse(raw: bytes) -> Message:
     """The full parsed view of queued bytes: addresses, bodies, attachments, extra headers."""
-    root = cast(EmailMessage, BytesParser(policy=policy.default).parsebytes(raw))
+    root = BytesParser(policy=policy.default).parsebytes(raw)
     text_part = root.get_body(preferencelist=("plain",))
     html_part = root.get_body(preferencelist=("html",))
     text = cast(str, text_part.get_content()) if text_part is not None else None
     html = cast(str, html_part.get_content()) if html_part is not None else None
-    extra = tuple(
-        (name, str(value)) for name, value in root.items() if name.lower() not in _STANDARD_HEADERS
-    )
+    extra = tuple((name, str(value)) for name, value in root.items() if name.lower() not in _STANDARD_HEADERS)
     return Message(
         from_=_addresses(root, "From"),
         to=_addresses(root, "To"),

@@ -39,9 +39,11 @@ settings.register_profile("ratatoskr-slow", max_examples=300, **_HYPOTHESIS)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--slow", action="store_true", default=False,
+        "--slow",
+        action="store_true",
+        default=False,
         help="run the heavy reliability variants: more crashes, messages and hypothesis examples, "
-             "and the tests marked slow",
+        "and the tests marked slow",
     )
 
 
@@ -103,8 +105,13 @@ async def running_daemon(
 ) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
     started: list[Daemon] = []
 
-    async def start(*, clock: Callable[[], float] | None = None, poll_interval: float = 0.05,
-                    config: config_mod.Config | None = None, **sections: Any) -> Daemon:
+    async def start(
+        *,
+        clock: Callable[[], float] | None = None,
+        poll_interval: float = 0.05,
+        config: config_mod.Config | None = None,
+        **sections: Any,
+    ) -> Daemon:
         cfg = config or build_config(tmp_path, **sections)
         kwargs: dict[str, Any] = {"poll_interval": poll_interval}
         if clock is not None:
@@ -120,8 +127,12 @@ async def running_daemon(
 
 
 async def smtp_send(
-    port: int, raw: bytes | str, *, sender: str = "ada@example.com",
-    recipients: list[str] | None = None, host: str = "127.0.0.1",
+    port: int,
+    raw: bytes | str,
+    *,
+    sender: str = "ada@example.com",
+    recipients: list[str] | None = None,
+    host: str = "127.0.0.1",
 ) -> dict[str, tuple[int, bytes]]:
     """Send one message with smtplib (in a thread); returns smtplib's refused dict."""
 
@@ -132,8 +143,9 @@ async def smtp_send(
     return await asyncio.to_thread(send)
 
 
-async def smtp_data_reply(port: int, raw: bytes, *, sender: str = "ada@example.com",
-                          recipients: list[str] | None = None) -> tuple[int, str]:
+async def smtp_data_reply(
+    port: int, raw: bytes, *, sender: str = "ada@example.com", recipients: list[str] | None = None
+) -> tuple[int, str]:
     """Run one transaction and return the reply to the end of DATA."""
     async with RawSmtp(port) as s:
         await s.cmd("EHLO client.test")

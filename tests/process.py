@@ -58,7 +58,10 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ratatoskr", "serve", "--config", str(self.config)],
-            stdout=log, stderr=log, env=self.env, cwd=self.config.parent,
+            stdout=log,
+            stderr=log,
+            env=self.env,
+            cwd=self.config.parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -15,8 +15,11 @@ MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: queued\r\n\
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ratatoskr", *args], input=stdin, capture_output=True,
-        text=True, timeout=60,
+        [sys.executable, "-m", "ratatoskr", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -55,7 +58,9 @@ def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path):
     daemon = DaemonProcess(config, port).start()
     try:
         qid = daemon.send(MESSAGE, recipients=["bob@example.net", "hidden@example.org"])
-        listing = _wait_for(lambda: cli("queue", "list", "--config", str(config)), lambda r: "deferred" in r.stdout)
+        listing = _wait_for(
+            lambda: cli("queue", "list", "--config", str(config)), lambda r: "deferred" in r.stdout
+        )
         assert qid in listing.stdout
 
         shown = cli("queue", "show", qid, "--config", str(config))

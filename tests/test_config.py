@@ -36,12 +36,24 @@ def test_full_example_file_parses(monkeypatch):
 @pytest.mark.parametrize(
     ("data", "key", "problem"),
     [
-        ({"providers": [{"kind": "sendgird"}]}, "providers[0].kind", "unknown kind 'sendgird' (expected mailgun, mandrill, outbox)"),
+        (
+            {"providers": [{"kind": "sendgird"}]},
+            "providers[0].kind",
+            "unknown kind 'sendgird' (expected mailgun, mandrill, outbox)",
+        ),
         ({"providers": [{"name": "x"}]}, "providers[0].kind", "missing"),
         ({"providers": [{"kind": "mailgun", "domain": "mg.example.com"}]}, "providers[0].api_key", "missing"),
         ({"providers": [{"kind": "mailgun", "api_key": "k"}]}, "providers[0].domain", "missing"),
-        ({"providers": [{"kind": "mailgun", "api_key": "k", "domain": "a/b"}]}, "providers[0].domain", "not a domain"),
-        ({"providers": [{"kind": "mandrill", "api_key": "k", "base_url": "ftp://x"}]}, "providers[0].base_url", "http(s) URL"),
+        (
+            {"providers": [{"kind": "mailgun", "api_key": "k", "domain": "a/b"}]},
+            "providers[0].domain",
+            "not a domain",
+        ),
+        (
+            {"providers": [{"kind": "mandrill", "api_key": "k", "base_url": "ftp://x"}]},
+            "providers[0].base_url",
+            "http(s) URL",
+        ),
         ({"providers": [{"kind": "outbox"}, {"kind": "outbox"}]}, "providers[1].name", "duplicate"),
         ({"providers": [{"kind": "outbox", "timeout": -1}]}, "providers[0].timeout", "greater than 0"),
         ({"providers": [{"kind": "outbox", "colour": "red"}]}, "providers[0].colour", "unknown key"),
@@ -130,8 +142,12 @@ def test_secret_values_never_appear_in_errors():
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [sys.executable, "-m", "ratatoskr", *args], capture_output=True, text=True,
-        env=env, cwd=cwd, timeout=60,
+        [sys.executable, "-m", "ratatoskr", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
     )
 
 
@@ -141,7 +157,8 @@ def test_invalid_config_exits_2_with_one_line(tmp_path):
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "ratatoskr: invalid config: providers[0].kind: unknown kind 'sendgird' (expected mailgun, mandrill, outbox)"
+        "ratatoskr: invalid config: providers[0].kind: unknown kind 'sendgird'"
+        " (expected mailgun, mandrill, outbox)"
     ]
     result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
@@ -206,8 +223,21 @@ def test_unloadable_tls_certificate_is_a_config_error(tmp_path):
 
 
 def test_mailgun_probe_key_is_optional_and_secret(tmp_path):
-    cfg = parse(providers=[{"kind": "mailgun", "api_key": "sending-k", "domain": "mg.example.com",
-                            "probe_api_key": "account-k"}])
+    cfg = parse(
+        providers=[
+            {
+                "kind": "mailgun",
+                "api_key": "sending-k",
+                "domain": "mg.example.com",
+                "probe_api_key": "account-k",
+            }
+        ]
+    )
     assert cfg.providers[0].probe_api_key.reveal() == "account-k"
     assert "account-k" in cfg.secrets() and "account-k" not in repr(cfg)
-    assert parse(providers=[{"kind": "mailgun", "api_key": "k", "domain": "mg.example.com"}]).providers[0].probe_api_key is None
+    assert (
+        parse(providers=[{"kind": "mailgun", "api_key": "k", "domain": "mg.example.com"}])
+        .providers[0]
+        .probe_api_key
+        is None
+    )

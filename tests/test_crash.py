@@ -60,8 +60,10 @@ def body(n: int, size: int) -> bytes:
 
 
 def message(n: int, size: int) -> bytes:
-    head = f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: {subject(n)}\r\n" \
-           f"Message-ID: <crash-{n}@client.test>\r\n\r\n"
+    head = (
+        f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: {subject(n)}\r\n"
+        f"Message-ID: <crash-{n}@client.test>\r\n\r\n"
+    )
     return head.encode() + body(n, size)
 
 
@@ -123,8 +125,9 @@ class Figures:
 
 
 class CrashLoop:
-    def __init__(self, tmp_path: Path, providers: list[dict[str, Any]], fakes: list[Any], load: Load,
-                 seed: int) -> None:
+    def __init__(
+        self, tmp_path: Path, providers: list[dict[str, Any]], fakes: list[Any], load: Load, seed: int
+    ) -> None:
         self.port = free_port()
         self.spool = tmp_path / "var"
         self.config = write_config(
@@ -133,8 +136,13 @@ class CrashLoop:
                 "smtp": {"listen": f"127.0.0.1:{self.port}", "hostname": "relay.test"},
                 "http": {"listen": f"127.0.0.1:{free_port()}"},
                 "spool": {"path": str(self.spool)},
-                "delivery": {"retry_initial": 0.1, "retry_max": 0.3, "circuit_failures": 3,
-                             "circuit_cooldown": 0.1, "circuit_cooldown_max": 0.3},
+                "delivery": {
+                    "retry_initial": 0.1,
+                    "retry_max": 0.3,
+                    "circuit_failures": 3,
+                    "circuit_cooldown": 0.1,
+                    "circuit_cooldown_max": 0.3,
+                },
             },
             providers,
         )
@@ -237,8 +245,9 @@ async def flap(fake: Any, rng: random.Random) -> None:
 async def test_sigkill_under_load_loses_no_acknowledged_message(tmp_path, fake_mailgun, heavy):
     """Rounds of SMTP load ended by kill -9: every 250 is delivered at least once, a duplicate
     only ever for a message that was in flight at a kill, and nothing is left in flight."""
-    loop = CrashLoop(tmp_path, [fake_mailgun.provider_entry(timeout=5)], [fake_mailgun],
-                     Load.for_run(heavy), SEED)
+    loop = CrashLoop(
+        tmp_path, [fake_mailgun.provider_entry(timeout=5)], [fake_mailgun], Load.for_run(heavy), SEED
+    )
     for _ in range(loop.load.crashes):
         await loop.crash_round()
     await loop.drain()
@@ -251,8 +260,10 @@ async def test_sigkill_while_providers_flap_loses_nothing(tmp_path, fake_mailgun
     messages fail over, defer and come back): still every 250 delivered, nothing in flight."""
     providers = [fake_mailgun.provider_entry(timeout=5), fake_mandrill.provider_entry(timeout=5)]
     loop = CrashLoop(tmp_path, providers, [fake_mailgun, fake_mandrill], Load.for_run(heavy), SEED + 1)
-    flapping = [asyncio.create_task(flap(fake, random.Random(loop.rng.random())))
-                for fake in (fake_mailgun, fake_mandrill)]
+    flapping = [
+        asyncio.create_task(flap(fake, random.Random(loop.rng.random())))
+        for fake in (fake_mailgun, fake_mandrill)
+    ]
     try:
         for _ in range(loop.load.crashes):
             await loop.crash_round()

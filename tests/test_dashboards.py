@@ -32,9 +32,7 @@ TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
 
 
 @pytest.fixture
-async def exposition(
-    running_daemon: Callable[..., Any], fake_mailgun: FakeMailgun, tmp_path: Path
-) -> str:
+async def exposition(running_daemon: Callable[..., Any], fake_mailgun: FakeMailgun, tmp_path: Path) -> str:
     """/metrics of a daemon that has seen one of everything (a refusal, a failover, a delivery),
     so every family carries samples and so its label names."""
     fake_mailgun.fail(503, route="send")
@@ -74,9 +72,7 @@ def dashboard_queries() -> list[str]:
 def alert_rules() -> dict[str, str]:
     """alert name → its expression, read without a YAML library (the file is plain block YAML)."""
     text = ALERTS.read_text()
-    rules = re.findall(
-        r"- alert: (\w+)\n(?:\s*#.*\n)*\s*expr: (>-\n(?:\s{10}.*\n)+|.*\n)", text
-    )
+    rules = re.findall(r"- alert: (\w+)\n(?:\s*#.*\n)*\s*expr: (>-\n(?:\s{10}.*\n)+|.*\n)", text)
     return {name: expr.removeprefix(">-").strip() for name, expr in rules}
 
 
@@ -114,8 +110,12 @@ def test_alerts_use_only_exposed_metrics_and_cover_the_outages(exposition: str) 
     built on names /metrics really exposes."""
     names = exposed(exposition)
     rules = alert_rules()
-    assert {"RatatoskrProviderDown", "RatatoskrQueueGrowing", "RatatoskrOldestMessageTooOld",
-            "RatatoskrDeadLetters"} <= rules.keys()
+    assert {
+        "RatatoskrProviderDown",
+        "RatatoskrQueueGrowing",
+        "RatatoskrOldestMessageTooOld",
+        "RatatoskrDeadLetters",
+    } <= rules.keys()
     assert len(rules) == ALERTS.read_text().count("- alert:")
     check_queries(list(rules.values()), names)
     assert "ratatoskr_provider_up" in rules["RatatoskrProviderDown"]

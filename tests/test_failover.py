@@ -87,9 +87,7 @@ async def test_all_down_defers_then_delivers_exactly_once(relay, fake_mailgun, f
     daemon = await relay()
     for n in range(6):
         await send(daemon, n)
-    await wait_until(
-        lambda: _deferred_or_queued(daemon, 6), what="all six waiting in the queue"
-    )
+    await wait_until(lambda: _deferred_or_queued(daemon, 6), what="all six waiting in the queue")
     assert metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0
     assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 0
 
@@ -111,7 +109,9 @@ async def _empty(daemon) -> bool:
     return sum(counts.values()) == 0
 
 
-async def test_rate_limit_pauses_mailgun_and_uses_mandrill_meanwhile(relay, fake_mailgun, fake_mandrill, clock):
+async def test_rate_limit_pauses_mailgun_and_uses_mandrill_meanwhile(
+    relay, fake_mailgun, fake_mandrill, clock
+):
     fake_mailgun.rate_limit(retry_after=30, times=1)
     daemon = await relay()
     for n in range(3):
@@ -141,7 +141,9 @@ async def test_unusable_key_opens_the_circuit_at_once(relay, fake_mailgun, fake_
 async def test_a_permanent_rejection_does_not_open_the_circuit(relay, fake_mailgun, fake_mandrill):
     """A message's own refusal says nothing about the provider: the next provider gets one
     chance at that message, and the refusing provider keeps taking other mail."""
-    fake_mailgun.fail(400, {"message": "to parameter is not a valid address. please check documentation"}, times=3)
+    fake_mailgun.fail(
+        400, {"message": "to parameter is not a valid address. please check documentation"}, times=3
+    )
     daemon = await relay(circuit_failures=2)
     for n in range(3):
         await send(daemon, n)
@@ -152,11 +154,21 @@ async def test_a_permanent_rejection_does_not_open_the_circuit(relay, fake_mailg
     assert metric(daemon, "ratatoskr_deliveries_total", provider="mailgun", outcome="permanent_failure") == 3
 
 
-async def test_refused_by_both_is_dead_and_queue_retry_revives_it(relay, fake_mailgun, fake_mandrill, tmp_path, clock):
+async def test_refused_by_both_is_dead_and_queue_retry_revives_it(
+    relay, fake_mailgun, fake_mandrill, tmp_path, clock
+):
     refusal = {"message": "to parameter is not a valid address. please check documentation"}
     fake_mailgun.fail(400, refusal, times=None)
-    fake_mandrill.fail(500, {"status": "error", "code": -2, "name": "ValidationError",
-                             "message": "Validation error: bad address"}, times=None)
+    fake_mandrill.fail(
+        500,
+        {
+            "status": "error",
+            "code": -2,
+            "name": "ValidationError",
+            "message": "Validation error: bad address",
+        },
+        times=None,
+    )
     daemon = await relay()
     await send(daemon, 0)
     await wait_until(lambda: _dead(daemon, 1), what="message dead")
@@ -179,7 +191,9 @@ async def _dead(daemon, count: int) -> bool:
     return (await queue_counts(daemon))["dead"] == count
 
 
-async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(relay, fake_mailgun, fake_mandrill, tmp_path):
+async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(
+    relay, fake_mailgun, fake_mandrill, tmp_path
+):
     """A timeout after the request left may mean mailgun took it: one more try at mailgun,
     then mandrill; every attempt is in the message's history."""
     fake_mailgun.stall(times=2)
@@ -193,7 +207,9 @@ async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(rela
     finally:
         admin.close()
     assert [(a["provider"], a["outcome"]) for a in waiting.history] == [
-        ("mailgun", "ambiguous"), ("mailgun", "ambiguous"), ("mandrill", "temporary"),
+        ("mailgun", "ambiguous"),
+        ("mailgun", "ambiguous"),
+        ("mandrill", "temporary"),
     ]
     fake_mailgun.release()
 
@@ -240,7 +256,9 @@ async def mandrill_first(running_daemon, fake_mailgun, fake_mandrill, clock):
     return relay_starter(running_daemon, clock, fake_mandrill, fake_mailgun)
 
 
-async def test_suppressed_recipient_is_not_routed_round_the_suppression(mandrill_first, fake_mailgun, fake_mandrill):
+async def test_suppressed_recipient_is_not_routed_round_the_suppression(
+    mandrill_first, fake_mailgun, fake_mandrill
+):
     """Mandrill refusing a recipient on its suppression list (unsubscribed) is final: the
     message dies instead of going out through Mailgun."""
     fake_mandrill.reject("bob@example.net", "unsub")
@@ -252,14 +270,16 @@ async def test_suppressed_recipient_is_not_routed_round_the_suppression(mandrill
     assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 1
 
 
-async def test_partly_refused_recipients_are_retried_not_dropped(mandrill_first, fake_mailgun, fake_mandrill, clock):
+async def test_partly_refused_recipients_are_retried_not_dropped(
+    mandrill_first, fake_mailgun, fake_mandrill, clock
+):
     """Mandrill takes one recipient and refuses two: the account-level refusal goes to the
     next provider at once, the soft bounce comes back later, nobody is silently dropped."""
     fake_mandrill.reject("soft@example.net", "soft-bounce")
     fake_mandrill.reject("acct@example.net", "unsigned")
     daemon = await mandrill_first()
     await send(daemon, 0, recipients=["ok@example.net", "soft@example.net", "acct@example.net"])
-    [first] = await fake_mandrill.wait_for(1)
+    await fake_mandrill.wait_for(1)
     [elsewhere] = await fake_mailgun.wait_for(1)
     assert elsewhere.accepted == ["acct@example.net"]
     assert metric(daemon, "ratatoskr_provider_up", provider="mandrill") == 1
@@ -275,8 +295,9 @@ async def test_lifetime_ends_during_an_outage_even_untried(relay, fake_mailgun, 
     """While every circuit is open only trial messages are tried; the rest still die when
     their lifetime is over instead of waiting forever."""
     fake_mailgun.revoke_key()
-    fake_mandrill.fail(401, {"status": "error", "code": -1, "name": "Invalid_Key",
-                             "message": "Invalid API key"}, times=None)
+    fake_mandrill.fail(
+        401, {"status": "error", "code": -1, "name": "Invalid_Key", "message": "Invalid API key"}, times=None
+    )
     daemon = await relay(circuit_cooldown=10_000, circuit_cooldown_max=100_000)
     for n in range(5):
         await send(daemon, n)

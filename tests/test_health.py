@@ -22,7 +22,11 @@ def changes():
 @pytest.fixture
 def health(clock, changes):
     return ProviderHealth(
-        "mg", failures_to_open=3, cooldown=10, cooldown_max=40, clock=clock,
+        "mg",
+        failures_to_open=3,
+        cooldown=10,
+        cooldown_max=40,
+        clock=clock,
         on_change=lambda h, up, reason: changes.append((up, reason)),
     )
 

@@ -61,23 +61,63 @@ async def assert_answered(daemon: Any, outbox: pathlib.Path, raw: bytes) -> tupl
 
 # -- random and malformed MIME -----------------------------------------------------------------
 
-HEADER_NAMES = st.sampled_from([
-    "From", "To", "Cc", "Bcc", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type",
-    "Content-Transfer-Encoding", "Content-Disposition", "Reply-To", "X-Tag", "X-MC-Tags",
-    "Resent-Bcc", "Received",
-]) | st.from_regex(r"\A[!-9;-~]{1,30}\Z")
-CONTENT_TYPES = st.sampled_from([
-    "text/plain", "text/html", "text/html; charset=no-such-charset", "text/html; charset=utf-7",
-    "text/plain; charset=\"", "multipart/alternative", "multipart/alternative; boundary=B",
-    "multipart/mixed; boundary=\"\"", "multipart/related; boundary=B; type=text/html",
-    "message/rfc822", "application/octet-stream", "multipart/digest; boundary=B", "text/",
-    "multipart/alternative; boundary=" + "B" * 200,
-])
+HEADER_NAMES = st.sampled_from(
+    [
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Reply-To",
+        "X-Tag",
+        "X-MC-Tags",
+        "Resent-Bcc",
+        "Received",
+    ]
+) | st.from_regex(r"\A[!-9;-~]{1,30}\Z")
+CONTENT_TYPES = st.sampled_from(
+    [
+        "text/plain",
+        "text/html",
+        "text/html; charset=no-such-charset",
+        "text/html; charset=utf-7",
+        'text/plain; charset="',
+        "multipart/alternative",
+        "multipart/alternative; boundary=B",
+        'multipart/mixed; boundary=""',
+        "multipart/related; boundary=B; type=text/html",
+        "message/rfc822",
+        "application/octet-stream",
+        "multipart/digest; boundary=B",
+        "text/",
+        "multipart/alternative; boundary=" + "B" * 200,
+    ]
+)
 ENCODINGS = st.sampled_from(["base64", "quoted-printable", "8bit", "7bit", "binary", "x-uuencode", "bogus"])
-VALUES = st.binary(max_size=120) | st.text(max_size=80).map(str.encode) | st.sampled_from([
-    b"=?utf-8?b?////?=", b"=?bogus?q?x?=", b"<>", b"\x00", b"a" * 2000, b"\xff\xfe", b"(((",
-    b"Ada <ada@example.com>", b"\"unterminated <x@y>", b"undisclosed-recipients:;",
-])
+VALUES = (
+    st.binary(max_size=120)
+    | st.text(max_size=80).map(str.encode)
+    | st.sampled_from(
+        [
+            b"=?utf-8?b?////?=",
+            b"=?bogus?q?x?=",
+            b"<>",
+            b"\x00",
+            b"a" * 2000,
+            b"\xff\xfe",
+            b"(((",
+            b"Ada <ada@example.com>",
+            b'"unterminated <x@y>',
+            b"undisclosed-recipients:;",
+        ]
+    )
+)
 PARTS = st.lists(
     st.tuples(CONTENT_TYPES, ENCODINGS, st.binary(max_size=300) | st.text(max_size=300).map(str.encode)),
     max_size=4,
@@ -95,8 +135,14 @@ def mime_messages(draw: Any) -> bytes:
         lines.append(b"Content-Type: " + draw(CONTENT_TYPES).encode())
     parts = draw(PARTS)
     body = b"".join(
-        b"--B\r\nContent-Type: " + ct.encode() + b"\r\nContent-Transfer-Encoding: " + cte.encode()
-        + b"\r\n\r\n" + payload + b"\r\n" for ct, cte, payload in parts
+        b"--B\r\nContent-Type: "
+        + ct.encode()
+        + b"\r\nContent-Transfer-Encoding: "
+        + cte.encode()
+        + b"\r\n\r\n"
+        + payload
+        + b"\r\n"
+        for ct, cte, payload in parts
     ) + (b"--B--\r\n" if draw(st.booleans()) else b"")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body + draw(st.binary(max_size=200))
 
@@ -149,7 +195,8 @@ CASES = {
     "1 MB line": HEAD + b"\r\n" + b"y" * 1_000_000 + b"\r\n",
     "bare LF line ends": b"From: ada@example.com\nSubject: lf\n\nbody\n",
     "bare CR line ends": b"From: ada@example.com\rSubject: cr\r\rbody\r",
-    "HTML in a charset that does not exist": HEAD + b"Content-Type: text/html; charset=x-none\r\n\r\n<p>\xff</p>\r\n",
+    "HTML in a charset that does not exist": HEAD
+    + b"Content-Type: text/html; charset=x-none\r\n\r\n<p>\xff</p>\r\n",
     "multipart with no parts": HEAD + b"Content-Type: multipart/alternative; boundary=Q\r\n\r\n--Q--\r\n",
     "base64 garbage": HEAD + b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!*\r\n",
 }
@@ -181,12 +228,15 @@ async def test_thousands_of_recipients_keep_the_first_thousand(running_daemon, o
     assert len(json.loads(envelope.read_text())["recipients"]) == 1000
 
 
-@pytest.mark.parametrize("line", [
-    b"MAIL FROM:<" + b"a" * 100_000 + b"@example.com>",
-    b"X" * 200_000,
-    b"EHLO " + b"\xff" * 1000,
-    b"MAIL FROM:<a\x00b@example.com>",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"MAIL FROM:<" + b"a" * 100_000 + b"@example.com>",
+        b"X" * 200_000,
+        b"EHLO " + b"\xff" * 1000,
+        b"MAIL FROM:<a\x00b@example.com>",
+    ],
+)
 async def test_overlong_and_binary_command_lines(daemon, line):
     """A command line far over the limit, or with binary bytes: a 5xx, and the session goes on."""
     async with RawSmtp(daemon.smtp_port) as s:
@@ -201,7 +251,9 @@ async def test_pipelined_transactions_flood(daemon, outbox, heavy):
     count = 1000 if heavy else 200
     flood = b"".join(
         b"MAIL FROM:<ada@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
-        + HEAD + b"Subject: flood %d\r\n\r\nbody\r\n.\r\n" % i for i in range(count)
+        + HEAD
+        + b"Subject: flood %d\r\n\r\nbody\r\n.\r\n" % i
+        for i in range(count)
     )
     async with RawSmtp(daemon.smtp_port) as s:
         await s.cmd("EHLO client.test")
@@ -255,11 +307,19 @@ async def test_clients_vanishing_mid_data_queue_nothing(daemon, outbox, how):
 # -- SMTP smuggling ----------------------------------------------------------------------------
 
 LOOKALIKES = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b".\r\n", b"\r\n..\r\n"]
-SMUGGLED = [b"MAIL FROM:<evil@example.com>\r\n", b"RCPT TO:<victim@example.org>\r\n", b"DATA\r\n",
-            b"From: evil@example.com\r\nSubject: smuggled\r\n\r\n", b"QUIT\r\n", b"RSET\r\n"]
+SMUGGLED = [
+    b"MAIL FROM:<evil@example.com>\r\n",
+    b"RCPT TO:<victim@example.org>\r\n",
+    b"DATA\r\n",
+    b"From: evil@example.com\r\nSubject: smuggled\r\n\r\n",
+    b"QUIT\r\n",
+    b"RSET\r\n",
+]
 
 
-@given(pieces=st.lists(st.sampled_from(LOOKALIKES + SMUGGLED) | st.binary(max_size=20), min_size=1, max_size=25))
+@given(
+    pieces=st.lists(st.sampled_from(LOOKALIKES + SMUGGLED) | st.binary(max_size=20), min_size=1, max_size=25)
+)
 async def test_smuggling_sequences_stay_inside_one_message(daemon, outbox, pieces):
     """Only <CRLF>.<CRLF> ends DATA: a body full of look-alike terminators and commands is one
     message, delivered byte for byte, and the session is still in step afterwards."""
@@ -285,21 +345,39 @@ async def test_smuggling_sequences_stay_inside_one_message(daemon, outbox, piece
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
 JSON_VALUES = st.recursive(
-    JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-ADDRESSES = st.sampled_from(["bob@example.net", "Bob <bob@example.net>", "bob@", "", "\ud800@x.y",
-                             "a" * 300 + "@example.com", "<>", "undisclosed-recipients:;"])
+ADDRESSES = st.sampled_from(
+    [
+        "bob@example.net",
+        "Bob <bob@example.net>",
+        "bob@",
+        "",
+        "\ud800@x.y",
+        "a" * 300 + "@example.com",
+        "<>",
+        "undisclosed-recipients:;",
+    ]
+)
 FIELDS = {
-    "from": ADDRESSES | JSON_VALUES, "to": st.lists(ADDRESSES, max_size=3) | JSON_VALUES,
-    "cc": st.lists(ADDRESSES, max_size=2), "bcc": JSON_VALUES, "reply_to": ADDRESSES,
-    "subject": st.text(max_size=60) | JSON_VALUES, "text": st.text(max_size=200),
+    "from": ADDRESSES | JSON_VALUES,
+    "to": st.lists(ADDRESSES, max_size=3) | JSON_VALUES,
+    "cc": st.lists(ADDRESSES, max_size=2),
+    "bcc": JSON_VALUES,
+    "reply_to": ADDRESSES,
+    "subject": st.text(max_size=60) | JSON_VALUES,
+    "text": st.text(max_size=200),
     "html": st.text(max_size=200) | st.just("<p>\ud800</p>"),
     "headers": st.dictionaries(st.text(max_size=12), st.text(max_size=30) | JSON_VALUES, max_size=3),
-    "attachments": st.lists(st.fixed_dictionaries(
-        {"filename": st.text(max_size=10), "content": st.sampled_from(["aGk=", "!!", "", "aGk"])},
-        optional={"content_type": st.text(max_size=20), "content_id": JSON_VALUES},
-    ), max_size=2),
+    "attachments": st.lists(
+        st.fixed_dictionaries(
+            {"filename": st.text(max_size=10), "content": st.sampled_from(["aGk=", "!!", "", "aGk"])},
+            optional={"content_type": st.text(max_size=20), "content_id": JSON_VALUES},
+        ),
+        max_size=2,
+    ),
     "tags": st.lists(st.text(max_size=10), max_size=3) | JSON_VALUES,
 }
 JSON_MESSAGES = st.fixed_dictionaries({}, optional=FIELDS) | JSON_VALUES
@@ -309,7 +387,9 @@ async def post(daemon: Any, body: bytes) -> int:
     async with aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{daemon.http_port}/v1/messages"
         # A BytesIO: aiohttp warns about big raw bytes bodies, an error under our filters.
-        async with http.post(url, data=io.BytesIO(body), headers={"Content-Type": "application/json"}) as response:
+        async with http.post(
+            url, data=io.BytesIO(body), headers={"Content-Type": "application/json"}
+        ) as response:
             if response.status == 202:
                 return (await response.json())["id"]
             assert response.status in (400, 413), (response.status, await response.text())
@@ -325,19 +405,42 @@ async def test_hostile_json_is_a_400_never_a_500(daemon, outbox, message):
         await wait_until((outbox / f"{answer}.eml").exists, what="delivered")
 
 
-@pytest.mark.parametrize("body", [
-    b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "s", "text": "t", "headers": '
-    + b'{"X": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}",
-    b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "' + b"s" * 3_000_000 + b'", "text": "t"}',
-    json.dumps({"from": "ada@example.com", "to": [f"r{i}@example.net" for i in range(100_000)],
-                "subject": "s", "text": "t"}).encode(),
-    b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": NaN, "text": Infinity}',
-    b'{"from": "ada@example.com", "from": 7, "to": ["bob@example.net"], "subject": "s", "text": "t"}',
-    b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "\\ud800", "text": "\\udfff"}',
-    b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "\xff\xfe", "text": "t"}',
-    b"\x00" * 1000,
-], ids=["deep-nesting", "3MB-subject", "100k-recipients", "NaN", "duplicate-keys", "lone-surrogates",
-        "invalid-utf8", "NULs"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "s", "text": "t", "headers": '
+        + b'{"X": '
+        + b"[" * 50_000
+        + b"]" * 50_000
+        + b"}}",
+        b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "'
+        + b"s" * 3_000_000
+        + b'", "text": "t"}',
+        json.dumps(
+            {
+                "from": "ada@example.com",
+                "to": [f"r{i}@example.net" for i in range(100_000)],
+                "subject": "s",
+                "text": "t",
+            }
+        ).encode(),
+        b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": NaN, "text": Infinity}',
+        b'{"from": "ada@example.com", "from": 7, "to": ["bob@example.net"], "subject": "s", "text": "t"}',
+        b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "\\ud800", "text": "\\udfff"}',
+        b'{"from": "ada@example.com", "to": ["bob@example.net"], "subject": "\xff\xfe", "text": "t"}',
+        b"\x00" * 1000,
+    ],
+    ids=[
+        "deep-nesting",
+        "3MB-subject",
+        "100k-recipients",
+        "NaN",
+        "duplicate-keys",
+        "lone-surrogates",
+        "invalid-utf8",
+        "NULs",
+    ],
+)
 async def test_hostile_json_corpus(daemon, body):
     assert await post(daemon, body) in (400, 413)
 
@@ -370,10 +473,15 @@ async def test_memory_stays_bounded_under_a_flood_of_big_rejected_messages(tmp_p
     if not pathlib.Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read the daemon's memory")
     port = free_port()
-    cfg = write_config(tmp_path / "ratatoskr.toml", {
-        "smtp": {"listen": f"127.0.0.1:{port}", "max_message_size": 1_000_000},
-        "http": {"listen": f"127.0.0.1:{free_port()}"}, "spool": {"path": str(tmp_path / "var")},
-    }, [{"name": "local", "kind": "outbox", "path": str(tmp_path / "outbox")}])
+    cfg = write_config(
+        tmp_path / "ratatoskr.toml",
+        {
+            "smtp": {"listen": f"127.0.0.1:{port}", "max_message_size": 1_000_000},
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "spool": {"path": str(tmp_path / "var")},
+        },
+        [{"name": "local", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+    )
     daemon = await asyncio.to_thread(DaemonProcess(cfg, port).start)
     clients, big = (32, 32_000_000) if heavy else (12, 16_000_000)
     too_big = HEAD + b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * (big // 1000)
@@ -383,17 +491,19 @@ async def test_memory_stays_bounded_under_a_flood_of_big_rejected_messages(tmp_p
         assert await asyncio.to_thread(flood, port, too_big) == 552
         before = rss_kib(daemon.proc.pid, "VmRSS")
         started = time.monotonic()
-        codes = await asyncio.gather(*(
-            asyncio.to_thread(flood, port, too_big if i % 2 else nul) for i in range(clients)
-        ))
+        codes = await asyncio.gather(
+            *(asyncio.to_thread(flood, port, too_big if i % 2 else nul) for i in range(clients))
+        )
         peak = rss_kib(daemon.proc.pid, "VmHWM")
         after = rss_kib(daemon.proc.pid, "VmRSS")
         assert await asyncio.to_thread(daemon.terminate) == 0
     finally:
         await asyncio.to_thread(daemon.stop_quietly)
     sent_mib = clients // 2 * (len(too_big) + len(nul)) / 2**20
-    print(f"flood: {clients} clients, {sent_mib:.0f} MiB sent in {time.monotonic() - started:.1f} s; "
-          f"RSS {before // 1024} MiB before, peak {peak // 1024} MiB, {after // 1024} MiB after")
+    print(
+        f"flood: {clients} clients, {sent_mib:.0f} MiB sent in {time.monotonic() - started:.1f} s; "
+        f"RSS {before // 1024} MiB before, peak {peak // 1024} MiB, {after // 1024} MiB after"
+    )
     assert codes == [554, 552] * (clients // 2)
     assert peak - before < 32 * 1024, "peak memory grew with the flood"
     assert after - before < 24 * 1024, "memory not given back after the flood"

@@ -36,16 +36,19 @@ VALID: dict[str, Any] = {
     "html": "<h1>Welcome</h1><p>Hello <b>Bob</b>, see <a href='https://example.com/'>this</a>.</p>",
     "headers": {"X-Campaign": "nov"},
     "attachments": [
-        {"filename": "a.pdf", "content_type": "application/pdf",
-         "content": base64.b64encode(PDF).decode()},
+        {"filename": "a.pdf", "content_type": "application/pdf", "content": base64.b64encode(PDF).decode()},
     ],
     "tags": ["welcome", "nov"],
 }
 
 
 def minimal(**changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"from": "ada@example.com", "to": ["bob@example.net"], "subject": "Hi",
-                            "text": "plain"}
+    body: dict[str, Any] = {
+        "from": "ada@example.com",
+        "to": ["bob@example.net"],
+        "subject": "Hi",
+        "text": "plain",
+    }
     body.update(changes)
     return {k: v for k, v in body.items() if v is not None}
 
@@ -113,8 +116,7 @@ async def test_valid_message_is_accepted_and_delivered(
     assert msg["Bcc"] is None and b"hidden@example.org" not in msg.as_bytes()
     assert envelope == {
         "sender": "ada@example.com",
-        "recipients": ["bob@example.net", "carol@example.org", "dave@example.com",
-                       "hidden@example.org"],
+        "recipients": ["bob@example.net", "carol@example.org", "dave@example.com", "hidden@example.org"],
     }
 
 
@@ -145,9 +147,11 @@ async def test_text_and_html_are_alternatives_and_content_id_parts_are_inline(
     """Both bodies kept as given; a part with content_id sits next to the HTML, inline."""
     daemon = await running_daemon()
     body = minimal(
-        text="Plain words", html='<p>Logo: <img src="cid:logo@ada"></p>',
-        attachments=[{"filename": "logo.png", "content": base64.b64encode(LOGO).decode(),
-                      "content_id": "logo@ada"}],
+        text="Plain words",
+        html='<p>Logo: <img src="cid:logo@ada"></p>',
+        attachments=[
+            {"filename": "logo.png", "content": base64.b64encode(LOGO).decode(), "content_id": "logo@ada"}
+        ],
     )
     _, answer, _ = await post(http, daemon, body)
     msg, _ = await delivered(tmp_path / "outbox", answer["id"])
@@ -182,43 +186,82 @@ INVALID = [
     pytest.param(minimal(to=None), "/to", "recipient", id="missing-to"),
     pytest.param(minimal(to=[], cc=[], bcc=[]), "/to", "recipient", id="empty-recipients"),
     pytest.param(minimal(to=["bob@"]), "/to/0", "bad address", id="bad-address"),
-    pytest.param(minimal(to=["ok@example.net", "not an address"]), "/to/1", "bad address",
-                 id="bad-second-address"),
-    pytest.param(minimal(**{"from": "Ada <ada@example..com>"}), "/from", "bad address",
-                 id="bad-from"),
+    pytest.param(
+        minimal(to=["ok@example.net", "not an address"]), "/to/1", "bad address", id="bad-second-address"
+    ),
+    pytest.param(minimal(**{"from": "Ada <ada@example..com>"}), "/from", "bad address", id="bad-from"),
     pytest.param(minimal(**{"from": None}), "/from", "required", id="missing-from"),
     pytest.param(minimal(to=["a" * 999]), "/to/0", "at most 998", id="huge-address"),
     pytest.param(minimal(subject=None), "/subject", "required", id="missing-subject"),
     pytest.param(minimal(text=None), "/text", "text, html", id="missing-text-and-html"),
     pytest.param(minimal(priority="high"), "/priority", "unknown field", id="unknown-field"),
-    pytest.param(minimal(attachments=[{"filename": "a", "content": "aGk", "size": 2}]),
-                 "/attachments/0/size", "unknown field", id="unknown-attachment-field"),
-    pytest.param(minimal(attachments=[{"filename": "a.bin", "content": "not base64!"}]),
-                 "/attachments/0/content", "base64", id="bad-base64"),
-    pytest.param(minimal(attachments=[{"filename": "a.bin", "content": "aGk"}]),
-                 "/attachments/0/content", "base64", id="unpadded-base64"),
-    pytest.param(minimal(attachments=[{"filename": "a.bin", "content": "aGVs\nbG8="}]),
-                 "/attachments/0/content", "base64", id="wrapped-base64"),
-    pytest.param(minimal(subject="Hi\r\nBcc: victim@example.org"), "/subject", "CR or LF",
-                 id="crlf-in-subject"),
+    pytest.param(
+        minimal(attachments=[{"filename": "a", "content": "aGk", "size": 2}]),
+        "/attachments/0/size",
+        "unknown field",
+        id="unknown-attachment-field",
+    ),
+    pytest.param(
+        minimal(attachments=[{"filename": "a.bin", "content": "not base64!"}]),
+        "/attachments/0/content",
+        "base64",
+        id="bad-base64",
+    ),
+    pytest.param(
+        minimal(attachments=[{"filename": "a.bin", "content": "aGk"}]),
+        "/attachments/0/content",
+        "base64",
+        id="unpadded-base64",
+    ),
+    pytest.param(
+        minimal(attachments=[{"filename": "a.bin", "content": "aGVs\nbG8="}]),
+        "/attachments/0/content",
+        "base64",
+        id="wrapped-base64",
+    ),
+    pytest.param(
+        minimal(subject="Hi\r\nBcc: victim@example.org"), "/subject", "CR or LF", id="crlf-in-subject"
+    ),
     pytest.param(minimal(subject="Hi\n"), "/subject", "CR or LF", id="trailing-lf-in-subject"),
-    pytest.param(minimal(to=["Bob\r\nBcc: x@example.org <bob@example.net>"]), "/to/0",
-                 "CR or LF", id="crlf-in-name"),
-    pytest.param(minimal(headers={"X-Ok": "a\r\nBcc: victim@example.org"}), "/headers/X-Ok",
-                 "CR or LF", id="crlf-in-header-value"),
-    pytest.param(minimal(headers={"X-Ok\r\nBcc": "x"}), "/headers/X-Ok\r\nBcc", "CR or LF",
-                 id="crlf-in-header-name"),
-    pytest.param(minimal(headers={"X Bad": "x"}), "/headers/X Bad", "printable ASCII",
-                 id="space-in-header-name"),
-    pytest.param(minimal(headers={"from": "evil@example.org"}), "/headers/from",
-                 "cannot be overridden", id="header-override-from"),
-    pytest.param(minimal(headers={"Content-Type": "text/html"}), "/headers/Content-Type",
-                 "cannot be overridden", id="header-override-content-type"),
-    pytest.param(minimal(headers={"BCC": "x@example.org"}), "/headers/BCC",
-                 "cannot be overridden", id="header-override-bcc"),
-    pytest.param(minimal(attachments=[{"filename": "a.bin", "content": "",
-                                       "content_type": "pdf"}]),
-                 "/attachments/0/content_type", "media type", id="bad-content-type"),
+    pytest.param(
+        minimal(to=["Bob\r\nBcc: x@example.org <bob@example.net>"]), "/to/0", "CR or LF", id="crlf-in-name"
+    ),
+    pytest.param(
+        minimal(headers={"X-Ok": "a\r\nBcc: victim@example.org"}),
+        "/headers/X-Ok",
+        "CR or LF",
+        id="crlf-in-header-value",
+    ),
+    pytest.param(
+        minimal(headers={"X-Ok\r\nBcc": "x"}), "/headers/X-Ok\r\nBcc", "CR or LF", id="crlf-in-header-name"
+    ),
+    pytest.param(
+        minimal(headers={"X Bad": "x"}), "/headers/X Bad", "printable ASCII", id="space-in-header-name"
+    ),
+    pytest.param(
+        minimal(headers={"from": "evil@example.org"}),
+        "/headers/from",
+        "cannot be overridden",
+        id="header-override-from",
+    ),
+    pytest.param(
+        minimal(headers={"Content-Type": "text/html"}),
+        "/headers/Content-Type",
+        "cannot be overridden",
+        id="header-override-content-type",
+    ),
+    pytest.param(
+        minimal(headers={"BCC": "x@example.org"}),
+        "/headers/BCC",
+        "cannot be overridden",
+        id="header-override-bcc",
+    ),
+    pytest.param(
+        minimal(attachments=[{"filename": "a.bin", "content": "", "content_type": "pdf"}]),
+        "/attachments/0/content_type",
+        "media type",
+        id="bad-content-type",
+    ),
     pytest.param(minimal(tags=["a,b"]), "/tags/0", "commas", id="comma-in-tag"),
     pytest.param(minimal(to="bob@example.net"), "/to", "must be an array", id="to-not-array"),
     pytest.param(minimal(text=5), "/text", "must be a string", id="text-not-string"),
@@ -227,8 +270,11 @@ INVALID = [
 
 @pytest.mark.parametrize(("body", "field", "words"), INVALID)
 async def test_invalid_message_is_refused_naming_the_field(
-    running_daemon: Callable[..., Any], http: aiohttp.ClientSession,
-    body: dict[str, Any], field: str, words: str,
+    running_daemon: Callable[..., Any],
+    http: aiohttp.ClientSession,
+    body: dict[str, Any],
+    field: str,
+    words: str,
 ) -> None:
     """400 with a detail whose JSON pointer names the faulty field; nothing is queued."""
     daemon = await running_daemon()
@@ -245,13 +291,21 @@ async def test_every_fault_is_reported_at_once(
     """One response lists each failing field, from the schema and from the later checks alike."""
     daemon = await running_daemon()
     body = minimal(
-        to=["bob@example.net", "nope", 7], subject="a\nb", extra=True,
-        headers={"Subject": "x"}, attachments=[{"filename": "a", "content": "%%%"}],
+        to=["bob@example.net", "nope", 7],
+        subject="a\nb",
+        extra=True,
+        headers={"Subject": "x"},
+        attachments=[{"filename": "a", "content": "%%%"}],
     )
     _, answer, _ = await post(http, daemon, body)
     fields = [d["field"] for d in answer["details"]]
     assert fields == [
-        "/attachments/0/content", "/extra", "/headers/Subject", "/subject", "/to/1", "/to/2",
+        "/attachments/0/content",
+        "/extra",
+        "/headers/Subject",
+        "/subject",
+        "/to/1",
+        "/to/2",
     ]
 
 
@@ -344,7 +398,7 @@ async def test_chunked_body_over_the_limit_is_413(
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(payload), 1000):
-            yield payload[i:i + 1000]
+            yield payload[i : i + 1000]
 
     async with http.post(url(daemon, "/v1/messages"), data=chunks()) as response:
         assert response.status == 413
@@ -405,7 +459,12 @@ async def test_openapi_document_describes_the_api(
         document = await response.json()
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
-        "/v1/messages", "/v1/schema", "/v1/openapi.json", "/metrics", "/healthz", "/readyz",
+        "/v1/messages",
+        "/v1/schema",
+        "/v1/openapi.json",
+        "/metrics",
+        "/healthz",
+        "/readyz",
     }
     send = document["paths"]["/v1/messages"]["post"]
     assert set(send["responses"]) == {"202", "400", "401", "413", "503"}
@@ -415,9 +474,7 @@ async def test_openapi_document_describes_the_api(
     resolver = registry.resolver(base_uri="urn:openapi")
     for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(document)):
         resolver.lookup(f"urn:openapi{ref}")  # raises if it points nowhere
-    message = Draft202012Validator(
-        {"$ref": "urn:openapi#/components/schemas/Message"}, registry=registry
-    )
+    message = Draft202012Validator({"$ref": "urn:openapi#/components/schemas/Message"}, registry=registry)
     assert not list(message.iter_errors(schema.schema()["examples"][0]))
     assert list(message.iter_errors({"from": "a@example.com"}))
 

@@ -32,8 +32,14 @@ async def mailgun(fake_mailgun: FakeMailgun) -> AsyncIterator[MailgunProvider]:
 
 
 def make_provider(fake: FakeMailgun, **overrides: Any) -> MailgunProvider:
-    config = {"name": "mailgun", "kind": "mailgun", "api_key": Secret(fake.api_key), "domain": fake.domain,
-              "base_url": fake.url, **overrides}
+    config = {
+        "name": "mailgun",
+        "kind": "mailgun",
+        "api_key": Secret(fake.api_key),
+        "domain": fake.domain,
+        "base_url": fake.url,
+        **overrides,
+    }
     return MailgunProvider(ProviderConfig(**config), clock=lambda: NOW)
 
 
@@ -156,9 +162,11 @@ async def test_probe_with_a_revoked_key_names_the_account_key(mailgun, fake_mail
 
 async def post(fake: FakeMailgun, path: str, data: Any, *, key: str | None = None) -> tuple[int, str]:
     auth = aiohttp.encode_basic_auth("api", key or fake.api_key)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(fake.url + path, data=data, headers={"Authorization": auth}) as resp:
-            return resp.status, await resp.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.url + path, data=data, headers={"Authorization": auth}) as resp,
+    ):
+        return resp.status, await resp.text()
 
 
 async def test_fake_refuses_what_mailgun_refuses(fake_mailgun):
@@ -176,8 +184,14 @@ async def test_fake_refuses_what_mailgun_refuses(fake_mailgun):
 async def test_fake_structured_send_drops_attachments_without_filename(fake_mailgun):
     """/messages builds the MIME; an attachment without a filename is silently dropped."""
     form = aiohttp.MultipartWriter("form-data")
-    for key, value in [("from", "Ada <ada@example.com>"), ("to", "bob@example.net, Carol <carol@example.org>"),
-                       ("subject", "Hi"), ("text", "Hello"), ("h:X-Ticket", "T-9"), ("o:tag", "bridge")]:
+    for key, value in [
+        ("from", "Ada <ada@example.com>"),
+        ("to", "bob@example.net, Carol <carol@example.org>"),
+        ("subject", "Hi"),
+        ("text", "Hello"),
+        ("h:X-Ticket", "T-9"),
+        ("o:tag", "bridge"),
+    ]:
         form.append(value).set_content_disposition("form-data", name=key)
     pdf = form.append(b"%PDF-1.7", {"Content-Type": "application/pdf"})
     pdf.set_content_disposition("form-data", name="attachment", filename="invoice.pdf")
@@ -195,8 +209,9 @@ async def test_probe_uses_probe_api_key_when_sending_with_a_domain_key(fake_mail
     """A domain sending key cannot read /v4/domains; probe_api_key (the account key) can,
     and neither key ever shows in what the probe says."""
     sending_key = "key-domain-sending-0123456789"
-    provider = make_provider(fake_mailgun, api_key=Secret(sending_key),
-                             probe_api_key=Secret(fake_mailgun.api_key))
+    provider = make_provider(
+        fake_mailgun, api_key=Secret(sending_key), probe_api_key=Secret(fake_mailgun.api_key)
+    )
     try:
         result = await provider.probe()
     finally:

@@ -36,9 +36,14 @@ def outbound(recipients: tuple[str, ...] = (BOB, CAROL), raw: bytes = RAW) -> Ou
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("Invalid_Key", ProviderUnavailable), ("PaymentRequired", ProviderUnavailable),
-     ("Unknown_Subaccount", ProviderUnavailable), ("ValidationError", PermanentFailure),
-     ("GeneralError", TemporaryFailure), ("ServiceUnavailable", TemporaryFailure)],
+    [
+        ("Invalid_Key", ProviderUnavailable),
+        ("PaymentRequired", ProviderUnavailable),
+        ("Unknown_Subaccount", ProviderUnavailable),
+        ("ValidationError", PermanentFailure),
+        ("GeneralError", TemporaryFailure),
+        ("ServiceUnavailable", TemporaryFailure),
+    ],
 )
 @pytest.mark.parametrize("mode", ["modern", "legacy"])
 async def test_errors_are_classified_by_name_in_either_status_mode(
@@ -78,9 +83,12 @@ async def test_queued_and_scheduled_count_as_accepted(mandrill, fake_mandrill):
 
 @pytest.mark.parametrize(
     ("reasons", "expected"),
-    [(("hard-bounce", "invalid"), PermanentFailure), (("unsigned", "unsigned"), ProviderUnavailable),
-     (("hard-bounce", "test-mode-limit"), ProviderUnavailable),
-     (("soft-bounce", "soft-bounce"), TemporaryFailure)],
+    [
+        (("hard-bounce", "invalid"), PermanentFailure),
+        (("unsigned", "unsigned"), ProviderUnavailable),
+        (("hard-bounce", "test-mode-limit"), ProviderUnavailable),
+        (("soft-bounce", "soft-bounce"), TemporaryFailure),
+    ],
 )
 async def test_every_recipient_refused(mandrill, fake_mandrill, reasons, expected):
     """All refused is still HTTP 200; account reasons make the provider unusable, soft bounces wait."""
@@ -141,10 +149,12 @@ def test_json_text_keeps_utf8_mail_byte_for_byte():
 
 
 def test_json_text_reencodes_only_the_8bit_latin1_part():
-    raw = (b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
-           b"Content-Type: text/plain; charset=utf-8\r\n\r\nok \xc3\xa9\r\n--B\r\n"
-           b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-           b"caf\xe9\r\n--B--\r\n")
+    raw = (
+        b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nok \xc3\xa9\r\n--B\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"caf\xe9\r\n--B--\r\n"
+    )
     text = json_text(raw)
     assert "ok é" in text and "Content-Transfer-Encoding: base64\r\n\r\nY2Fm6Q==\r\n" in text
 
@@ -162,9 +172,11 @@ async def test_ping2_probe(mandrill, fake_mandrill):
 
 
 async def call(fake: FakeMandrill, path: str, body: Any) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(fake.url + path, data=json.dumps(body)) as resp:
-            return resp.status, json.loads(await resp.text())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.url + path, data=json.dumps(body)) as resp,
+    ):
+        return resp.status, json.loads(await resp.text())
 
 
 async def test_fake_checks_the_key_and_falls_back_to_headers_for_recipients(fake_mandrill):
@@ -181,7 +193,13 @@ async def test_fake_checks_the_key_and_falls_back_to_headers_for_recipients(fake
 async def test_fake_structured_send_and_async_queueing(fake_mandrill):
     """send.json builds the MIME; more than 10 recipients makes every result "queued"."""
     to = [{"email": f"r{n}@example.net", "type": "bcc" if n else "to"} for n in range(11)]
-    message = {"from_email": "ada@example.com", "subject": "Hi", "text": "Hello", "to": to, "tags": ["bridge"]}
+    message = {
+        "from_email": "ada@example.com",
+        "subject": "Hi",
+        "text": "Hello",
+        "to": to,
+        "tags": ["bridge"],
+    }
     request = {"key": fake_mandrill.api_key, "message": message}
     status, body = await call(fake_mandrill, "/messages/send.json", request)
     assert status == 200 and {r["status"] for r in body} == {"queued"}

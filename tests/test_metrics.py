@@ -30,8 +30,12 @@ MESSAGE = {"from": "ada@example.com", "to": ["bob@example.net"], "subject": "Hi"
 SMTP_MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: Hi\r\n\r\nHello.\r\n"
 # Nothing comes due on its own while a test looks: retries and circuit cool-downs are an hour
 # away on the injected clock unless the test moves it.
-SLOW_RETRIES = {"retry_initial": 3600, "retry_max": 3600, "circuit_cooldown": 3600,
-                "circuit_cooldown_max": 3600}
+SLOW_RETRIES = {
+    "retry_initial": 3600,
+    "retry_max": 3600,
+    "circuit_cooldown": 3600,
+    "circuit_cooldown_max": 3600,
+}
 
 
 class Scrape:
@@ -52,7 +56,8 @@ class Scrape:
         """Sum over every sample of that name whose labels include ``labels``."""
         family = self.families.get(_family_of(sample))
         return sum(
-            s.value for s in (family.samples if family else [])
+            s.value
+            for s in (family.samples if family else [])
             if s.name == sample and labels.items() <= s.labels.items()
         )
 
@@ -207,8 +212,7 @@ async def test_queue_gauges_and_readiness_follow_a_broken_provider(
         lambda s: s.value("ratatoskr_queue_messages", state="deferred") == 1,
     )
     assert scrape.value("ratatoskr_provider_up", provider="local") == 0
-    assert scrape.value("ratatoskr_deliveries_total", provider="local",
-                        outcome="temporary_failure") == 1
+    assert scrape.value("ratatoskr_deliveries_total", provider="local", outcome="temporary_failure") == 1
     status, body = await api.ready()
     assert status == 503
     assert body["queue_writable"] is True
@@ -259,8 +263,10 @@ def mailgun_sends(fake: FakeMailgun) -> int:
 
 
 async def test_failover_shows_in_metrics(
-    running_daemon: Callable[..., Any], client: Callable[[Daemon], Client],
-    fake_mailgun: FakeMailgun, tmp_path: Path,
+    running_daemon: Callable[..., Any],
+    client: Callable[[Daemon], Client],
+    fake_mailgun: FakeMailgun,
+    tmp_path: Path,
 ) -> None:
     """Mailgun answers 503 to every send: the first two messages fail there and fail over, the
     second failure opens its circuit (provider_up 0), the rest skip it, and every message is
@@ -280,13 +286,11 @@ async def test_failover_shows_in_metrics(
 
     assert scrape.total("ratatoskr_messages_received_total") == 4
     assert mailgun_sends(fake_mailgun) == 2
-    assert scrape.value("ratatoskr_deliveries_total", provider="mailgun",
-                        outcome="temporary_failure") == 2
+    assert scrape.value("ratatoskr_deliveries_total", provider="mailgun", outcome="temporary_failure") == 2
     assert scrape.value("ratatoskr_deliveries_total", provider="mailgun", outcome="sent") == 0
     assert scrape.value("ratatoskr_deliveries_total", provider="outbox", outcome="sent") == 4
     assert scrape.total("ratatoskr_deliveries_total", outcome="permanent_failure") == 0
-    assert scrape.value("ratatoskr_failovers_total", from_provider="mailgun",
-                        to_provider="outbox") == 4
+    assert scrape.value("ratatoskr_failovers_total", from_provider="mailgun", to_provider="outbox") == 4
     assert scrape.value("ratatoskr_provider_up", provider="mailgun") == 0
     assert scrape.value("ratatoskr_provider_up", provider="outbox") == 1
     assert scrape.value("ratatoskr_delivery_duration_seconds_count", provider="mailgun") == 2
@@ -297,7 +301,8 @@ async def test_failover_shows_in_metrics(
 
 
 async def test_readyz_is_503_while_no_provider_takes_traffic_and_recovers(
-    running_daemon: Callable[..., Any], client: Callable[[Daemon], Client],
+    running_daemon: Callable[..., Any],
+    client: Callable[[Daemon], Client],
     fake_mailgun: FakeMailgun,
 ) -> None:
     """The only provider fails: provider_up 0, /readyz 503, the message deferred. Healed and
@@ -305,7 +310,8 @@ async def test_readyz_is_503_while_no_provider_takes_traffic_and_recovers(
     fake_mailgun.fail(503, times=None, route="send")
     clock = FakeClock()
     daemon = await running_daemon(
-        clock=clock, providers=[fake_mailgun.provider_entry()],
+        clock=clock,
+        providers=[fake_mailgun.provider_entry()],
         delivery={"circuit_failures": 1, **SLOW_RETRIES},
     )
     api = client(daemon)
@@ -329,7 +335,8 @@ async def test_readyz_is_503_while_no_provider_takes_traffic_and_recovers(
 
 
 async def test_dead_letters_show_in_the_queue_gauge(
-    running_daemon: Callable[..., Any], client: Callable[[Daemon], Client],
+    running_daemon: Callable[..., Any],
+    client: Callable[[Daemon], Client],
     fake_mailgun: FakeMailgun,
 ) -> None:
     """A permanent refusal by the only provider makes the message dead; the provider stays up,
@@ -342,8 +349,7 @@ async def test_dead_letters_show_in_the_queue_gauge(
     scrape = await api.until(
         "the message to be dead", lambda s: s.value("ratatoskr_queue_messages", state="dead") == 1
     )
-    assert scrape.value("ratatoskr_deliveries_total", provider="mailgun",
-                        outcome="permanent_failure") == 1
+    assert scrape.value("ratatoskr_deliveries_total", provider="mailgun", outcome="permanent_failure") == 1
     assert scrape.value("ratatoskr_provider_up", provider="mailgun") == 1
     assert scrape.value("ratatoskr_queue_messages", state="queued") == 0
     assert (await api.ready())[0] == 200

@@ -123,7 +123,10 @@ def test_parse_gives_bodies_attachments_and_inline_parts():
     m = parse(msg.as_bytes(policy=policy.SMTP))
     assert m.subject == "Grüße"
     assert [a.addr for a in m.from_ + m.to + m.cc + m.reply_to] == [
-        "ada@example.com", "bob@example.net", "carol@example.org", "help@example.com",
+        "ada@example.com",
+        "bob@example.net",
+        "carol@example.org",
+        "help@example.com",
     ]
     assert m.text.strip() == "text body"
     assert "html" in m.html
@@ -138,7 +141,9 @@ def test_parse_gives_bodies_attachments_and_inline_parts():
 def test_absurdly_nested_mime_is_refused_not_a_crash():
     """1,500 nested multiparts would exhaust the parser's recursion: a 5xx reason, not a 451."""
     depth = 1500
-    body = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth))
+    body = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth)
+    )
     body += b"Content-Type: text/html\r\n\r\n<p>x</p>\r\n"
     body += b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
     with pytest.raises(MessageRejected, match="nested too deeply"):

@@ -99,8 +99,14 @@ class FakeHarness(Harness):
         super().__init__()
 
     def config(self, **overrides: Any) -> ProviderConfig:
-        base = {"name": self.kind, "kind": self.kind, "api_key": Secret(self.fake.api_key),
-                "domain": getattr(self.fake, "domain", ""), "base_url": self.fake.url, "timeout": 10.0}
+        base = {
+            "name": self.kind,
+            "kind": self.kind,
+            "api_key": Secret(self.fake.api_key),
+            "domain": getattr(self.fake, "domain", ""),
+            "base_url": self.fake.url,
+            "timeout": 10.0,
+        }
         return ProviderConfig(**{**base, **overrides})
 
     def delivered(self, queue_id: str) -> Delivery:
@@ -198,9 +204,11 @@ async def test_plain_text_arrives(harness: Harness) -> None:
 
 async def test_html_only_gets_a_derived_text_part(harness: Harness) -> None:
     """An HTML-only message arrives with the HTML and an html2text plain alternative."""
-    raw = (b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: Html\r\n"
-           b"Content-Type: text/html; charset=utf-8\r\n\r\n"
-           b"<p>Hello <b>Bob</b>, see <a href=\"https://x.test/\">this</a>.</p>\r\n")
+    raw = (
+        b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: Html\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+        b'<p>Hello <b>Bob</b>, see <a href="https://x.test/">this</a>.</p>\r\n'
+    )
     seen = await send(harness, raw, ["bob@example.net"])
     text = seen.email.get_body(preferencelist=("plain",))
     html = seen.email.get_body(preferencelist=("html",))
@@ -243,8 +251,14 @@ async def test_non_ascii_subject_names_and_bodies_arrive_decoded(harness: Harnes
     msg["To"] = "Jürgen Groß <juergen@example.net>"
     msg["Subject"] = "Grüße aus Zürich – 東京"
     msg.set_content("Smörgåsbord für alle.\n", cte="8bit")
-    msg.add_attachment("Crème brûlée\n".encode("latin-1"), maintype="text", subtype="plain",
-                       params={"charset": "iso-8859-1"}, cte="8bit", filename="latin1.txt")
+    msg.add_attachment(
+        "Crème brûlée\n".encode("latin-1"),
+        maintype="text",
+        subtype="plain",
+        params={"charset": "iso-8859-1"},
+        cte="8bit",
+        filename="latin1.txt",
+    )
     seen = await send(harness, msg, ["juergen@example.net"])
     assert seen.header("Subject") == "Grüße aus Zürich – 東京"
     assert seen.email["From"].addresses[0].display_name == "Zoë Ångström"
@@ -326,13 +340,34 @@ async def test_multi_megabyte_message_is_streamed_by_every_http_provider(fake_ma
     from ratatoskr.providers.mandrill import MandrillProvider
 
     blob = bytes(range(256)) * (3 * 4096)
-    raw = (b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: big\r\n"
-           b"Content-Type: text/plain\r\n\r\n" + blob.hex().encode()[:3_000_000] + b"\r\n")
+    raw = (
+        b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: big\r\n"
+        b"Content-Type: text/plain\r\n\r\n" + blob.hex().encode()[:3_000_000] + b"\r\n"
+    )
     providers = [
-        (MailgunProvider(ProviderConfig(name="mg", kind="mailgun", api_key=Secret(fake_mailgun.api_key),
-                                        domain=fake_mailgun.domain, base_url=fake_mailgun.url)), fake_mailgun),
-        (MandrillProvider(ProviderConfig(name="md", kind="mandrill", api_key=Secret(fake_mandrill.api_key),
-                                         base_url=fake_mandrill.url)), fake_mandrill),
+        (
+            MailgunProvider(
+                ProviderConfig(
+                    name="mg",
+                    kind="mailgun",
+                    api_key=Secret(fake_mailgun.api_key),
+                    domain=fake_mailgun.domain,
+                    base_url=fake_mailgun.url,
+                )
+            ),
+            fake_mailgun,
+        ),
+        (
+            MandrillProvider(
+                ProviderConfig(
+                    name="md",
+                    kind="mandrill",
+                    api_key=Secret(fake_mandrill.api_key),
+                    base_url=fake_mandrill.url,
+                )
+            ),
+            fake_mandrill,
+        ),
     ]
     for provider, fake in providers:
         try:

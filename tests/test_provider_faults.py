@@ -39,7 +39,9 @@ def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
     async def start(first: dict[str, Any] | None = None):
         entry = first or fake_mailgun.provider_entry(timeout=0.3)
         return await running_daemon(
-            clock=clock, delivery=DELIVERY, providers=[entry, fake_mandrill.provider_entry(timeout=0.3)],
+            clock=clock,
+            delivery=DELIVERY,
+            providers=[entry, fake_mandrill.provider_entry(timeout=0.3)],
         )
 
     return start
@@ -82,8 +84,11 @@ def assert_metrics_match(daemon, **fakes: Any) -> None:
     message it recorded, ``temporary_failure`` for every other answer (or non-answer)."""
     for name, fake in fakes.items():
         requests = sum(1 for c in fake.calls if c.route == "send")
-        got = {"sent": len(fake.messages), "temporary_failure": requests - len(fake.messages),
-               "permanent_failure": 0}
+        got = {
+            "sent": len(fake.messages),
+            "temporary_failure": requests - len(fake.messages),
+            "permanent_failure": 0,
+        }
         assert outcomes(daemon, name) == got, f"{name}: metrics {outcomes(daemon, name)}, fake saw {got}"
 
 
@@ -121,8 +126,14 @@ async def test_a_broken_provider_loses_nothing_and_metrics_match(relay, fake_mai
 async def test_connection_refused_fails_over_and_opens_the_circuit(relay, fake_mandrill):
     """Nothing listens at the first provider's port: two refused connects open its circuit
     (circuit_failures = 2), later messages skip it, every message goes to Mandrill once."""
-    closed = {"name": "mailgun", "kind": "mailgun", "api_key": "key-x", "domain": "mg.example.test",
-              "base_url": f"http://127.0.0.1:{free_port()}", "timeout": 0.3}
+    closed = {
+        "name": "mailgun",
+        "kind": "mailgun",
+        "api_key": "key-x",
+        "domain": "mg.example.test",
+        "base_url": f"http://127.0.0.1:{free_port()}",
+        "timeout": 0.3,
+    }
     daemon = await relay(closed)
     for n in range(6):  # one at a time: the count of tries below is then exact
         await send(daemon, range(n, n + 1))

@@ -56,15 +56,26 @@ async def check_probe(config: Path) -> tuple[int, str]:
     """Run ``python -m ratatoskr check --probe`` without blocking the loop the fakes run in."""
     env = {k: v for k, v in os.environ.items() if k != "RATATOSKR_CFG"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ratatoskr", "check", "--probe", "--config", str(config),
-        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "ratatoskr",
+        "check",
+        "--probe",
+        "--config",
+        str(config),
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode()
 
 
 async def test_check_probe_says_ok_per_provider(tmp_path, fake_mailgun, fake_mandrill):
-    config = write_config(tmp_path / "ok.toml", spool_section(tmp_path), providers(fake_mailgun, fake_mandrill))
+    config = write_config(
+        tmp_path / "ok.toml", spool_section(tmp_path), providers(fake_mailgun, fake_mandrill)
+    )
     code, out = await check_probe(config)
     assert code == 0, out
     assert f"probe mailgun: ok: domain {fake_mailgun.domain} is active" in out

@@ -40,9 +40,7 @@ async def test_reload_swaps_api_key_and_keeps_the_delivery_in_flight(running_dae
     await smtp_send(daemon.smtp_port, MESSAGE)
     await wait_until(lambda: fake_mailgun.calls, what="a delivery in flight")
 
-    daemon.loader = lambda: build_config(
-        tmp_path, providers=[fake_mailgun.provider_entry(api_key=NEW_KEY)]
-    )
+    daemon.loader = lambda: build_config(tmp_path, providers=[fake_mailgun.provider_entry(api_key=NEW_KEY)])
     assert await daemon.reload()
     assert daemon.config.providers[0].api_key.reveal() == NEW_KEY
     assert daemon.dispatcher.health["mailgun"] is health
@@ -59,6 +57,7 @@ async def test_reload_swaps_api_key_and_keeps_the_delivery_in_flight(running_dae
 async def test_reload_changes_the_provider_list(running_daemon, tmp_path):
     """Providers are matched by name: a kept one keeps its health object, a new one starts
     fresh, a removed one is gone from the rotation."""
+
     def outbox(name: str) -> dict:
         return {"name": name, "kind": "outbox", "path": str(tmp_path / name)}
 
@@ -197,9 +196,7 @@ async def test_mismatched_certificate_on_reload_changes_nothing(running_daemon, 
 async def test_turning_tls_on_needs_a_restart(running_daemon, tmp_path, caplog):
     tls = make_tls(tmp_path)
     daemon = await running_daemon()
-    daemon.loader = lambda: build_config(
-        tmp_path, smtp={"tls_cert": str(tls.cert), "tls_key": str(tls.key)}
-    )
+    daemon.loader = lambda: build_config(tmp_path, smtp={"tls_cert": str(tls.cert), "tls_key": str(tls.key)})
     assert await daemon.reload()
     assert "changes to smtp.tls_cert take effect only after a restart" in caplog.text
     assert daemon.config.smtp.tls_cert is None

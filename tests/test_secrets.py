@@ -37,10 +37,15 @@ async def test_no_secret_in_any_log_line(tmp_path, fmt):
     password, wrong = secret("pw"), secret("guess")
     hashed = hash_password(password)
     secrets = {
-        "mailgun key": mailgun_key, "mandrill key": mandrill_key, "API token": token,
-        "password hash": hashed, "hash digest": hashed.rsplit("$", 1)[1],
-        "password": password, "wrong password": wrong,
-        "AUTH PLAIN blob": b64(f"\0{USER}\0{password}"), "AUTH LOGIN password": b64(password),
+        "mailgun key": mailgun_key,
+        "mandrill key": mandrill_key,
+        "API token": token,
+        "password hash": hashed,
+        "hash digest": hashed.rsplit("$", 1)[1],
+        "password": password,
+        "wrong password": wrong,
+        "AUTH PLAIN blob": b64(f"\0{USER}\0{password}"),
+        "AUTH LOGIN password": b64(password),
         "Basic auth header": b64(f"api:{mailgun_key}"),
     }
     async with FakeMailgun(api_key=mailgun_key) as mailgun, FakeMandrill(api_key=mandrill_key) as mandrill:
@@ -48,8 +53,13 @@ async def test_no_secret_in_any_log_line(tmp_path, fmt):
         config = write_config(
             tmp_path / "ratatoskr.toml",
             {
-                "smtp": {"listen": f"127.0.0.1:{smtp_port}", "hostname": "relay.test",
-                         "require_auth": True, "auth_failure_delay": 0.01, "users": {USER: hashed}},
+                "smtp": {
+                    "listen": f"127.0.0.1:{smtp_port}",
+                    "hostname": "relay.test",
+                    "require_auth": True,
+                    "auth_failure_delay": 0.01,
+                    "users": {USER: hashed},
+                },
                 "http": {"listen": f"127.0.0.1:{http_port}", "api_tokens": ["${TEST_API_TOKEN}"]},
                 "spool": {"path": str(tmp_path / "var")},
                 "log": {"format": fmt, "level": "debug"},
@@ -76,8 +86,14 @@ async def test_no_secret_in_any_log_line(tmp_path, fmt):
         finally:
             daemon.stop_quietly()
     log = daemon.log()
-    for evidence in ("authentication failed", "authenticated as", "stopped taking traffic",
-                     "delivered", "reloaded", "DEBUG" if fmt == "text" else '"debug"'):
+    for evidence in (
+        "authentication failed",
+        "authenticated as",
+        "stopped taking traffic",
+        "delivered",
+        "reloaded",
+        "DEBUG" if fmt == "text" else '"debug"',
+    ):
         assert evidence in log, f"the run did not exercise {evidence!r}"
     leaked = [name for name, value in secrets.items() if value in log]
     assert not leaked, f"in the log: {leaked}"
@@ -101,4 +117,3 @@ async def http_requests(port: int, token: str, wrong: str) -> None:
             assert r.status == 401
         async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 202
-

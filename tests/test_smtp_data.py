@@ -162,7 +162,7 @@ async def test_spilling_to_a_file_gives_the_same_message(tmp_path, raw, spill_at
     reader = asyncio.StreamReader()
     task = asyncio.create_task(read_data(reader, None, spill=spill, spill_at=spill_at))
     for i in range(0, len(raw), piece):
-        reader.feed_data(raw[i:i + piece])
+        reader.feed_data(raw[i : i + piece])
         await asyncio.sleep(0)
     reader.feed_eof()
     assert await task == expected
@@ -182,7 +182,7 @@ async def test_size_limit_holds_across_a_spill(tmp_path, extra):
         read_data(reader, 5000, spill=lambda: tempfile.TemporaryFile(dir=tmp_path), spill_at=512)
     )
     for i in range(0, len(body), 300):
-        reader.feed_data(body[i:i + 300])
+        reader.feed_data(body[i : i + 300])
         await asyncio.sleep(0)
     reader.feed_data(b".\r\n")
     reader.feed_eof()

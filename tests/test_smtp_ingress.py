@@ -51,9 +51,7 @@ async def test_queue_id_in_reply_is_the_delivered_file(running_daemon, tmp_path)
 async def test_bcc_is_delivered_but_never_shown(running_daemon, tmp_path):
     """Envelope recipients (Bcc included) are who receives it; the Bcc header is gone."""
     daemon = await running_daemon()
-    await smtp_send(
-        daemon.smtp_port, PLAIN, recipients=["bob@example.net", "hidden@example.org"]
-    )
+    await smtp_send(daemon.smtp_port, PLAIN, recipients=["bob@example.net", "hidden@example.org"])
     [eml] = await wait_until(lambda: delivered(tmp_path / "outbox"))
     raw = eml.read_bytes()
     assert b"hidden@example.org" not in raw
@@ -136,7 +134,8 @@ async def test_malformed_sender_is_refused(running_daemon, command, code):
 
 
 @pytest.mark.parametrize(
-    "address", ["bob", "bob@localhost", "bob@@example.net", "bob@exa mple.net", "bob@.example.net", ".bob@example.net"]
+    "address",
+    ["bob", "bob@localhost", "bob@@example.net", "bob@exa mple.net", "bob@.example.net", ".bob@example.net"],
 )
 async def test_malformed_recipient_is_refused(running_daemon, address):
     daemon = await running_daemon()

@@ -15,9 +15,9 @@ import sys
 import pytest
 
 from ratatoskr import config
-from ratatoskr.smtp import replies
 from ratatoskr.auth import FailureDelay
 from ratatoskr.errors import ConfigError
+from ratatoskr.smtp import replies
 from ratatoskr.tls import server_context
 from tests.conftest import FakeClock, RawSmtp, wait_until
 from tests.process import write_config
@@ -308,7 +308,9 @@ def test_serve_refuses_to_be_an_open_relay(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-m", "ratatoskr", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -321,13 +323,14 @@ def test_serve_refuses_untrusted_loopback_without_tls(tmp_path):
     """trust_loopback = false makes a loopback listener public: TLS becomes mandatory."""
     config = write_config(
         tmp_path / "untrusted.toml",
-        {"smtp": {"listen": "127.0.0.1:2525", "trust_loopback": False,
-                  "users": {USER: "scrypt$1$1$1$a$b"}}},
+        {"smtp": {"listen": "127.0.0.1:2525", "trust_loopback": False, "users": {USER: "scrypt$1$1$1$a$b"}}},
         [{"kind": "outbox", "path": str(tmp_path / "outbox")}],
     )
     done = subprocess.run(
         [sys.executable, "-m", "ratatoskr", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     assert "smtp.tls_cert" in done.stderr and "trust_loopback = false" in done.stderr
@@ -355,8 +358,12 @@ def test_security_settings_are_checked(smtp, key, problem):
 def test_public_implicit_tls_listener_requires_auth(tls):
     """A loopback STARTTLS listener next to a public port 465: auth is required by default,
     and turning it off would make an open relay."""
-    smtp = {"tls_cert": str(tls.cert), "tls_key": str(tls.key), "tls_listen": "0.0.0.0:465",
-            "users": {USER: "scrypt$x"}}
+    smtp = {
+        "tls_cert": str(tls.cert),
+        "tls_key": str(tls.key),
+        "tls_listen": "0.0.0.0:465",
+        "users": {USER: "scrypt$x"},
+    }
     assert config.parse({"smtp": smtp}).smtp.require_auth is True
     with pytest.raises(ConfigError) as info:
         config.parse({"smtp": {**smtp, "require_auth": False}})

@@ -95,9 +95,7 @@ async def test_concurrent_puts_share_commits(spool):
 
 async def test_a_failing_operation_does_not_fail_its_batch(spool):
     qid = await put(spool)
-    results = await asyncio.gather(
-        spool.put(qid, ENV, b"dup", {}), put(spool), return_exceptions=True
-    )
+    results = await asyncio.gather(spool.put(qid, ENV, b"dup", {}), put(spool), return_exceptions=True)
     assert isinstance(results[0], Exception)
     assert isinstance(results[1], str)
 
@@ -152,7 +150,7 @@ async def test_revived_message_forgets_earlier_refusals(spool, tmp_path):
         admin.close()
     assert revived.history[-1]["outcome"] == "revived"
     assert refused_by(revived.history) == set()
-    assert refused_by(revived.history + [{"provider": "b", "outcome": "permanent"}]) == {"b"}
+    assert refused_by([*revived.history, {"provider": "b", "outcome": "permanent"}]) == {"b"}
 
 
 async def test_claim_stops_at_the_byte_budget_but_always_takes_one(spool):

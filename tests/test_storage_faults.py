@@ -117,8 +117,9 @@ def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TmpfsDisk |
         pytest.skip("a real full disk needs a tmpfs mount, which needs root (the injected variant runs)")
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()} (the injected variant runs)")
     try:
@@ -137,7 +138,9 @@ def clock() -> FakeClock:
 async def relay(disk, running_daemon, fake_mailgun, clock):
     """A daemon whose queue is on ``disk``, delivering to the fake Mailgun, on the fake clock."""
     daemon = await running_daemon(
-        clock=clock, spool={"path": str(disk.spool)}, providers=[fake_mailgun.provider_entry()],
+        clock=clock,
+        spool={"path": str(disk.spool)},
+        providers=[fake_mailgun.provider_entry()],
         delivery={"retry_initial": 60, "retry_max": 60},
     )
     disk.attach(daemon)
@@ -153,9 +156,11 @@ async def post(daemon: Any, subject: str) -> int:
 
 
 async def ready(daemon: Any) -> tuple[int, bool]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response:
-            return response.status, (await response.json())["queue_writable"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response,
+    ):
+        return response.status, (await response.json())["queue_writable"]
 
 
 def subjects(fake: Any) -> list[str]:
@@ -209,9 +214,7 @@ async def test_delivery_ending_while_the_disk_is_full_is_retried_once_space_retu
     gate.set()  # Mailgun answers 503 now; the deferral cannot be committed
     await wait_until(lambda: "cannot record delivery outcome" in caplog.text, what="a failed record")
     disk.free()
-    await wait_until(
-        lambda: _waiting(daemon), what="the message back in the queue, not stuck in flight"
-    )
+    await wait_until(lambda: _waiting(daemon), what="the message back in the queue, not stuck in flight")
     clock.advance(60)
     [delivered] = await fake_mailgun.wait_for(1)
     assert delivered.header("Subject") == "in flight"

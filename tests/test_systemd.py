@@ -57,10 +57,19 @@ def test_unit_is_notify_type_with_watchdog_and_hardening():
     assert keys["RestrictAddressFamilies"] == "AF_INET AF_INET6 AF_UNIX"
     assert keys["CapabilityBoundingSet"] == keys["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     for hardening in (
-        "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
-        "NoNewPrivileges=yes", "MemoryDenyWriteExecute=yes", "LockPersonality=yes",
-        "RestrictRealtime=yes", "RestrictNamespaces=yes", "ProtectKernelTunables=yes",
-        "ProtectKernelModules=yes", "ProtectControlGroups=yes", "SystemCallFilter=@system-service",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "NoNewPrivileges=yes",
+        "MemoryDenyWriteExecute=yes",
+        "LockPersonality=yes",
+        "RestrictRealtime=yes",
+        "RestrictNamespaces=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "SystemCallFilter=@system-service",
     ):
         assert tuple(hardening.split("=", 1)) in settings, hardening
 
@@ -109,7 +118,9 @@ def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path, notify_socket):
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ratatoskr", "serve", "--config", str(config)],
-            env=env, stderr=stderr, cwd=tmp_path,
+            env=env,
+            stderr=stderr,
+            cwd=tmp_path,
         )
     try:
         first = receive(sock)

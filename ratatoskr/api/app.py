@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from ratatoskr.api import openapi, schema
-from ratatoskr.auth import token_allowed
 from ratatoskr.api.compose import compose, envelope
+from ratatoskr.auth import token_allowed
 from ratatoskr.config import HttpConfig
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import MessageRejected, QueueUnavailable
@@ -99,8 +99,9 @@ def _check_token(request: web.Request, config: HttpConfig) -> None:
         return
     # RFC 6750 §3: name the scheme, and say invalid_token only when a token was offered.
     challenge = 'Bearer realm="ratatoskr"' + (', error="invalid_token"' if token else "")
-    raise Refused(401, "unauthorized", {"error": "missing or invalid bearer token"},
-                  {"WWW-Authenticate": challenge})
+    raise Refused(
+        401, "unauthorized", {"error": "missing or invalid bearer token"}, {"WWW-Authenticate": challenge}
+    )
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -132,10 +133,15 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
         raise Refused(413, "too_large", {"error": error})
     if len(env.recipients) > services.max_recipients:
         limit = services.max_recipients
-        detail = f"{len(env.recipients)} recipients in to, cc and bcc; at most {limit} per message"
-        raise Refused(400, "invalid", {"error": "too many recipients", "details": [
-            {"field": field, "message": detail} for field in ("/to", "/cc", "/bcc")
-        ]})
+        reason = f"{len(env.recipients)} recipients in to, cc and bcc; at most {limit} per message"
+        raise Refused(
+            400,
+            "invalid",
+            {
+                "error": "too many recipients",
+                "details": [{"field": field, "message": reason} for field in ("/to", "/cc", "/bcc")],
+            },
+        )
     return raw, env
 
 

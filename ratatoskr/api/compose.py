@@ -112,4 +112,3 @@ def _add_part(parent: MIMEPart, attachment: Attachment, *, related: bool) -> Non
         disposition="inline" if attachment.inline else "attachment",
         cid=f"<{attachment.content_id}>" if attachment.content_id else None,
     )
-

@@ -18,10 +18,11 @@ import binascii
 import json
 import mimetypes
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
@@ -36,10 +37,22 @@ SCHEMA_FILE = "message.schema.json"
 # client set them would make a second From or smuggle a Content-Type past our own.
 _OWN_HEADERS = frozenset(
     {
-        "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
-        "sender", "return-path", "received",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "sender",
+        "return-path",
+        "received",
         # Providers read these as tags; the `tags` field is the one way to set them.
-        "x-tag", "x-mailgun-tag", "x-mc-tags",
+        "x-tag",
+        "x-mailgun-tag",
+        "x-mc-tags",
     }
 )
 _OWN_PREFIXES = ("content-", "resent-")
@@ -115,8 +128,11 @@ def _check_recipient_count(document: dict[str, Any], limit: int) -> None:
     """Refuse more distinct to/cc/bcc entries than ``limit`` before any is parsed: composing a
     To header of 20,000 addresses takes 14 s, and the cost grows with the square."""
     entries = {
-        v.lower() for k in ("to", "cc", "bcc") if isinstance(document.get(k), list)
-        for v in document[k] if isinstance(v, str)
+        v.lower()
+        for k in ("to", "cc", "bcc")
+        if isinstance(document.get(k), list)
+        for v in document[k]
+        if isinstance(v, str)
     }
     if len(entries) > limit:
         detail = f"{len(entries)} recipients in to, cc and bcc; at most {limit} per message"
@@ -132,8 +148,11 @@ def _lone_surrogates(document: object) -> list[Detail]:
         if isinstance(value, str) and _SURROGATE.search(value):
             found.append(Detail(pointer(path), "is not valid Unicode (a lone surrogate)"))
         elif isinstance(value, dict):
-            found += [Detail(pointer((*path, k)), "name is not valid Unicode (a lone surrogate)")
-                      for k in value if _SURROGATE.search(k)]
+            found += [
+                Detail(pointer((*path, k)), "name is not valid Unicode (a lone surrogate)")
+                for k in value
+                if _SURROGATE.search(k)
+            ]
             stack += [((*path, k), v) for k, v in value.items()]
         elif isinstance(value, list):
             stack += [((*path, i), v) for i, v in enumerate(value)]
@@ -150,26 +169,29 @@ def schema_errors(document: object) -> list[Detail]:
     return found
 
 
-def pointer(path: tuple[object, ...] | list[object]) -> str:
+def pointer(path: Sequence[object]) -> str:
     """RFC 6901 JSON pointer for a path of keys and indexes."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
 def _details(error: ValidationError) -> list[Detail]:
-    path = list(error.absolute_path)
+    path: list[object] = list(error.absolute_path)
     keyword = str(error.validator)
+    # jsonschema types these as unions with its own Unset; for a finished error they are JSON.
+    instance: Any = error.instance
+    subschema: Any = error.schema
     if keyword == "required":
-        missing = [p for p in error.validator_value if p not in error.instance]
+        missing = [p for p in cast("list[str]", error.validator_value) if p not in instance]
         return [Detail(pointer([*path, p]), "is required") for p in missing]
     if keyword == "additionalProperties":
-        known = error.schema.get("properties", {})
-        return [Detail(pointer([*path, k]), "unknown field") for k in error.instance if k not in known]
+        known = subschema.get("properties", {})
+        return [Detail(pointer([*path, k]), "unknown field") for k in instance if k not in known]
     if "propertyNames" in error.relative_schema_path:
         # The instance is the offending key; jsonschema leaves it out of the path.
-        path.append(error.instance)
-    annotated = error.schema.get("x-error", {}) if isinstance(error.schema, dict) else {}
+        path.append(instance)
+    annotated = subschema.get("x-error", {}) if isinstance(subschema, dict) else {}
     if keyword in annotated:
-        field = error.schema.get("x-field", pointer(path))
+        field = subschema.get("x-field", pointer(path))
         return [Detail(field, annotated[keyword])]
     return [Detail(pointer(path), _wording(error))]
 
@@ -221,9 +243,17 @@ class _Checks:
         if sender is None or self.details or self.failed:
             return None
         return Draft(
-            sender=sender, subject=doc["subject"], to=to, cc=cc, bcc=bcc, reply_to=reply_to,
-            text=doc.get("text"), html=doc.get("html"), headers=headers,
-            attachments=attachments, tags=tuple(doc.get("tags", ())),
+            sender=sender,
+            subject=doc["subject"],
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            reply_to=reply_to,
+            text=doc.get("text"),
+            html=doc.get("html"),
+            headers=headers,
+            attachments=attachments,
+            tags=tuple(doc.get("tags", ())),
         )
 
     def address(self, field: str, value: object) -> Address | None:
@@ -260,8 +290,10 @@ class _Checks:
         filename = _text(item.get("filename")) or ""
         content_type = _text(item.get("content_type")) or _guess_type(filename)
         if content_type.lower().startswith(_STRUCTURED_TYPES):
-            self.fault(f"{field}/content_type", f"{content_type} cannot be attached as bytes; "
-                       "use application/octet-stream")
+            self.fault(
+                f"{field}/content_type",
+                f"{content_type} cannot be attached as bytes; use application/octet-stream",
+            )
         if content is None:
             return None
         content_id = _text(item.get("content_id")) or ""

@@ -42,21 +42,25 @@ def build_dsn(
         f"Recipients: {', '.join(stored.envelope.recipients)}\r\nReason: {reason_line}\r\n"
     )
     raw = (
-        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
-        f"To: <{stored.envelope.sender}>\r\n"
-        f"Subject: Undelivered Mail Returned to Sender\r\n"
-        f"Date: {email.utils.formatdate(localtime=True)}\r\n"
-        f"Message-ID: <{qid}@{hostname}>\r\n"
-        f"Auto-Submitted: auto-replied\r\n"
-        f"MIME-Version: 1.0\r\n"
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
-        f"\r\n"
-        f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Transfer-Encoding: 8bit\r\n\r\n{text}\r\n"
-        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; {hostname}\r\nX-Ratatoskr-Queue-ID: {stored.id}\r\n"
-        f"Arrival-Date: {email.utils.formatdate(stored.created_at, localtime=True)}\r\n\r\n"
-        f"{per_recipient}"
-        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-    ).encode("utf-8") + original_head[:_HEADER_LIMIT] + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+            f"To: <{stored.envelope.sender}>\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\n"
+            f"Date: {email.utils.formatdate(localtime=True)}\r\n"
+            f"Message-ID: <{qid}@{hostname}>\r\n"
+            f"Auto-Submitted: auto-replied\r\n"
+            f"MIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+            f"\r\n"
+            f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Transfer-Encoding: 8bit\r\n\r\n{text}\r\n"
+            f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+            f"Reporting-MTA: dns; {hostname}\r\nX-Ratatoskr-Queue-ID: {stored.id}\r\n"
+            f"Arrival-Date: {email.utils.formatdate(stored.created_at, localtime=True)}\r\n\r\n"
+            f"{per_recipient}"
+            f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        ).encode()
+        + original_head[:_HEADER_LIMIT]
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return Envelope(sender="", recipients=(stored.envelope.sender,)), raw

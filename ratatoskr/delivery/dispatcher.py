@@ -22,12 +22,15 @@ is over. Deliveries in flight hold at most ``MAX_INFLIGHT_BYTES`` of message byt
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ratatoskr.config import DeliveryConfig
+from ratatoskr.delivery.health import ProviderHealth
+from ratatoskr.delivery.outcomes import Outcomes, Round, refused_by
 from ratatoskr.errors import (
     AmbiguousFailure,
     PermanentFailure,
@@ -36,9 +39,7 @@ from ratatoskr.errors import (
     RateLimited,
     TemporaryFailure,
 )
-from ratatoskr.delivery.health import ProviderHealth
 from ratatoskr.metrics import Metrics
-from ratatoskr.delivery.outcomes import Outcomes, Round, refused_by
 from ratatoskr.providers.base import Outbound, Provider, Receipt
 from ratatoskr.queue.sqlite import Spool, StoredMessage
 
@@ -63,8 +64,12 @@ class Dispatcher:
     ) -> None:
         self.spool = spool
         self.outcomes = Outcomes(
-            spool, config, clock=clock, hostname=hostname,
-            provider_names=lambda: [p.name for p in self.providers], wake=self.wake,
+            spool,
+            config,
+            clock=clock,
+            hostname=hostname,
+            provider_names=lambda: [p.name for p in self.providers],
+            wake=self.wake,
         )
         self.providers = list(providers)
         self.config = config
@@ -122,7 +127,7 @@ class Dispatcher:
         self.wake()
         return list(self._tasks.values())
 
-    async def stop(self, timeout: float | None = None) -> int:
+    async def stop(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - a grace period, not a cancellation deadline
         """Stop claiming; let deliveries in flight finish within ``timeout``; return how many
         were cut off (those go back to the queue untouched)."""
         self._stopping = True
@@ -148,14 +153,14 @@ class Dispatcher:
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
                 claimed = []
-            except Exception:  # noqa: BLE001 - the runner must outlive any one bad turn
+            except Exception:
                 log.exception("delivery loop error; trying again")
                 claimed = []
             for stored in claimed:
                 task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
                 self._tasks[stored.id] = task
                 self._task_bytes[stored.id] = len(stored.raw)
-                task.add_done_callback(lambda _t, qid=stored.id: self._finished(qid))
+                task.add_done_callback(functools.partial(self._finished, stored.id))
             if claimed and len(self._tasks) < self.config.workers:
                 continue
             try:
@@ -163,7 +168,7 @@ class Dispatcher:
             except TimeoutError:
                 pass
 
-    def _finished(self, qid: str) -> None:
+    def _finished(self, qid: str, _task: object = None) -> None:
         self._tasks.pop(qid, None)
         self._task_bytes.pop(qid, None)
         if self._trial == qid:
@@ -226,7 +231,7 @@ class Dispatcher:
         try:
             result = await self._round(outbound, stored)
             finished = await self._record_when_possible(stored, result)
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one message a retry, not a loss
+        except Exception as exc:
             log.exception("id=%s delivery failed unexpectedly; deferring", stored.id)
             finished = await self._defer_after_bug(stored, exc)
         finally:
@@ -257,8 +262,10 @@ class Dispatcher:
         attempt = {"at": round(self.clock(), 3), "provider": "-", "outcome": "error", "detail": reason}
         try:
             await self.spool.defer(
-                stored.id, next_attempt_at=self.clock() + self.config.retry_max,
-                error=reason, attempts=[attempt],
+                stored.id,
+                next_attempt_at=self.clock() + self.config.retry_max,
+                error=reason,
+                attempts=[attempt],
             )
         except QueueUnavailable:
             return False
@@ -291,24 +298,24 @@ class Dispatcher:
             try:
                 receipt = await provider.send(outbound)
             except AmbiguousFailure as exc:
-                self._note(result, provider, "ambiguous", exc, started)
+                self._note(result, provider, "ambiguous", exc=exc, started=started)
                 health.record_failure(exc.reason)
                 if not second_chance and health.acquire():
                     continue
                 return False
             except RateLimited as exc:
-                self._note(result, provider, "rate_limited", exc, started)
+                self._note(result, provider, "rate_limited", exc=exc, started=started)
                 health.record_rate_limit(exc.retry_after, exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
             except ProviderUnavailable as exc:
-                self._note(result, provider, "unavailable", exc, started)
+                self._note(result, provider, "unavailable", exc=exc, started=started)
                 health.record_failure(exc.reason, unusable=True)
             except TemporaryFailure as exc:
-                self._note(result, provider, "temporary", exc, started)
+                self._note(result, provider, "temporary", exc=exc, started=started)
                 health.record_failure(exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
             except PermanentFailure as exc:
-                self._note(result, provider, "permanent", exc, started)
+                self._note(result, provider, "permanent", exc=exc, started=started)
                 health.record_success()
                 if exc.final:
                     result.attempts[-1]["final"] = True
@@ -316,14 +323,14 @@ class Dispatcher:
             except asyncio.CancelledError:
                 health.release()
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bug on one message must not lose it
+            except Exception as exc:
                 # Most likely this message tripped a bug in the adapter: it says nothing about
                 # the provider, whose circuit must not open because of one odd message.
                 log.exception("id=%s provider %s failed unexpectedly", outbound.id, provider.name)
-                self._note(result, provider, "error", exc, started)
+                self._note(result, provider, "error", exc=exc, started=started)
                 health.release()
             else:
-                self._note(result, provider, "sent", None, started, receipt=receipt)
+                self._note(result, provider, "sent", exc=None, started=started, receipt=receipt)
                 health.record_success()
                 result.receipt = receipt
                 return True
@@ -335,6 +342,7 @@ class Dispatcher:
         result: Round,
         provider: Provider,
         outcome: str,
+        *,
         exc: BaseException | None,
         started: float,
         receipt: Receipt | None = None,

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ratatoskr.config import DeliveryConfig
 from ratatoskr.delivery.backoff import retry_delay
 from ratatoskr.delivery.bounce import build_dsn
-from ratatoskr.config import DeliveryConfig
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Receipt
 from ratatoskr.queue.sqlite import Spool, StoredMessage
@@ -70,7 +70,10 @@ class Outcomes:
             await self.spool.complete(stored.id)
             log.info(
                 "delivered id=%s message_id=%s provider=%s provider_id=%s",
-                stored.id, message_id, receipt.provider, receipt.provider_id,
+                stored.id,
+                message_id,
+                receipt.provider,
+                receipt.provider_id,
             )
             return
         refused = refused_by(stored.history + result.attempts)
@@ -90,8 +93,12 @@ class Outcomes:
                 maximum=self.config.retry_max,
                 explicit=result.retry_after,
             )
-            await self.spool.defer(stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts)
-            log.info("deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error)
+            await self.spool.defer(
+                stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts
+            )
+            log.info(
+                "deferred id=%s message_id=%s retry_in=%.0fs reason=%s", stored.id, message_id, delay, error
+            )
 
     async def bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
         await self.bounce(stored, reason, expired=expired)  # first: see record()
@@ -101,7 +108,10 @@ class Outcomes:
     def log_dead(self, stored: StoredMessage, reason: str) -> None:
         log.error(
             "dead id=%s message_id=%s sender=<%s> reason=%s",
-            stored.id, stored.meta.get("message_id", ""), stored.envelope.sender, reason,
+            stored.id,
+            stored.meta.get("message_id", ""),
+            stored.envelope.sender,
+            reason,
         )
 
     async def bounce(self, stored: StoredMessage, reason: str, *, expired: bool) -> None:
@@ -136,11 +146,18 @@ class Outcomes:
         """Queue a copy for ``recipients``; recorded as ``permanent`` at the refusing provider,
         the copy goes to the others (a refusal for the provider's own account reasons)."""
         qid = f"{stored.id}-{'L' if outcome == 'temporary' else 'E'}"  # later / elsewhere
-        refusal = {"at": round(self.clock(), 3), "provider": receipt.provider, "outcome": outcome,
-                   "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients)}
+        refusal = {
+            "at": round(self.clock(), 3),
+            "provider": receipt.provider,
+            "outcome": outcome,
+            "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients),
+        }
         await self.spool.put(
-            qid, Envelope(stored.envelope.sender, recipients), stored.raw,
-            {**stored.meta, "split_from": stored.id}, history=[refusal],
+            qid,
+            Envelope(stored.envelope.sender, recipients),
+            stored.raw,
+            {**stored.meta, "split_from": stored.id},
+            history=[refusal],
             expires_at=stored.expires_at,  # a copy does not get a fresh lifetime
             if_absent=True,
             not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),

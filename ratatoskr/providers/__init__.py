@@ -8,7 +8,7 @@ from ratatoskr.config import ProviderConfig
 from ratatoskr.providers.base import Outbound, ProbeResult, Provider, Receipt
 from ratatoskr.providers.outbox import OutboxProvider
 
-__all__ = ["Outbound", "ProbeResult", "Provider", "Receipt", "build_providers", "KINDS"]
+__all__ = ["KINDS", "Outbound", "ProbeResult", "Provider", "Receipt", "build_providers"]
 
 
 def _mailgun(config: ProviderConfig) -> Provider:

@@ -10,7 +10,6 @@ the only place that knows aiohttp's exceptions: :func:`map_client_errors` transl
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import json
@@ -112,7 +111,7 @@ def map_client_errors(provider: str) -> Any:
         raise TemporaryFailure("connect timeout", provider=provider) from exc
     except aiohttp.ClientConnectorError as exc:
         raise TemporaryFailure(f"cannot connect: {exc.os_error}", provider=provider) from exc
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise AmbiguousFailure("timed out waiting for the answer", provider=provider) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
         raise AmbiguousFailure(f"connection dropped: {type(exc).__name__}", provider=provider) from exc

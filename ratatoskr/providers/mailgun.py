@@ -155,9 +155,12 @@ class MailgunProvider(HttpProvider):
         if answer.status == 401:
             if self._probe_secret:
                 return ProbeResult(False, "bad credentials (401): check probe_api_key")
-            return ProbeResult(False, "bad credentials (401): check api_key; the probe needs the "
-                                      "account key, a domain sending key is refused here "
-                                      "(set probe_api_key to the account key)")
+            return ProbeResult(
+                False,
+                "bad credentials (401): check api_key; the probe needs the "
+                "account key, a domain sending key is refused here "
+                "(set probe_api_key to the account key)",
+            )
         if answer.status == 404:
             return ProbeResult(False, self._not_found(error_text(answer)))
         body = answer.json()
@@ -199,7 +202,7 @@ def error_text(answer: HttpAnswer) -> str:
     """Mailgun's ``{"message": …}``, or the raw text: 401 is bare "Forbidden", 502s are HTML."""
     body = answer.json()
     if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"][:300]
+        return str(body["message"])[:300]
     return answer.text()
 
 

@@ -55,10 +55,15 @@ ACCOUNT_REASONS = frozenset({"unsigned", "invalid-sender", "test-mode-limit"})
 # Refused because the recipient is on Mandrill's suppression list or caught by a rule.
 SUPPRESSION_REASONS = frozenset({"hard-bounce", "spam", "unsub", "custom", "rule"})
 # Queued for these reasons, a message may never leave Mandrill: worth a warning.
-STUCK_QUEUE_REASONS = frozenset({
-    "sending-paused", "sending-suspended", "account-suspended", "free-trial-sends-exhausted",
-    "monthly-limit-reached",
-})
+STUCK_QUEUE_REASONS = frozenset(
+    {
+        "sending-paused",
+        "sending-suspended",
+        "account-suspended",
+        "free-trial-sends-exhausted",
+        "monthly-limit-reached",
+    }
+)
 # Error names that mean "this account cannot send at all", with what to check.
 UNUSABLE = {
     "Invalid_Key": "check api_key",
@@ -142,7 +147,9 @@ class MandrillProvider(HttpProvider):
         provider_id = ", ".join(dict.fromkeys(i for i in ids if i))
         reason = {r: by_email[r.lower()].get("reject_reason") for r in refused}
         return Receipt(
-            provider=self.name, provider_id=provider_id, rejected=refused,
+            provider=self.name,
+            provider_id=provider_id,
+            rejected=refused,
             retry_later=tuple(r for r in refused if reason[r] == "soft-bounce"),
             retry_elsewhere=tuple(r for r in refused if reason[r] in ACCOUNT_REASONS),
         )

@@ -44,7 +44,9 @@ class OutboxProvider:
         try:
             await asyncio.to_thread(self._write, message)
         except OSError as exc:
-            raise TemporaryFailure(f"cannot write to {self.path}: {exc.strerror}", provider=self.name) from exc
+            raise TemporaryFailure(
+                f"cannot write to {self.path}: {exc.strerror}", provider=self.name
+            ) from exc
         return Receipt(provider=self.name, provider_id=message.id)
 
     def _write(self, message: Outbound) -> None:

@@ -110,10 +110,18 @@ class StoredMessage:
     @classmethod
     def from_row(cls, row: tuple[Any, ...], raw: bytes = b"") -> StoredMessage:
         return cls(
-            id=row[0], state=State(row[1]), created_at=row[2], expires_at=row[3],
-            next_attempt_at=row[4], attempts=row[5], recoveries=row[6],
+            id=row[0],
+            state=State(row[1]),
+            created_at=row[2],
+            expires_at=row[3],
+            next_attempt_at=row[4],
+            attempts=row[5],
+            recoveries=row[6],
             envelope=Envelope(sender=row[7], recipients=tuple(json.loads(row[8]))),
-            meta=json.loads(row[9]), history=json.loads(row[10]), last_error=row[11], raw=raw,
+            meta=json.loads(row[9]),
+            history=json.loads(row[10]),
+            last_error=row[11],
+            raw=raw,
         )
 
 
@@ -279,9 +287,15 @@ class Spool:
         return self._writer.submit(op)
 
     async def put(
-        self, qid: str, envelope: Envelope, raw: bytes | bytearray | Sequence[bytes | bytearray],
-        meta: dict[str, Any], *, history: Sequence[dict[str, Any]] = (),
-        not_before: float | None = None, expires_at: float | None = None,
+        self,
+        qid: str,
+        envelope: Envelope,
+        raw: bytes | bytearray | Sequence[bytes | bytearray],
+        meta: dict[str, Any],
+        *,
+        history: Sequence[dict[str, Any]] = (),
+        not_before: float | None = None,
+        expires_at: float | None = None,
         if_absent: bool = False,
     ) -> str:
         """Commit a new message durably; return its id once it is on disk.
@@ -294,9 +308,15 @@ class Spool:
         size = sum(len(p) for p in parts)
         now = self.clock()
         row = (
-            qid, State.QUEUED.value, now, expires_at or now + self.lifetime, not_before or now,
+            qid,
+            State.QUEUED.value,
+            now,
+            expires_at or now + self.lifetime,
+            not_before or now,
             envelope.sender,
-            json.dumps(list(envelope.recipients)), json.dumps(meta), json.dumps(list(history)),
+            json.dumps(list(envelope.recipients)),
+            json.dumps(meta),
+            json.dumps(list(history)),
             size,
         )
 
@@ -319,7 +339,11 @@ class Spool:
         return await self._submit(insert)
 
     async def claim(
-        self, limit: int, *, exclude: Iterable[str] = (), due: float | None = None,
+        self,
+        limit: int,
+        *,
+        exclude: Iterable[str] = (),
+        due: float | None = None,
         max_bytes: int | None = None,
     ) -> list[StoredMessage]:
         """Mark up to ``limit`` messages due by ``due`` (default now) in flight, oldest first,
@@ -456,11 +480,13 @@ class Spool:
     async def reschedule_deferred(self, not_after: float) -> int:
         """Bring deferred messages forward (a provider recovered, no need to wait out backoff)."""
         return await self._submit(
-            lambda conn: conn.execute(
-                "UPDATE messages SET next_attempt_at = ? WHERE state = 'deferred'"
-                " AND next_attempt_at > ?",
-                (not_after, not_after),
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    "UPDATE messages SET next_attempt_at = ? WHERE state = 'deferred'"
+                    " AND next_attempt_at > ?",
+                    (not_after, not_after),
+                ).rowcount
+            )
         )
 
 
@@ -484,9 +510,7 @@ class QueueAdmin:
         return [StoredMessage.from_row(r) for r in rows]
 
     def show(self, qid: str) -> StoredMessage | None:
-        row = self.conn.execute(
-            f"SELECT {_COLUMNS}, raw FROM messages WHERE id = ?", (qid,)
-        ).fetchone()
+        row = self.conn.execute(f"SELECT {_COLUMNS}, raw FROM messages WHERE id = ?", (qid,)).fetchone()
         return StoredMessage.from_row(row[:-1], raw=row[-1]) if row else None
 
     def retry(self, qid: str | None) -> int:

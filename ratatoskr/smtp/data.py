@@ -18,8 +18,8 @@ Bytes the client sent after the terminator (pipelined commands) go back to the r
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Awaitable, Callable
-from typing import BinaryIO
 
 CHUNK = 256 * 1024
 SPILL_AT = 1024 * 1024
@@ -48,10 +48,10 @@ class _Collected:
     real line break the previous cut was made in front of.
     """
 
-    def __init__(self, spill: Callable[[], BinaryIO] | None, spill_at: int) -> None:
+    def __init__(self, spill: Callable[[], io.BufferedRandom] | None, spill_at: int) -> None:
         self.spill = spill
         self.spill_at = spill_at
-        self.file: BinaryIO | None = None
+        self.file: io.BufferedRandom | None = None
         self.written = 0
         self.virtual = 2  # bytes at the front of buf that are not content
 
@@ -71,7 +71,7 @@ class _Collected:
         if self.file is None:
             self.file = self.spill()
         segment = unstuff(buf[:cut])
-        self.file.write(memoryview(segment)[self.virtual:])
+        self.file.write(memoryview(segment)[self.virtual :])
         self.written += len(segment) - self.virtual
         self.virtual = 0
         del buf[:cut]
@@ -86,7 +86,7 @@ class _Collected:
             del tail[: self.virtual]  # O(1) at a bytearray's front
             return tail
         with self.file:
-            self.file.write(memoryview(tail)[self.virtual:])
+            self.file.write(memoryview(tail)[self.virtual :])
             self.file.seek(0)
             content = bytearray(self.written + len(tail) - self.virtual)
             self.file.readinto(content)
@@ -117,7 +117,7 @@ async def read_data(
     limit: int | None,
     on_progress: Callable[[], None] = lambda: None,
     *,
-    spill: Callable[[], BinaryIO] | None = None,
+    spill: Callable[[], io.BufferedRandom] | None = None,
     spill_at: int = SPILL_AT,
     reserve: Callable[[int], Awaitable[None]] | None = None,
 ) -> bytearray:
@@ -145,7 +145,9 @@ async def read_data(
 
 
 async def _read(
-    reader: asyncio.StreamReader, limit: int | None, on_progress: Callable[[], None],
+    reader: asyncio.StreamReader,
+    limit: int | None,
+    on_progress: Callable[[], None],
     collected: _Collected,
 ) -> bytearray:
     """Read to the terminator; return what is still in memory (the rest is in the file)."""
@@ -162,8 +164,8 @@ async def _read(
         buf += chunk
         end = buf.find(_END, scan)
         if end >= 0:
-            _unread(reader, bytes(buf[end + len(_END):]))
-            del buf[end + 2:]
+            _unread(reader, bytes(buf[end + len(_END) :]))
+            del buf[end + 2 :]
             break
         if not over and limit is not None and collected.written + len(buf) - 4 > limit:
             # Dots removed by unstuffing do not count: give up only when even the unstuffed
@@ -201,9 +203,7 @@ class ByteBudget:
 
     async def acquire(self, size: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: self.held == 0 or self.held + size <= self.capacity
-            )
+            await self._changed.wait_for(lambda: self.held == 0 or self.held + size <= self.capacity)
             self.held += size
 
     async def release(self, size: int) -> None:

@@ -24,23 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import ssl
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AnyStr, BinaryIO, cast
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from ratatoskr.smtp import replies
 from ratatoskr.auth import SmtpLogins
 from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
+from ratatoskr.smtp import replies
 from ratatoskr.smtp.data import ByteBudget, DataTooLarge, SpillFailed, read_data
 from ratatoskr.smtp.limits import ConnectionLimiter
 
@@ -87,6 +88,15 @@ def _hand_on(server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: 
     return _Unchecked(success=False, handled=False, message=replies.AUTH_INVALID, auth_data=data)
 
 
+class RelayEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope, plus the message as our DATA reader collected it: a bytearray,
+    which aiosmtpd's ``content`` (typed bytes) would have to copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+
 class RelaySMTP(SMTP):
     # The StreamReader's limit: command lines are still capped by command_size_limit (512),
     # but DATA is read in chunks and must not trip the reader's line limit.
@@ -107,8 +117,12 @@ class RelaySMTP(SMTP):
         # auth_required without auth_require_tls; both decisions are taken here instead, from
         # the policy, with the implicit-TLS listener counted as encrypted.
         super().__init__(
-            handler, auth_required=False, auth_require_tls=False, authenticator=_hand_on,
-            command_call_limit=_CALL_LIMITS, **kwargs,
+            handler,
+            auth_required=False,
+            auth_require_tls=False,
+            authenticator=_hand_on,
+            command_call_limit=_CALL_LIMITS,
+            **kwargs,
         )
         self.policy = policy
         self.spill_dir = spill_dir
@@ -121,7 +135,10 @@ class RelaySMTP(SMTP):
         self._errors = 0
         self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
 
-    def _spill_file(self) -> BinaryIO:
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    def _spill_file(self) -> io.BufferedRandom:
         # Large uploads wait on the queue's disk, not in RAM (nor in a tmpfs /tmp).
         return tempfile.TemporaryFile(dir=self.spill_dir, prefix="data-")
 
@@ -255,10 +272,13 @@ class RelaySMTP(SMTP):
 
         try:
             content = await read_data(
-                self._reader, self.data_size_limit, self._reset_timeout,
-                spill=self._spill_file, reserve=reserve,
+                self._reader,
+                self.data_size_limit,
+                self._reset_timeout,
+                spill=self._spill_file,
+                reserve=reserve,
             )
-            self.envelope.content = self.envelope.original_content = content
+            cast(RelayEnvelope, self.envelope).data = content
             status = await self._call_handler_hook("DATA")
         except DataTooLarge:
             self.event_handler.ingest.metrics.rejected("smtp", "too_large")
@@ -283,7 +303,11 @@ class RelayHandler:
         self.logins = logins
 
     async def handle_EHLO(
-        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
@@ -336,7 +360,7 @@ class RelayHandler:
             protocol += "A"
         try:
             qid = await self.ingest.accept(
-                envelope.original_content or b"",
+                envelope.data if isinstance(envelope, RelayEnvelope) else envelope.original_content or b"",
                 Envelope(sender=sender, recipients=tuple(envelope.rcpt_tos)),
                 ingress="smtp",
                 helo=session.host_name or "",

@@ -127,8 +127,15 @@ class FakeServer:
     # -- failures -------------------------------------------------------------------------------
 
     def fail(
-        self, status: int | None = None, body: Any = b"", *, headers: Mapping[str, str] | None = None,
-        times: int | None = 1, route: str | None = None, delay: float = 0.0, after: int = 0,
+        self,
+        status: int | None = None,
+        body: Any = b"",
+        *,
+        headers: Mapping[str, str] | None = None,
+        times: int | None = 1,
+        route: str | None = None,
+        delay: float = 0.0,
+        after: int = 0,
     ) -> Failure:
         failure = Failure(status, body, dict(headers or {}), times, route, delay=delay, after=after)
         self.failures.append(failure)

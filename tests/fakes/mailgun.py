@@ -62,15 +62,25 @@ class FakeMailgun(FakeServer):
 
     def provider_entry(self, name: str = "mailgun", **overrides: Any) -> dict[str, Any]:
         """A ``[[providers]]`` table for this fake."""
-        entry = {"name": name, "kind": "mailgun", "api_key": self.api_key, "domain": self.domain,
-                 "base_url": self.url}
+        entry = {
+            "name": name,
+            "kind": "mailgun",
+            "api_key": self.api_key,
+            "domain": self.domain,
+            "base_url": self.url,
+        }
         return {**entry, **overrides}
 
     # -- switches -------------------------------------------------------------------------------
 
     def rate_limit(
-        self, *, retry_after: float | None = None, reset: float | None = None,
-        try_again_after: str | None = None, status: int = 429, times: int | None = 1,
+        self,
+        *,
+        retry_after: float | None = None,
+        reset: float | None = None,
+        try_again_after: str | None = None,
+        status: int = 429,
+        times: int | None = 1,
     ) -> None:
         """Answer like Mailgun's limiter: ``status`` 429 (documented) or 420 (seen in the wild),
         with ``Retry-After`` and/or ``X-RateLimit-Reset`` when given, and the wait in the text."""
@@ -116,9 +126,12 @@ class FakeMailgun(FakeServer):
         if domain not in self.domains:
             return _error(404, f"Domain not found: {domain}")
         if self.domains[domain]["state"] != "active" or self.domains[domain]["is_disabled"]:
-            return _error(400, f"Domain {domain} is not allowed to send: The domain is unverified and "
-                               "requires DNS configuration. Log in to your control panel to view "
-                               "required DNS records.")
+            return _error(
+                400,
+                f"Domain {domain} is not allowed to send: The domain is unverified and "
+                "requires DNS configuration. Log in to your control panel to view "
+                "required DNS records.",
+            )
         return None
 
     async def _read_form(self, request: web.Request) -> Any:
@@ -133,8 +146,11 @@ class FakeMailgun(FakeServer):
         if (refusal := self._refuse_caller(request)) is not None:
             return refusal
         if request.content_type != "multipart/form-data":
-            return _error(400, "Invalid request content type. Expecting 'multipart/form-data' "
-                               f"but got '{request.content_type}'")
+            return _error(
+                400,
+                "Invalid request content type. Expecting 'multipart/form-data' "
+                f"but got '{request.content_type}'",
+            )
         form = await self._read_form(request)
         if isinstance(form, web.Response):
             return form
@@ -188,8 +204,9 @@ class FakeMailgun(FakeServer):
                 return [], f"Header name must be pure ASCII: {key[2:]}"
         return envelope, ""
 
-    def _queued(self, request: web.Request, envelope: list[str], parsed: EmailMessage,
-                raw: bytes | None, form: Any) -> web.Response:
+    def _queued(
+        self, request: web.Request, envelope: list[str], parsed: EmailMessage, raw: bytes | None, form: Any
+    ) -> web.Response:
         domain = request.match_info["domain"]
         message_id = f"<{time.strftime('%Y%m%d%H%M%S')}.{self.next_id()}@{domain}>"
         fields = text_fields(form, skip=("to", "message"))
@@ -226,6 +243,7 @@ def build_mime(form: Any) -> EmailMessage:
                 continue  # "attachments without a filename are silently dropped"
             maintype, _, subtype = (part.content_type or "application/octet-stream").partition("/")
             extra = {"disposition": "inline", "cid": f"<{part.filename}>"} if kind == "inline" else {}
-            msg.add_attachment(part.file.read(), maintype=maintype, subtype=subtype,
-                               filename=part.filename, **extra)
+            msg.add_attachment(
+                part.file.read(), maintype=maintype, subtype=subtype, filename=part.filename, **extra
+            )
     return msg

@@ -33,7 +33,7 @@ import base64
 import json
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -41,11 +41,25 @@ from tests.fakes.base import FakeServer, respond
 from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
 
 MODERN_STATUS = {
-    "ValidationError": 400, "Invalid_Key": 401, "PaymentRequired": 402, "Unknown_Subaccount": 404,
-    "Unknown_Template": 404, "GeneralError": 500, "ServiceUnavailable": 503, "RequestLimitExceeded": 429,
+    "ValidationError": 400,
+    "Invalid_Key": 401,
+    "PaymentRequired": 402,
+    "Unknown_Subaccount": 404,
+    "Unknown_Template": 404,
+    "GeneralError": 500,
+    "ServiceUnavailable": 503,
+    "RequestLimitExceeded": 429,
 }
-CODES = {"ValidationError": -2, "Invalid_Key": -1, "PaymentRequired": 10, "Unknown_Subaccount": 12,
-         "Unknown_Template": 5, "GeneralError": -1, "ServiceUnavailable": -2, "RequestLimitExceeded": 429}
+CODES = {
+    "ValidationError": -2,
+    "Invalid_Key": -1,
+    "PaymentRequired": 10,
+    "Unknown_Subaccount": 12,
+    "Unknown_Template": 5,
+    "GeneralError": -1,
+    "ServiceUnavailable": -2,
+    "RequestLimitExceeded": 429,
+}
 MESSAGES = {
     "Invalid_Key": "Invalid API key",
     "PaymentRequired": "This feature is only available for accounts with a positive balance.",
@@ -63,7 +77,9 @@ class MandrillError(Exception):
 
 
 class FakeMandrill(FakeServer):
-    GARBAGE = {"status": "ok"}  # JSON, but not the per-recipient array a send returns
+    GARBAGE: ClassVar[dict[str, str]] = {
+        "status": "ok"
+    }  # JSON, but not the per-recipient array a send returns
 
     def __init__(
         self, *, api_key: str = "md-fake-5c1e9b07d3a4", version: str = "1.0", status_mode: str = "modern"
@@ -104,8 +120,13 @@ class FakeMandrill(FakeServer):
         """Answer the next ``times`` calls with Mandrill's error ``name`` (status per mode)."""
         response = self.error_response(name, message)
         assert response.body is not None
-        self.fail(response.status, bytes(response.body), headers={"Content-Type": "application/json"},
-                  times=times, route=route)
+        self.fail(
+            response.status,
+            bytes(response.body),
+            headers={"Content-Type": "application/json"},
+            times=times,
+            route=route,
+        )
 
     def rate_limit(self, *, retry_after: float | None = None, times: int | None = 1) -> None:
         headers = {"Content-Type": "application/json"}
@@ -183,8 +204,9 @@ class FakeMandrill(FakeServer):
         tags = message.get("tags") or []
         return self._accept(body, [e["email"] for e in to], build_mime(message), None, tags)
 
-    def _accept(self, body: dict[str, Any], to: list[str], parsed: EmailMessage, raw: bytes | None,
-                tags: list[str]) -> web.Response:
+    def _accept(
+        self, body: dict[str, Any], to: list[str], parsed: EmailMessage, raw: bytes | None, tags: list[str]
+    ) -> web.Response:
         if any(t.startswith("_") for t in tags):
             raise invalid('{"tags":"tags may not start with an underscore"}')
         envelope = list(dict.fromkeys(to))
@@ -194,14 +216,20 @@ class FakeMandrill(FakeServer):
         results = [self._result(a, queued, f"{message_id}-{n}") for n, a in enumerate(addresses)]
         refused = {r["email"]: _refusal(r) for r in results if r["status"] in ("rejected", "invalid")}
         fields = text_fields(body, skip=("key", "raw_message", "to", "message"))
-        self.record(Delivery(message_id, envelope, parsed, raw, tags=list(tags), fields=fields, refused=refused))
+        self.record(
+            Delivery(message_id, envelope, parsed, raw, tags=list(tags), fields=fields, refused=refused)
+        )
         return web.json_response(results)
 
     def _result(self, address: str, queued: bool, result_id: str) -> dict[str, Any]:
         status, reason = self._status_of(address, queued)
-        result = {"email": address, "status": status, "_id": result_id,
-                  "reject_reason": reason if status == "rejected" else None,
-                  "queued_reason": reason if status == "queued" else None}
+        result = {
+            "email": address,
+            "status": status,
+            "_id": result_id,
+            "reject_reason": reason if status == "rejected" else None,
+            "queued_reason": reason if status == "queued" else None,
+        }
         if status in ("rejected", "invalid") and not self.ids_on_refusals:
             del result["_id"]
         return result
@@ -245,6 +273,11 @@ def build_mime(message: dict[str, Any]) -> EmailMessage:
             if kind == "images" and maintype != "image":
                 raise invalid('{"message":{"images":"type must start with image/"}}')
             extra = {"disposition": "inline", "cid": f"<{item['name']}>"} if kind == "images" else {}
-            msg.add_attachment(base64.b64decode(item.get("content", "")), maintype=maintype, subtype=subtype,
-                               filename=item.get("name"), **extra)
+            msg.add_attachment(
+                base64.b64decode(item.get("content", "")),
+                maintype=maintype,
+                subtype=subtype,
+                filename=item.get("name"),
+                **extra,
+            )
     return msg
