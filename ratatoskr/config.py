@@ -21,6 +21,7 @@ from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
 
 ENV_VAR = "RATATOSKR_CFG"
+DEFAULTS_SOURCE = "built-in development defaults"
 PROVIDER_KINDS = ("mailgun", "mandrill", "outbox")
 SECRET_KEYS = frozenset({"api_key", "probe_api_key", "api_tokens", "users"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -141,6 +142,7 @@ class ProviderConfig:
     circuit_failures: int | None = None
     circuit_cooldown: float | None = None
     probe_api_key: Secret | None = None
+    max_messages: int = 0  #: outbox only: keep the newest this many messages (0: all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     providers: tuple[ProviderConfig, ...] = (ProviderConfig(name="outbox", kind="outbox"),)
     log: LogConfig = LogConfig()
-    source: str = "built-in development defaults"
+    source: str = DEFAULTS_SOURCE
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log redaction filter."""
@@ -438,9 +440,13 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
         raise ConfigError(t.key("name"), f"duplicate provider name {name!r}")
     names.add(name)
     timeout = t.positive("timeout", float, 10.0)
-    failures = t.get("circuit_failures", int, 0) or None
-    cooldown = t.get("circuit_cooldown", float, 0.0) or None
+    # Absent: the [delivery] value; given: held to the same rule as there.
+    failures = t.positive("circuit_failures", int, 1) if "circuit_failures" in t.data else None
+    cooldown = t.positive("circuit_cooldown", float, 1.0) if "circuit_cooldown" in t.data else None
     if kind == "outbox":
+        max_messages = t.get("max_messages", int, 0)
+        if max_messages < 0:
+            raise ConfigError(t.key("max_messages"), f"must be 0 (keep all) or more, got {max_messages}")
         return ProviderConfig(
             name=name,
             kind=kind,
@@ -448,12 +454,14 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
             path=Path(t.get("path", str, "./outbox")),
             circuit_failures=failures,
             circuit_cooldown=cooldown,
+            max_messages=max_messages,
         )
     api_key = _api_key(t)
     base_url = t.get("base_url", str, _DEFAULT_URLS[kind]).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
-    domain = t.get("domain", str, "")
+    # Only Mailgun has a sending domain; for the others `domain` is an unknown key.
+    domain = t.get("domain", str, "") if kind == "mailgun" else ""
     # Mailgun's domain check needs the account key; deployments that send with a domain
     # sending key give the account key for `check --probe` only.
     probe_key = _api_key(t, "probe_api_key", required=False) if kind == "mailgun" else None
@@ -515,6 +523,10 @@ def _log(t: _Table) -> LogConfig:
     return LogConfig(format=fmt, level=level)
 
 
+def _spool(t: _Table) -> SpoolConfig:
+    return SpoolConfig(Path(t.get("path", str, "./var")))
+
+
 def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
     table = root.table(name)
     result = build(table)
@@ -529,7 +541,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     config = Config(
         smtp=_section(root, "smtp", _smtp),
         http=_section(root, "http", _http),
-        spool=_section(root, "spool", lambda t: SpoolConfig(Path(t.get("path", str, "./var")))),
+        spool=_section(root, "spool", _spool),
         delivery=_section(root, "delivery", _delivery),
         providers=_providers(data.get("providers")),
         log=_section(root, "log", _log),
@@ -539,17 +551,63 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     return config
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults."""
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults.
+
+    ``overrides`` (``{"smtp": {"listen": "127.0.0.1:2626"}}``, from ``serve --smtp-listen``)
+    replace keys before parsing, so every check (an open relay on a public address) applies.
+    """
+    data, source = _read(path)
+    if data is None and not overrides:
+        return Config()
+    data = dict(data or {})
+    for section, keys in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **keys}
+    return parse(data, source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """What the ``queue`` commands need: ``[spool]``, and the lifetime a revived message gets
+    (None when ``[delivery]`` cannot be read here, e.g. an unset ``${ENV}``)."""
+
+    spool: SpoolConfig
+    lifetime: float | None
+    source: str
+
+
+def load_queue_settings(path: str | os.PathLike[str] | None = None) -> QueueSettings:
+    """Only ``[spool]`` (and the lifetime) from the same place :func:`load` reads: an admin
+    shell without the service's secrets (``${CREDENTIALS_DIRECTORY}``) can still work the queue.
+    """
+    data, source = _read(path)
+    if data is None:
+        return QueueSettings(SpoolConfig(), DeliveryConfig().max_queue_lifetime, source)
+    spool = _section(_Table("", data), "spool", _spool)
+    try:
+        delivery = _Table("delivery", data.get("delivery", {}))
+        lifetime: float | None = delivery.positive(
+            "max_queue_lifetime", float, DeliveryConfig().max_queue_lifetime
+        )
+    except ConfigError:
+        lifetime = None
+    return QueueSettings(spool, lifetime, source)
+
+
+def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any] | None, str]:
+    """The TOML document named by ``path`` or ``$RATATOSKR_CFG``; None for the defaults."""
     if path is None:
         path = os.environ.get(ENV_VAR) or None
     if path is None:
-        return Config()
+        return None, DEFAULTS_SOURCE
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f), str(path)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    return parse(data, source=str(path))

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ratatoskr import __version__, logs, tls
+from ratatoskr import __version__, circuits, logs, tls
 from ratatoskr.api.app import Services, build_app
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
@@ -69,6 +69,7 @@ class Daemon:
             clock=clock,
             poll_interval=poll_interval,
             hostname=config.smtp.hostname,
+            on_health_change=self.publish_circuits,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
@@ -98,6 +99,7 @@ class Daemon:
         for provider in self.providers:
             await provider.start()
         self.dispatcher.start()
+        self.publish_circuits()
         await self._start_http()
         await self._start_smtp()
         smtp = self.config.smtp
@@ -115,6 +117,16 @@ class Daemon:
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
             self._watchdog_task = asyncio.create_task(self._ping_watchdog(self.watchdog))
+
+    def publish_circuits(self) -> None:
+        """Tell ``ratatoskr queue …`` which providers take traffic (:mod:`ratatoskr.circuits`)."""
+        circuits.publish(
+            self.config.spool.path,
+            [
+                circuits.ProviderCircuit(h.name, h.up, h.state(), h.ready_at(), h.last_error)
+                for h in self.dispatcher.health.values()
+            ],
+        )
 
     async def _start_smtp(self) -> None:
         smtp = self.config.smtp
@@ -238,6 +250,7 @@ class Daemon:
         if self.tls_context is not None and new.smtp.tls_cert is not None:
             smtp = dataclasses.replace(smtp, tls_cert=new.smtp.tls_cert, tls_key=new.smtp.tls_key)
         self.config = dataclasses.replace(self.config, providers=new.providers, smtp=smtp)
+        self.publish_circuits()
         log.info(
             "reloaded %s: providers %s, %d SMTP users",
             new.source,
@@ -263,6 +276,7 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         for provider in self.providers:
             await provider.close()
+        circuits.withdraw(self.config.spool.path)
         await self.spool.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()  # pinged to the end: a drain may take a while

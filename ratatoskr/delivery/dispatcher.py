@@ -61,8 +61,11 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
         hostname: str = "localhost",
+        on_health_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_health_change`` is called after any provider starts or stops taking traffic."""
         self.spool = spool
+        self.on_health_change = on_health_change
         self.outcomes = Outcomes(
             spool,
             config,
@@ -204,8 +207,10 @@ class Dispatcher:
 
     def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
         self.metrics.set_provider_up(health.name, up)
+        self.on_health_change()
         if up:
-            log.warning("provider %s is taking traffic again (%s)", health.name, reason)
+            # Good news: INFO, so an alert on WARNING and above sees only the trouble.
+            log.info("provider %s is taking traffic again (%s)", health.name, reason)
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(self._bring_forward())
             self._background.add(task)
