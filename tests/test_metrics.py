@@ -162,7 +162,7 @@ async def test_received_and_delivered_counts_follow_both_ingresses(
     assert outcomes == {"sent": 5, "temporary_failure": 0, "permanent_failure": 0}
     assert scrape.value("ratatoskr_delivery_duration_seconds_count", provider="outbox") == 5
     assert scrape.total("ratatoskr_failovers_total") == 0
-    for state in ("queued", "deferred", "dead"):
+    for state in ("queued", "inflight", "deferred", "dead"):
         assert scrape.value("ratatoskr_queue_messages", state=state) == 0
     assert scrape.value("ratatoskr_queue_oldest_age_seconds") == 0
 

@@ -89,6 +89,7 @@ class Dispatcher:
         self._runner: asyncio.Task[None] | None = None
         for p in self.providers:
             metrics.register_provider(p.name)
+        metrics.register_failovers([p.name for p in self.providers])
 
     def _health_for(self, provider: Provider) -> ProviderHealth:
         cfg = getattr(provider, "config", None)
@@ -127,6 +128,7 @@ class Dispatcher:
         for p in providers:
             if p.name not in kept:
                 self.metrics.register_provider(p.name)
+        self.metrics.register_failovers([p.name for p in providers])
         self.wake()
         return list(self._tasks.values())
 

@@ -3,6 +3,9 @@
 Next to it, ``<queue id>.json`` records the envelope (sender, recipients, Bcc included), because
 the ``.eml`` itself carries no Bcc header. Both files are written to a temporary name, fsynced and
 renamed, so a reader never sees half a message.
+
+``max_messages`` (0: keep all) bounds the folder for a development machine that runs for weeks:
+after each write, the oldest messages beyond that many are removed (queue ids sort by arrival).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ class OutboxProvider:
     kind: ClassVar[str] = "outbox"
 
     def __init__(self, config: ProviderConfig) -> None:
+        self.config = config  # the dispatcher reads circuit_failures/circuit_cooldown from it
         self.name = config.name
         self.path = config.path
+        self.max_messages = config.max_messages
 
     async def start(self) -> None:
         pass
@@ -59,6 +64,17 @@ class OutboxProvider:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        if self.max_messages:
+            self._prune()
+
+    def _prune(self) -> None:
+        kept = sorted(self.path.glob("*.eml"), key=lambda p: p.name)
+        for old in kept[: max(0, len(kept) - self.max_messages)]:
+            for path in (old, old.with_suffix(".json")):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass  # two deliveries pruning at once
 
     async def probe(self) -> ProbeResult:
         try:
