@@ -323,7 +323,7 @@ async def test_shutdown_refuses_new_mail_while_deliveries_drain(fake_mailgun, tm
     async with RawSmtp(daemon.smtp_port) as session:  # opened before the stop
         await session.cmd("EHLO client.test")
         stopping = asyncio.create_task(daemon.stop())
-        await wait_until(lambda: daemon.ingest.closed, what="draining")
+        await wait_until(lambda: not daemon.ingest.accepting, what="draining")
         await session.cmd("MAIL FROM:<ada@example.com>")
         await session.cmd("RCPT TO:<bob@example.net>")
         await session.cmd("DATA")
