@@ -13,12 +13,40 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from ratatoskr.config import ProviderConfig
-from ratatoskr.errors import TemporaryFailure
-from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+from ratatoskr.errors import ConfigError, TemporaryFailure
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, ProviderSettings, Receipt
+from ratatoskr.table import Table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxSettings(ProviderSettings):
+    """``kind = "outbox"``: ``path``, the folder the messages are written to; ``max_messages``,
+    how many of the newest to keep (0: all)."""
+
+    kind: ClassVar[str] = "outbox"
+    path: Path = Path("./outbox")
+    max_messages: int = 0
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        max_messages = t.get("max_messages", int, 0)
+        if max_messages < 0:
+            raise ConfigError(t.key("max_messages"), f"must be 0 (keep all) or more, got {max_messages}")
+        return cls(
+            **common,
+            path=Path(t.get("path", str, str(cls.default("path")))),
+            max_messages=max_messages,
+        )
+
+    def build(self) -> OutboxProvider:
+        return OutboxProvider(self)
+
+    def describe(self) -> str:
+        return str(self.path)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -31,13 +59,15 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class OutboxProvider:
-    kind: ClassVar[str] = "outbox"
+    """Writes each message into ``settings.path``; a failed write is a temporary failure."""
 
-    def __init__(self, config: ProviderConfig) -> None:
-        self.config = config  # the dispatcher reads circuit_failures/circuit_cooldown from it
-        self.name = config.name
-        self.path = config.path
-        self.max_messages = config.max_messages
+    kind = OutboxSettings.kind
+
+    def __init__(self, settings: OutboxSettings) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.path = settings.path
+        self.max_messages = settings.max_messages
 
     async def start(self) -> None:
         pass
