@@ -115,7 +115,7 @@ class MailgunProvider(HttpProvider):
             chunk = recipients[start : start + MAX_RECIPIENTS]
             form = _form(chunk, mime, tags)
             answer = await self.request(
-                "POST", f"/v3/{self._domain_path}/messages.mime", data=form, headers=self._auth
+                "POST", f"/v3/{self._domain_path}/messages.mime", body=form(), headers=self._auth
             )
             try:
                 ids.append(self.read_send(answer))

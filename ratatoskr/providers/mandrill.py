@@ -35,6 +35,8 @@ from email.generator import BytesGenerator
 from email.parser import BytesParser
 from typing import Any, ClassVar
 
+from aiohttp.payload import BytesIOPayload
+
 from ratatoskr.errors import DeliveryError
 from ratatoskr.mime import split_head
 from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
@@ -97,10 +99,8 @@ class MandrillProvider(HttpProvider):
         payload = {"key": self._secret, "raw_message": raw_message, "to": recipients, "async": False}
         # Serialized here and sent as a stream: aiohttp's json= would hold (and warn about) a
         # multi-megabyte body as raw bytes.
-        body = io.BytesIO(json.dumps(payload).encode())
-        answer = await self.request(
-            "POST", "/messages/send-raw.json", data=body, headers={"Content-Type": "application/json"}
-        )
+        body = BytesIOPayload(io.BytesIO(json.dumps(payload).encode()), content_type="application/json")
+        answer = await self.request("POST", "/messages/send-raw.json", body=body)
         result = answer.json()
         if answer.status == 200 and isinstance(result, list):
             return self.read_results(result, recipients)
