@@ -131,7 +131,8 @@ async def _probe_all(config: Config) -> int:
         finally:
             await provider.close()
         failing += not result.ok
-        print(f"probe {provider.name}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+        word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
+        print(f"probe {provider.name}: {word}: {result.detail}")
     return failing
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
 import re
 import time
@@ -18,8 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, ClassVar, Self, TypedDict
+from urllib.parse import urlsplit
 
 import aiohttp
+import idna
 from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
@@ -72,12 +75,37 @@ class HttpSettings(ProviderSettings):
         return f"{self.base_url} domain=-"
 
 
+def ascii_domain(address: str) -> str:
+    """``address`` with a non-ASCII domain in its IDNA (A-label) form, which is how the
+    providers' APIs take it (anymail does the same); the local part is left as it is. Raises
+    ValueError when the domain has no IDNA form."""
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+
+
 def read_base_url(t: Table, default: str) -> str:
-    """``base_url`` without its trailing slash, checked to be an http(s) URL."""
+    """``base_url`` without its trailing slash, checked to be an https URL, or http to a
+    loopback address (a test server, a local proxy): the API key must not travel in clear."""
     base_url = t.get("base_url", str, default).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
+    if base_url.startswith("http://") and not _is_loopback(urlsplit(base_url).hostname or ""):
+        raise ConfigError(
+            t.key("base_url"),
+            f"{base_url!r} would send the API key in clear: use https (http only to loopback)",
+        )
     return base_url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
@@ -206,7 +234,7 @@ class HttpProvider:
         except DeliveryError as exc:
             return ProbeResult(False, f"unreachable: {self.redact(exc.reason)}")
         result = self.read_ping(answer)
-        return ProbeResult(result.ok, self.redact(result.detail))
+        return ProbeResult(result.ok, self.redact(result.detail), result.verified)
 
     async def ping(self) -> HttpAnswer:
         raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
