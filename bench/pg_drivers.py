@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-import psycopg
 import psycopg_pool
 
 TABLE = """
