@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
@@ -117,9 +118,24 @@ class SpoolConfig:
     lease: float = 30.0  # seconds a node's claim lasts unless it extends it (cluster mode)
 
     def url_password(self) -> str | None:
-        from urllib.parse import urlsplit
-
         return urlsplit(self.url).password if self.url else None
+
+    @property
+    def place(self) -> str:
+        """Where the queue is, for logs and ``check``: the url without its password, or the path."""
+        return redact_url(self.url) if self.url else str(self.path)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://***"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ def queue_for(spool: SpoolConfig, *, lifetime: float, clock: Callable[[], float]
     if spool.url is not None:
         from ratatoskr.queue.postgres import PostgresQueue
 
+        spool.path.mkdir(parents=True, exist_ok=True)  # still holds SMTP's spill files
+
         return PostgresQueue(spool.url, lifetime=lifetime, clock=clock, lease=spool.lease)
     from ratatoskr.queue.sqlite import SqliteQueue
 

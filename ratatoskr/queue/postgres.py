@@ -43,10 +43,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from ratatoskr.config import redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.queue.base import RawParts
@@ -197,19 +197,6 @@ _RETRY = (
 _DELETE = "DELETE FROM ratatoskr_messages WHERE id = $1"
 
 
-def redact(url: str) -> str:
-    """The url with any password replaced by ``***``: safe for logs and ``check``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://***"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def migrate(conn: asyncpg.Connection) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION`; safe when several nodes start at once."""
     async with conn.transaction():
@@ -282,7 +269,7 @@ class PostgresQueue:
         pool_size: int = 10,
     ) -> None:
         self.url = url
-        self.where = redact(url)  #: the queue's place as logs and errors show it
+        self.where = redact_url(url)  #: the queue's place as logs and errors show it
         self.lifetime = lifetime
         self.clock = clock
         self.lease = lease
