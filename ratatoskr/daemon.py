@@ -110,7 +110,7 @@ class Daemon:
             __version__,
             listeners,
             _shown(self.config.http.listen, self.http_port),
-            self.config.spool.path,
+            self.config.spool.place,
             ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
         )
         self.notifier.ready(f"smtp {listeners}")
