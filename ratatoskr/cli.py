@@ -20,7 +20,8 @@ from ratatoskr.auth import hash_password
 from ratatoskr.config import Config
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.providers import build_providers
-from ratatoskr.queue.sqlite import DB_NAME, QueueAdmin
+from ratatoskr.queue import Queue, queue_for
+from ratatoskr.queue.sqlite import DB_NAME
 
 OK, TROUBLE, USAGE = 0, 1, 2
 # serve: the listeners from the command line, else from these, else from the config.
@@ -129,6 +130,9 @@ def _serve(config: Config, path: str | None, overrides: dict[str, dict[str, Any]
     except QueueUnavailable as exc:
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    except ConfigError as exc:  # found only once connected: synchronous_commit = off
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     except OSError as exc:
         print(f"ratatoskr: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return TROUBLE
@@ -164,7 +168,7 @@ def describe(config: Config) -> list[str]:
         f"STARTTLS {'on' if smtp.tls_cert else 'off'}, implicit TLS {smtp.tls_listen or 'off'}"
         f"{'' if smtp.trust_loopback else ', loopback not trusted'}",
         f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (loopback callers only)'}",
-        f"queue: {config.spool.path}",
+        f"queue: {_queue_place(config)}",
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]
     for i, p in enumerate(config.providers):
@@ -172,9 +176,43 @@ def describe(config: Config) -> list[str]:
     return lines
 
 
+def _queue_place(config: Config) -> str:
+    if config.spool.url is None:
+        return str(config.spool.path)
+    return f"{config.spool.place} (cluster mode; temporary files in {config.spool.path})"
+
+
+async def _check_cluster(config: Config) -> bool:
+    """Cluster mode: connect, and show the schema version and the nodes seen recently."""
+    from ratatoskr.queue.postgres import PostgresQueue
+
+    assert config.spool.url is not None
+    queue = PostgresQueue(config.spool.url, lifetime=config.delivery.max_queue_lifetime)
+    try:
+        await queue.open(create=False)
+        lines = await queue.describe()
+    except QueueUnavailable as exc:
+        print(f"queue database: FAILED: {exc}")
+        return False
+    finally:
+        await queue.close()
+    print("queue database: connected")
+    for line in lines:
+        print(line)
+    return True
+
+
 def _check(config: Config, *, probe: bool) -> int:
     for line in describe(config):
         print(line)
+    if config.spool.url is not None:
+        try:
+            reachable = asyncio.run(_check_cluster(config))
+        except ConfigError as exc:  # synchronous_commit = off
+            print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+            return USAGE
+        if not reachable:
+            return TROUBLE
     if not probe:
         print("config ok")
         return OK
@@ -190,7 +228,8 @@ async def _probe_all(config: Config) -> int:
         finally:
             await provider.close()
         failing += not result.ok
-        print(f"probe {provider.name}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+        word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
+        print(f"probe {provider.name}: {word}: {result.detail}")
     return failing
 
 
@@ -202,27 +241,34 @@ def _queue(path: str | None, args: argparse.Namespace) -> int:
         print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
         return USAGE
     folder = settings.spool.path
-    if not (folder / DB_NAME).is_file():
+    if settings.spool.url is None and not (folder / DB_NAME).is_file():
         where = folder if folder.is_absolute() else f"{folder} (that is {Path.cwd() / folder})"
         print(
             f"ratatoskr: no queue at {where}: [spool] path from {settings.source}",
             file=sys.stderr,
         )
         return TROUBLE
+    return asyncio.run(_queue_command(settings, args))
+
+
+async def _queue_command(settings: config_mod.QueueSettings, args: argparse.Namespace) -> int:
     lifetime = settings.lifetime or config_mod.DeliveryConfig().max_queue_lifetime
+    admin = queue_for(settings.spool, lifetime=lifetime)
     try:
-        admin = QueueAdmin(folder, lifetime=lifetime)
-    except Exception as exc:  # noqa: BLE001 - sqlite and OS errors alike: say what and where
-        print(f"ratatoskr: cannot open queue in {folder}: {exc}", file=sys.stderr)
+        await admin.open(create=False)
+    except QueueUnavailable as exc:  # says what and where
+        print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    # Circuits are published next to a SQLite queue by the daemon on this machine.
+    states = circuits.read(settings.spool.path)
     try:
-        return _queue_action(admin, args, circuits.read(folder), lifetime_known=settings.lifetime is not None)
+        return await _queue_action(admin, args, states, lifetime_known=settings.lifetime is not None)
     finally:
-        admin.close()
+        await admin.close()
 
 
-def _queue_action(
-    admin: QueueAdmin,
+async def _queue_action(
+    admin: Queue,
     args: argparse.Namespace,
     states: list[circuits.ProviderCircuit] | None,
     *,
@@ -232,7 +278,7 @@ def _queue_action(
     if args.action == "list":
         messages = [
             m
-            for m in admin.list()
+            for m in await admin.list()
             if queue_output.matches(m, state=args.state, sender=args.sender, recipient=args.recipient)
         ]
         if args.json:
@@ -242,7 +288,7 @@ def _queue_action(
             print("\n".join(queue_output.table(list(messages), states, now=now)))
         return OK
     if args.action == "show":
-        message = admin.show(args.id)
+        message = await admin.show(args.id)
         if message is None:
             print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
@@ -258,13 +304,13 @@ def _queue_action(
                 "revived messages get the default lifetime",
                 file=sys.stderr,
             )
-        count = admin.retry(None if args.all else args.id)
+        count = await admin.retry(None if args.all else args.id)
         if not count and not args.all:
             print(f"ratatoskr: no waiting or dead message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
         print(_retried(count, states))
         return OK
-    count = admin.delete(args.id)
+    count = await admin.delete(args.id)
     if not count:
         print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
         return TROUBLE

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
@@ -94,6 +95,28 @@ class HttpConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = Path("./var")
+    url: str | None = None  # postgresql://…: cluster mode; path then only holds temporary files
+    lease: float = 30.0  # seconds a node's claim lasts unless it extends it (cluster mode)
+
+    def url_password(self) -> str | None:
+        return urlsplit(self.url).password if self.url else None
+
+    @property
+    def place(self) -> str:
+        """Where the queue is, for logs and ``check``: the url without its password, or the path."""
+        return redact_url(self.url) if self.url else str(self.path)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://***"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +154,7 @@ class Config:
         found = [k.reveal() for p in self.providers for k in p.secrets()]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
+        found.append(self.spool.url_password() or "")
         return [s for s in found if s]
 
 
@@ -346,15 +370,18 @@ def _log(t: _Table) -> LogConfig:
     return LogConfig(format=fmt, level=level)
 
 
-def _spool(t: _Table) -> SpoolConfig:
-    return SpoolConfig(Path(t.get("path", str, "./var")))
-
-
 def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
     table = root.table(name)
     result = build(table)
     table.finish()
     return result
+
+
+def _spool(t: _Table) -> SpoolConfig:
+    url = t.get("url", str, "") or None
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(t.key("url"), "must be a postgresql:// url")
+    return SpoolConfig(Path(t.get("path", str, "./var")), url, t.positive("lease", float, 30.0))
 
 
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:

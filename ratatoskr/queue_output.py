@@ -197,8 +197,12 @@ def as_json(m: Listed, circuits: list[ProviderCircuit] | None, *, full: bool = F
 
 
 def _attempt(attempt: Any) -> dict[str, Any]:
-    is_value = dataclasses.is_dataclass(attempt) and not isinstance(attempt, type)
-    entry = dataclasses.asdict(attempt) if is_value else dict(attempt)
+    if hasattr(attempt, "as_json"):
+        entry = dict(attempt.as_json())
+    elif dataclasses.is_dataclass(attempt) and not isinstance(attempt, type):
+        entry = dataclasses.asdict(attempt)
+    else:
+        entry = dict(attempt)
     entry = {k: getattr(v, "value", v) for k, v in entry.items() if v is not None}
     if isinstance(entry.get("at"), int | float):
         entry["at"] = rfc3339(entry["at"])
