@@ -46,7 +46,7 @@ class OutboxSettings(ProviderSettings):
         return OutboxProvider(self)
 
     def describe(self) -> str:
-        return str(self.path)
+        return str(self.path) + (f", keeps the newest {self.max_messages}" if self.max_messages else "")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
