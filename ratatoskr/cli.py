@@ -76,6 +76,9 @@ def _serve(config: Config, path: str | None) -> int:
     except QueueUnavailable as exc:
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    except ConfigError as exc:  # found only once connected: synchronous_commit = off
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     except OSError as exc:
         print(f"ratatoskr: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return TROUBLE
@@ -105,18 +108,51 @@ def describe(config: Config) -> list[str]:
         f"STARTTLS {'on' if smtp.tls_cert else 'off'}, implicit TLS {smtp.tls_listen or 'off'}"
         f"{'' if smtp.trust_loopback else ', loopback not trusted'}",
         f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (loopback callers only)'}",
-        f"queue: {config.spool.path}",
+        f"queue: {_queue_place(config)}",
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]
     for i, p in enumerate(config.providers):
-        where = str(p.path) if p.kind == "outbox" else f"{p.base_url} domain={p.domain or '-'}"
-        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {where}")
+        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {p.describe()}")
     return lines
+
+
+def _queue_place(config: Config) -> str:
+    if config.spool.url is None:
+        return str(config.spool.path)
+    return f"{config.spool.place} (cluster mode; temporary files in {config.spool.path})"
+
+
+async def _check_cluster(config: Config) -> bool:
+    """Cluster mode: connect, and show the schema version and the nodes seen recently."""
+    from ratatoskr.queue.postgres import PostgresQueue
+
+    assert config.spool.url is not None
+    queue = PostgresQueue(config.spool.url, lifetime=config.delivery.max_queue_lifetime)
+    try:
+        await queue.open(create=False)
+        lines = await queue.describe()
+    except QueueUnavailable as exc:
+        print(f"queue database: FAILED: {exc}")
+        return False
+    finally:
+        await queue.close()
+    print("queue database: connected")
+    for line in lines:
+        print(line)
+    return True
 
 
 def _check(config: Config, *, probe: bool) -> int:
     for line in describe(config):
         print(line)
+    if config.spool.url is not None:
+        try:
+            reachable = asyncio.run(_check_cluster(config))
+        except ConfigError as exc:  # synchronous_commit = off
+            print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+            return USAGE
+        if not reachable:
+            return TROUBLE
     if not probe:
         print("config ok")
         return OK
@@ -132,7 +168,8 @@ async def _probe_all(config: Config) -> int:
         finally:
             await provider.close()
         failing += not result.ok
-        print(f"probe {provider.name}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+        word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
+        print(f"probe {provider.name}: {word}: {result.detail}")
     return failing
 
 

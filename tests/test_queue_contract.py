@@ -21,6 +21,7 @@ from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.queue import Attempt, Outcome, Queue, State, new_id, queue_for
 from tests.conftest import FakeClock
+from tests.postgres import database, schema_url
 
 ENV = Envelope(sender="ada@example.com", recipients=("bob@example.net", "hidden@example.org"))
 BODY = b"Subject: x\r\n\r\nhi\r\n"
@@ -33,7 +34,13 @@ async def sqlite_storage(tmp_path: Path) -> AsyncIterator[SpoolConfig]:
     yield SpoolConfig(path=tmp_path / "queue")
 
 
-BACKENDS = {"sqlite": sqlite_storage}
+@contextlib.asynccontextmanager
+async def postgres_storage(tmp_path: Path) -> AsyncIterator[SpoolConfig]:
+    async with database() as url, schema_url(url) as scoped:
+        yield SpoolConfig(path=tmp_path / "local", url=scoped)
+
+
+BACKENDS = {"sqlite": sqlite_storage, "postgres": postgres_storage}
 
 Opener = Callable[..., Awaitable[Queue]]
 

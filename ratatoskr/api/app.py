@@ -202,7 +202,7 @@ async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     writable = await services.queue.writable()
     delivery = services.dispatcher.readiness()
-    ready = writable and delivery.delivering and not services.ingest.closed
+    ready = writable and delivery.delivering and services.ingest.accepting
     body = {
         "status": "ready" if ready else "not ready",
         "queue_writable": writable,

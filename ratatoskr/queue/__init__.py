@@ -46,6 +46,12 @@ def queue_for(spool: SpoolConfig, *, lifetime: float, clock: Callable[[], float]
     max_queue_lifetime``); ``clock`` gives every time the queue records.
     """
     # Imported here: a backend's driver is loaded only by the deployments that use it.
+    if spool.url is not None:
+        from ratatoskr.queue.postgres import PostgresQueue
+
+        spool.path.mkdir(parents=True, exist_ok=True)  # still holds SMTP's spill files
+
+        return PostgresQueue(spool.url, lifetime=lifetime, clock=clock, lease=spool.lease)
     from ratatoskr.queue.sqlite import SqliteQueue
 
     return SqliteQueue(spool.path, lifetime=lifetime, clock=clock)
