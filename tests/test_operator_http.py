@@ -41,7 +41,7 @@ async def test_readyz_accept_stays_200_while_every_provider_is_down(running_daem
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base(daemon)}/v1/messages", json=MESSAGE) as response:
             assert response.status == 202
-        await wait_until(lambda: not daemon.dispatcher.health["local"].up, what="the circuit to open")
+        await wait_until(lambda: not daemon.dispatcher.pool.health["local"].up, what="the circuit to open")
         async with session.get(f"{base(daemon)}/readyz") as response:
             assert response.status == 503  # cannot deliver
         async with session.get(f"{base(daemon)}/readyz/accept") as response:
