@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ratatoskr import redaction
 from ratatoskr.config import ProviderConfig
 from ratatoskr.errors import DeliveryError
 from ratatoskr.providers.base import (
@@ -146,7 +147,7 @@ class MailgunProvider(HttpProvider):
 
     def redact(self, text: str) -> str:
         text = super().redact(text)
-        return text.replace(self._probe_secret, "***") if self._probe_secret else text
+        return redaction.redact(text, [self._probe_secret])
 
     async def ping(self) -> HttpAnswer:
         return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=self._probe_auth)

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
+from ratatoskr.private import private_dir, private_file
 
 T = TypeVar("T")
 DB_NAME = "queue.sqlite3"
@@ -127,7 +128,8 @@ class StoredMessage:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open the queue database, creating folder and schema on first use."""
-    path.mkdir(parents=True, exist_ok=True)
+    private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
+    private_file(path / DB_NAME)
     conn = sqlite3.connect(path / DB_NAME, isolation_level=None, check_same_thread=False, timeout=10)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
