@@ -254,28 +254,32 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if self.transport is None or self.transport.is_closing():
-            return  # we hung up (too many errors, timeout): say nothing more
-        await super().push(status)
+            # We hung up (too many errors, a command over its limit, timeout): say nothing
+            # more, and stop taking commands from the read buffer, where a flood may have left
+            # thousands (each was answered with a log line until the connection was gone).
+            if self._handler_coroutine is not None and self._handler_coroutine is asyncio.current_task():
+                self._handler_coroutine.cancel()
+            return
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        error = False
         if text == replies.TOO_MANY_RECIPIENTS and self._overshoot < _RECIPIENT_OVERSHOOT:
             self._overshoot += 1
         elif text.startswith(("4", "5")):
-            await self._count_error()
+            error = True
+            self._errors += 1
+            if self.policy.soft_error_limit < self._errors < self._max_errors and self.policy.error_sleep:
+                await asyncio.sleep(self.policy.error_sleep)  # Postfix's smtpd_error_sleep_time
         elif text.startswith(replies.QUEUED[:9]):
             self._errors = self._overshoot = 0  # like Postfix: count only while no mail gets through
+        await super().push(status)
+        if error and self._errors >= self._max_errors and self.transport is not None:
+            log.warning("%s: too many errors, hanging up", self.client)
+            await super().push(replies.TOO_MANY_ERRORS)
+            self.transport.close()
         # aiosmtpd's loop takes the next pipelined command straight from the read buffer, and
         # drain() returns at once while the socket takes our replies: without this one client's
         # 100,000 pipelined commands were answered before anyone else's NOOP (3.8 s).
         await asyncio.sleep(0)
-
-    async def _count_error(self) -> None:
-        self._errors += 1
-        if self._errors >= self._max_errors and self.transport is not None:
-            log.warning("%s: too many errors, hanging up", self.client)
-            await super().push(replies.TOO_MANY_ERRORS)
-            self.transport.close()
-        elif self._errors > self.policy.soft_error_limit and self.policy.error_sleep:
-            await asyncio.sleep(self.policy.error_sleep)  # Postfix's smtpd_error_sleep_time
 
     async def _pipelining_refused(self, command: str) -> bool:
         """RFC 2920 §3.1: nothing may follow ``command`` before its reply. An unauthenticated
