@@ -257,8 +257,12 @@ class RelaySMTP(SMTP):
             # We hung up (too many errors, a command over its limit, timeout): say nothing
             # more, and stop taking commands from the read buffer, where a flood may have left
             # thousands (each was answered with a log line until the connection was gone).
-            if self._handler_coroutine is not None and self._handler_coroutine is asyncio.current_task():
-                self._handler_coroutine.cancel()
+            # (Cancelling takes effect at the next suspension, and reading a buffered line does
+            # not suspend: hence the sleep.)
+            current = asyncio.current_task()
+            if current is not None and current is self._handler_coroutine:
+                current.cancel()
+                await asyncio.sleep(0)
             return
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         error = False
