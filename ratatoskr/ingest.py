@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
-from ratatoskr.mime import prepare_parts
+from ratatoskr.mime import cheap_to_prepare, prepare_parts
 from ratatoskr.offload import off_loop
 from ratatoskr.queue.sqlite import Spool, new_id
 
@@ -91,8 +92,7 @@ class Ingest:
         qid = new_id()
         trace = trace_header(hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid)
         try:
-            # Off the loop whatever the size: 369 KiB of MIME parts cost 9 s of CPU.
-            parts, summary = await off_loop(
+            prepare = functools.partial(
                 prepare_parts,
                 raw,
                 trace=trace,
@@ -100,6 +100,8 @@ class Ingest:
                 hostname=self.hostname,
                 max_header_size=self.max_header_size,
             )
+            # Off the loop unless sure to be cheap: 369 KiB of MIME parts cost 9 s of CPU.
+            parts, summary = prepare() if cheap_to_prepare(raw) else await off_loop(prepare)
         except MessageRejected as exc:
             self.metrics.rejected(ingress, "content")
             log.info("rejected ingress=%s peer=%s reason=%s", ingress, peer, exc)

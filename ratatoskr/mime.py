@@ -139,6 +139,21 @@ def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
     cast("list[MIMEPart]", html_part.get_payload()).insert(0, text_part)
 
 
+# A message this small whose header names no multipart or HTML body costs well under a
+# millisecond to prepare (headers only: no MIME tree, no html2text), less than handing it to a
+# thread and back while other threads hold the GIL: it is prepared on the event loop.
+CHEAP_MAX = 64 * 1024
+_COSTLY_TYPE = re.compile(rb"(?im)^content-type:[ \t]*(multipart/|text/html)")
+
+
+def cheap_to_prepare(raw: Bytes) -> bool:
+    """Whether :func:`prepare_parts` of ``raw`` is sure to be cheap (see ``CHEAP_MAX``)."""
+    if len(raw) >= CHEAP_MAX:
+        return False
+    head, _ = split_head(raw)
+    return not _COSTLY_TYPE.search(head)
+
+
 def prepare(raw: bytes, *, trace: str, queue_id: str, hostname: str) -> tuple[bytes, Message]:
     """:func:`prepare_parts`, joined into one bytes object."""
     parts, summary = prepare_parts(raw, trace=trace, queue_id=queue_id, hostname=hostname)

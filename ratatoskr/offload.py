@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -25,8 +26,16 @@ T = TypeVar("T")
 WORKERS = 8
 
 
+#: How long a CPU-bound thread may hold the GIL while the loop thread waits for it (CPython's
+#: default is 5 ms). Every socket read and write on the loop releases and re-takes the GIL, so
+#: with a few heavy threads busy each of them cost the loop up to a whole interval: a small
+#: message's end of DATA → 250 took 0.76 s while four 469 KiB HTML messages were prepared.
+SWITCH_INTERVAL = 0.0005
+
+
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     return ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ratatoskr-cpu")
 
 
