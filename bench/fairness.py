@@ -4,7 +4,8 @@ message's end of DATA → 250, p50/p99/max in ms, while attackers flood the daem
 Each attack runs for ``--seconds``; attackers that are hung up on reconnect and start again, as
 a real one would. The daemon runs as a subprocess (``python -m ratatoskr serve``) with a
 temporary queue and the outbox provider. ``--code DIR`` runs the ratatoskr found in DIR instead
-(e.g. an older checkout, for before/after figures)::
+(e.g. an older checkout, for before/after figures). The NOOP column includes each probe
+session's connect + greeting + EHLO round trip::
 
     .venv/bin/python bench/fairness.py                 # this checkout
     .venv/bin/python bench/fairness.py --code /work/main
@@ -108,11 +109,15 @@ async def probe(port: int, stop: float) -> tuple[list[float], list[float]]:
     noops: list[float] = []
     datas: list[float] = []
     while time.monotonic() < stop:
+        # Connecting, the greeting and EHLO count as one round trip: a starved daemon may not
+        # even greet the probe until the attack is over.
+        started = time.perf_counter()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await reader.readline()
         writer.write(b"EHLO probe.example\r\n")
         while (await reader.readline())[3:4] == b"-":
             pass
+        noops.append(time.perf_counter() - started)
         datas.append(await transaction(reader, writer, SMALL))
         for _ in range(50):  # a new session before the NOOP limit
             started = time.perf_counter()
