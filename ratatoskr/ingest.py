@@ -13,7 +13,7 @@ from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.mime import cheap_to_prepare, prepare_parts
 from ratatoskr.offload import off_loop
-from ratatoskr.queue.sqlite import Spool, new_id
+from ratatoskr.queue import Queue, new_id
 
 log = logging.getLogger("ratatoskr.ingest")
 
@@ -50,14 +50,14 @@ class Ingest:
 
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue,
         metrics: Metrics,
         *,
         hostname: str,
         on_queued: Callable[[], None] = lambda: None,
         max_header_size: int = 0,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.metrics = metrics
         self.hostname = hostname
         self.max_header_size = max_header_size
@@ -113,7 +113,7 @@ class Ingest:
             "ingress": ingress,
             "size": sum(len(p) for p in parts),
         }
-        await self.spool.put(qid, envelope, parts, meta)
+        await self.queue.put(qid, envelope, parts, meta)
         self.metrics.received(ingress)
         log.info(
             "queued id=%s message_id=%s ingress=%s from=<%s> recipients=%d size=%d",

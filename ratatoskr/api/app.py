@@ -28,7 +28,7 @@ from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
 from ratatoskr.offload import off_loop
-from ratatoskr.queue.sqlite import Spool
+from ratatoskr.queue import Queue
 
 log = logging.getLogger("ratatoskr.http")
 
@@ -44,7 +44,7 @@ class Services:
 
     config: HttpConfig
     ingest: Ingest
-    spool: Spool
+    queue: Queue
     dispatcher: Dispatcher
     metrics: Metrics
     max_message_size: int
@@ -205,9 +205,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def refresh_queue_metrics(services: Services) -> None:
-    counts, oldest = await services.spool.stats()
-    age = max(0.0, services.spool.clock() - oldest) if oldest is not None else 0.0
-    services.metrics.set_queue(counts, age)
+    stats = await services.queue.stats()
+    services.metrics.set_queue(stats.counts, stats.oldest_age)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -228,7 +227,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    writable = await services.spool.writable()
+    writable = await services.queue.writable()
     providers = {
         name: {"state": health.state(), "up": health.up, "last_error": health.last_error}
         for name, health in services.dispatcher.health.items()
