@@ -153,6 +153,23 @@ async def test_pipelined_floods_are_cut_short_and_others_stay_served(running_dae
     assert max(datas) < BOUND, f"end of DATA to 250 {max(datas):.2f} s during the flood"
 
 
+async def test_the_ehlo_count_starts_again_with_each_accepted_message(running_daemon):
+    """A pooled client that says EHLO before every message is not cut off (Postfix resets its
+    counts once mail gets through); EHLO after EHLO without mail is, after 100."""
+    daemon = await running_daemon()
+    async with RawSmtp(daemon.smtp_port) as s:
+        for _ in range(3):
+            for _ in range(60):
+                assert (await s.cmd("EHLO pool.test"))[0] == 250
+            await s.cmd("MAIL FROM:<ada@example.com>")
+            await s.cmd("RCPT TO:<bob@example.net>")
+            await s.cmd("DATA")
+            assert (await s.send_data(SMALL))[0] == 250
+        for _ in range(100):
+            assert (await s.cmd("EHLO pool.test"))[0] == 250
+        assert await s.cmd("EHLO pool.test") == reply(replies.TOO_MANY_HELOS.format(command="EHLO"))
+
+
 async def test_the_command_loop_yields_between_pipelined_commands(running_daemon):
     """Pipelining within every limit (transactions of 1,000 recipients each, from each of
     four clients) is answered in full, and while it is, another client's NOOP and a small

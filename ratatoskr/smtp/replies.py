@@ -37,6 +37,7 @@ MESSAGE_TOO_BIG = "552 5.3.4 Error: message size exceeds fixed maximum message s
 MESSAGE_REJECTED = "554 5.6.0 Error: message rejected: {reason}"
 
 # Hostile clients (issue 13): Postfix's wording where Postfix has the check.
+TOO_MANY_HELOS = "421 4.7.0 Error: {command} sent too many times"
 INVALID_HELO = "501 5.5.2 <{name}>: Helo command rejected: Invalid name"
 UNAUTH_PIPELINING = "554 5.5.0 Error: SMTP protocol synchronization"
 TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"

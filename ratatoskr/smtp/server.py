@@ -76,9 +76,11 @@ LARGE_MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 # Postfix's smtpd_junk_command_limit; every other command is limited only by the error count
 # (aiosmtpd applies its default of 20 to any command left out, RCPT included, hence "*").
 _JUNK_LIMIT = 100
-# EHLO and HELO too: 100,000 pipelined EHLOs were all answered (each a dozen lines of reply).
-_JUNK = ("NOOP", "RSET", "VRFY", "EXPN", "HELP", "EHLO", "HELO")
+_JUNK = ("NOOP", "RSET", "VRFY", "EXPN", "HELP")
 _CALL_LIMITS = dict.fromkeys(_JUNK, _JUNK_LIMIT) | {"*": sys.maxsize}
+# EHLO and HELO too, counted here because, as in Postfix, an accepted message starts the count
+# again (aiosmtpd's limits never do): 100,000 pipelined EHLOs were once all answered.
+_HELO_LIMIT = _JUNK_LIMIT
 _RECIPIENT_OVERSHOOT = 1000
 # One line per failed TLS handshake is a log flood that needs no credentials.
 _tls_failures = Throttled(log, per_minute=10)
@@ -187,6 +189,7 @@ class RelaySMTP(SMTP):
         self._admitted = False
         self._max_errors = policy.max_errors
         self._errors = 0
+        self._helos = 0  # HELO/EHLO since the last accepted message
         self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
 
     def _create_envelope(self) -> RelayEnvelope:
@@ -274,7 +277,8 @@ class RelaySMTP(SMTP):
             if self.policy.soft_error_limit < self._errors < self._max_errors and self.policy.error_sleep:
                 await asyncio.sleep(self.policy.error_sleep)  # Postfix's smtpd_error_sleep_time
         elif text.startswith(replies.QUEUED[:9]):
-            self._errors = self._overshoot = 0  # like Postfix: count only while no mail gets through
+            # like Postfix: count only while no mail gets through
+            self._errors = self._overshoot = self._helos = 0
         await super().push(status)
         if error and self._errors >= self._max_errors and self.transport is not None:
             log.warning("%s: too many errors, hanging up", self.client)
@@ -303,13 +307,23 @@ class RelaySMTP(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not await self._pipelining_refused("EHLO"):
+        if not await self._helo_refused("EHLO"):
             await super().smtp_EHLO(hostname)
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        if not await self._pipelining_refused("HELO"):
+        if not await self._helo_refused("HELO"):
             await super().smtp_HELO(hostname)
+
+    async def _helo_refused(self, command: str) -> bool:
+        self._helos += 1
+        if self._helos > _HELO_LIMIT:
+            log.warning("%s: over limit for %s", self.client, command)
+            await self.push(replies.TOO_MANY_HELOS.format(command=command))
+            if self.transport is not None:
+                self.transport.close()
+            return True
+        return await self._pipelining_refused(command)
 
     @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:
