@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench bench-quick clean
+.PHONY: run test check bench bench-quick bench-fairness clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Another client's NOOP and end-of-DATA p50/p99 (ms) while hostile clients flood (issue 13).
+bench-fairness: $(STAMP)
+	$(BIN)/python bench/fairness.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var outbox .pytest_cache *.egg-info

@@ -7,7 +7,12 @@ breaking stored hashes.
 :class:`SmtpLogins` answers "may this login in?" for AUTH PLAIN/LOGIN. scrypt is slow on purpose
 (tens of milliseconds, 16 MiB), so checks run in worker threads, a few at a time, and a failed
 login is answered only after a delay that doubles with each further failure from the same client
-address (:class:`FailureDelay`), which makes guessing over many connections slow too.
+(:class:`FailureDelay`). The checks of one client run one after the other, each only once the
+penalty of the one before is served: 50 guesses sent in parallel over 50 connections once all
+got the first, short delay (a correct one among them was answered 235 after 2 s); now they
+take as long as 50 in a row. A client is what the SMTP side counts limits under
+(:func:`ratatoskr.smtp.anvil.client_key`): its IPv4 address or its IPv6 /64, so a host cannot
+multiply its guesses by the addresses of its own network.
 """
 
 from __future__ import annotations
@@ -146,15 +151,38 @@ class SmtpLogins:
         self.accounts = accounts
         self.delay = delay
         self._slots = asyncio.Semaphore(self.MAX_PARALLEL)
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # client -> its lock, checks held
+        self._running: set[asyncio.Task[bool]] = set()
+
+    def waiting(self, client: str) -> int:
+        """Checks of ``client`` queued or running."""
+        return self._turns.get(client, (None, 0))[1]
 
     async def check(self, login: str, password: bytes, client: str) -> bool:
         """True when ``login``/``password`` match; a failure returns only after its delay.
 
-        The check itself is shielded: a client that hangs up as soon as no quick success
-        arrives still has its failure counted, and its scrypt still holds a slot.
+        The check is shielded: a client that hangs up as soon as no quick success arrives
+        still waits its turn, has its failure counted and serves its delay before the next
+        guess of the same client is even looked at.
         """
-        await asyncio.sleep(self.delay.remaining(client))
-        return await asyncio.shield(self._check(login, password, client))
+        task = asyncio.ensure_future(self._in_turn(login, password, client))
+        self._running.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._running.discard)
+        return await asyncio.shield(task)
+
+    async def _in_turn(self, login: str, password: bytes, client: str) -> bool:
+        lock, held = self._turns.get(client) or (asyncio.Lock(), 0)
+        self._turns[client] = (lock, held + 1)
+        try:
+            async with lock:
+                await asyncio.sleep(self.delay.remaining(client))
+                return await self._check(login, password, client)
+        finally:
+            lock, held = self._turns[client]
+            if held > 1:
+                self._turns[client] = (lock, held - 1)
+            else:
+                del self._turns[client]
 
     async def _check(self, login: str, password: bytes, client: str) -> bool:
         hashed = self.accounts.users.get(login)

@@ -120,8 +120,13 @@ def _listen_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _serve(config: Config, path: str | None, overrides: dict[str, dict[str, Any]]) -> int:
-    from ratatoskr import daemon, logs
+    from ratatoskr import daemon, fdlimit, logs
 
+    try:
+        fdlimit.ensure(config)
+    except ConfigError as exc:
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     logs.setup(config.log.level, fmt=config.log.format, secrets=config.secrets())
     try:
         # SIGHUP reloads from the same place: --config, else $RATATOSKR_CFG, else the defaults

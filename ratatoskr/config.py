@@ -9,6 +9,7 @@ keys every kind has and the kind's settings class (:mod:`ratatoskr.providers`) t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -70,6 +71,20 @@ class SmtpConfig:
     senders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     auth_failure_delay: float = 1.0
     max_errors: int = 20
+    # Hostile clients (issue 13), after Postfix's smtpd: see config.toml.example for each.
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    min_data_rate: int = 500
+    max_header_size: int = 262_144
+    reject_invalid_helo: bool = True
+    forbid_unauth_pipelining: bool = True
+    client_ipv6_prefix: int = 64
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    recipient_rate_limit: int = 0
+    auth_rate_limit: int = 0
+    tls_session_rate_limit: int = 0
+    stress_timeout: float = 10.0
 
     @property
     def listeners(self) -> tuple[Listen, ...]:
@@ -89,7 +104,7 @@ class SmtpConfig:
 class HttpConfig:
     listen: Listen = Listen("127.0.0.1", 8025)
     api_tokens: tuple[Secret, ...] = ()
-    max_body_size: int = 36_000_000
+    max_body_size: int = 36_001_110  # body_size_for(SmtpConfig.max_message_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +214,39 @@ def _smtp(t: _Table) -> SmtpConfig:
         senders=_senders(t.table("senders"), users),
         auth_failure_delay=t.positive("auth_failure_delay", float, 1.0),
         max_errors=t.positive("max_errors", int, 20),
+        **_hostile_client_limits(t),
     )
     _refuse_open_relay(t, config)
     return config
+
+
+def _hostile_client_limits(t: _Table) -> dict[str, Any]:
+    d = SmtpConfig()
+    found: dict[str, Any] = {
+        "soft_error_limit": t.positive("soft_error_limit", int, d.soft_error_limit),
+        "min_data_rate": t.positive("min_data_rate", int, d.min_data_rate),
+        "max_header_size": t.positive("max_header_size", int, d.max_header_size),
+        "reject_invalid_helo": t.get("reject_invalid_helo", bool, d.reject_invalid_helo),
+        "forbid_unauth_pipelining": t.get("forbid_unauth_pipelining", bool, d.forbid_unauth_pipelining),
+        "client_ipv6_prefix": t.get("client_ipv6_prefix", int, d.client_ipv6_prefix),
+        "stress_timeout": t.positive("stress_timeout", float, d.stress_timeout),
+    }
+    for name in (
+        "error_sleep",
+        "connection_rate_limit",
+        "message_rate_limit",
+        "recipient_rate_limit",
+        "auth_rate_limit",
+        "tls_session_rate_limit",
+    ):
+        default = getattr(d, name)
+        value = t.get(name, type(default), default)
+        if value < 0:
+            raise ConfigError(t.key(name), f"must be 0 (off) or more, got {value}")
+        found[name] = value
+    if not 1 <= found["client_ipv6_prefix"] <= 128:
+        raise ConfigError(t.key("client_ipv6_prefix"), "must be a prefix length from 1 to 128")
+    return found
 
 
 def _tls_files(t: _Table, tls_listen: Listen | None) -> tuple[str, str]:
@@ -299,7 +344,7 @@ def _http(t: _Table) -> HttpConfig:
     return HttpConfig(
         listen=listen,
         api_tokens=tuple(Secret(tok) for tok in tokens),
-        max_body_size=t.positive("max_body_size", int, 36_000_000),
+        max_body_size=t.positive("max_body_size", int, 0) if "max_body_size" in t.data else 0,
     )
 
 
@@ -398,7 +443,19 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
         source=source,
     )
     root.finish()
+    if not config.http.max_body_size:
+        config = dataclasses.replace(
+            config,
+            http=dataclasses.replace(config.http, max_body_size=body_size_for(config.smtp.max_message_size)),
+        )
     return config
+
+
+def body_size_for(max_message_size: int) -> int:
+    """The default ``http.max_body_size``: what a JSON message of ``max_message_size`` bytes
+    takes, base64 (4/3) plus 1 MiB of JSON around it. Anything larger cannot be a message we
+    take, so it is refused before it is read."""
+    return -(-max_message_size * 4 // 3) + 1024 * 1024
 
 
 def load(

@@ -36,6 +36,7 @@ from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
 from ratatoskr.queue import queue_for
 from ratatoskr.sdnotify import Notifier, watchdog_interval
+from ratatoskr.smtp.anvil import Anvil, client_rates
 from ratatoskr.smtp.limits import ConnectionLimiter
 from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
 
@@ -74,11 +75,16 @@ class Daemon:
             on_health_change=self.publish_circuits,
         )
         self.ingest = Ingest(
-            self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
+            self.spool,
+            self.metrics,
+            hostname=config.smtp.hostname,
+            on_queued=self.dispatcher.wake,
+            max_header_size=config.smtp.max_header_size,
         )
         smtp = config.smtp
         self.logins = SmtpLogins(Accounts(smtp.users, smtp.senders), FailureDelay(smtp.auth_failure_delay))
         self.limiter = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client)
+        self.anvil = Anvil(client_rates(smtp))
         self.notifier = notifier or Notifier(None)
         self.watchdog = watchdog
         self.loader = loader
@@ -153,6 +159,7 @@ class Daemon:
             handler,
             policy=Policy.for_listener(smtp, listen, implicit_tls=implicit_tls),
             limiter=self.limiter,
+            anvil=self.anvil,
             tls_context=None if implicit_tls else self.tls_context,
             spill_dir=self.config.spool.path,
         )

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
+import functools
 import logging
+import re
 from collections.abc import Callable
 
 from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
-from ratatoskr.mime import prepare_parts
+from ratatoskr.mime import cheap_to_prepare, prepare_parts
+from ratatoskr.offload import off_loop
 from ratatoskr.queue import Queue, new_id
 
 log = logging.getLogger("ratatoskr.ingest")
 
-# Messages at or above this size are prepared in a worker thread so one large upload does not
-# stall every other session's event loop turn while the MIME is parsed.
-_THREAD_THRESHOLD = 512 * 1024
+_NOT_PRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+def header_safe(text: str) -> str:
+    """``text`` from a client as it may appear in a trace header: printable ASCII only. A bare
+    CR, LF, space, control or non-ASCII character (a non-UTF-8 byte arrives as a surrogate)
+    becomes ``?``, so nothing a client sends can start a header line of its own."""
+    return _NOT_PRINTABLE.sub("?", text)
 
 
 _LOGGED_RECIPIENTS = 20
@@ -35,8 +42,10 @@ def trace_header(*, hostname: str, helo: str, peer: str, protocol: str, queue_id
     a Bcc recipient."""
     date = email.utils.formatdate(localtime=True)
     # RFC 5321 §4.4: "from" needs a name; without a HELO (HTTP) the address literal is it.
+    # The HELO name is the client's text: never a raw CR or LF (a header of its own downstream)
+    # nor a byte that is not ASCII (a non-UTF-8 EHLO would fail every DATA of the session).
     literal = f"[IPv6:{peer}]" if ":" in peer else f"[{peer or '127.0.0.1'}]"
-    name = helo or literal
+    name = header_safe(helo) if helo else literal
     return (
         f"Received: from {name} ({literal})\r\n"
         f"\tby {hostname} (ratatoskr) with {protocol} id {queue_id};\r\n"
@@ -58,10 +67,12 @@ class Ingest:
         *,
         hostname: str,
         on_queued: Callable[[], None] = lambda: None,
+        max_header_size: int = 0,
     ) -> None:
         self.queue = queue
         self.metrics = metrics
         self.hostname = hostname
+        self.max_header_size = max_header_size
         self.on_queued = on_queued
         self._closed = False
 
@@ -95,12 +106,16 @@ class Ingest:
         qid = new_id()
         trace = trace_header(hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid)
         try:
-            if len(raw) >= _THREAD_THRESHOLD:
-                parts, summary = await asyncio.to_thread(
-                    prepare_parts, raw, trace=trace, queue_id=qid, hostname=self.hostname
-                )
-            else:
-                parts, summary = prepare_parts(raw, trace=trace, queue_id=qid, hostname=self.hostname)
+            prepare = functools.partial(
+                prepare_parts,
+                raw,
+                trace=trace,
+                queue_id=qid,
+                hostname=self.hostname,
+                max_header_size=self.max_header_size,
+            )
+            # Off the loop unless sure to be cheap: 369 KiB of MIME parts cost 9 s of CPU.
+            parts, summary = prepare() if cheap_to_prepare(raw) else await off_loop(prepare)
         except MessageRejected:
             self.metrics.rejected(ingress, "content")
             raise  # the caller logs the refusal, with the reply it gives

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+
+from ratatoskr.redaction import forms
 
 REDACTED = "[REDACTED]"
 
@@ -20,8 +23,10 @@ class RedactingFormatter(logging.Formatter):
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        found = set(self.secrets) | {s for s in secrets if len(s) >= 4}
+        # Longest first, so a secret that contains another is replaced whole. Each secret in
+        # every encoding we might send it in (base64 of "api:KEY" in a Basic-auth header that a
+        # provider echoes, percent- or JSON-escaped), not only as configured.
+        found = set(self.secrets) | {f for s in secrets if len(s) >= 4 for f in forms(s)}
         self.secrets = sorted(found, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -44,6 +49,34 @@ class RedactingFormatter(logging.Formatter):
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
+
+
+class Throttled:
+    """Warnings that a client can cause at will (a failed TLS handshake costs an attacker
+    nothing): at most ``per_minute`` a minute are logged, the rest counted and the count
+    logged with the first one of the next minute."""
+
+    def __init__(
+        self, logger: logging.Logger, *, per_minute: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.logger = logger
+        self.per_minute = per_minute
+        self.clock = clock
+        self._start = clock()
+        self._logged = 0
+        self.dropped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now - self._start >= 60.0:
+            if self.dropped:
+                self.logger.warning("%d more like the next one in the last minute, not logged", self.dropped)
+            self._start, self._logged, self.dropped = now, 0, 0
+        if self._logged >= self.per_minute:
+            self.dropped += 1
+            return
+        self._logged += 1
+        self.logger.warning(msg, *args)
 
 
 class _DropDeprecationNoise(logging.Filter):

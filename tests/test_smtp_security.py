@@ -285,9 +285,9 @@ async def test_idle_session_times_out_with_421(running_daemon):
 
 
 async def test_slow_upload_is_not_cut_off(running_daemon):
-    """The timeout counts silence, not the length of DATA: a message trickling in over several
-    timeout periods is accepted."""
-    daemon = await running_daemon(smtp={"timeout": 0.3})
+    """DATA is not cut off at the timeout: a message trickling in over several timeout periods
+    is accepted while it keeps up ``min_data_rate`` (about 90 bytes/s here, over 50)."""
+    daemon = await running_daemon(smtp={"timeout": 0.3, "min_data_rate": 50})
     async with RawSmtp(daemon.smtp_port) as s:
         await s.cmd("EHLO client.test")
         await s.cmd("MAIL FROM:<ada@example.com>")

@@ -9,31 +9,33 @@ is a JSON ``{"error": ...}`` and counts in ``ratatoskr_messages_rejected_total{i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from ratatoskr.api import openapi, schema
-from ratatoskr.api.compose import compose, envelope
+from ratatoskr.api.compose import Draft, compose, envelope
 from ratatoskr.auth import token_allowed
+from ratatoskr.budget import ByteBudget
 from ratatoskr.config import HttpConfig
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
+from ratatoskr.offload import off_loop
 from ratatoskr.queue import Queue
 
 log = logging.getLogger("ratatoskr.http")
 
-# Bodies at or above this size are parsed and composed in a worker thread, so one large upload
-# does not stall SMTP sessions and other requests (the same cut-off Ingest uses for MIME).
-_THREAD_THRESHOLD = 512 * 1024
+#: Bytes of request bodies in memory at once, across all requests: a request holds its body's
+#: size of it from before reading (its Content-Length) until it is queued or refused. One
+#: request costs a few times its body at its peak (JSON text, decoded attachments, MIME).
+BODIES_IN_MEMORY = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class Services:
     metrics: Metrics
     max_message_size: int
     max_recipients: int = 100
+    bodies: ByteBudget = field(default_factory=lambda: ByteBudget(BODIES_IN_MEMORY))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -81,9 +84,14 @@ async def post_message(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
         _check_token(request, services.config)
-        body = await _read_body(request, services.config.max_body_size)
-        raw, env = await _build(body, services)
-        qid = await _queue(request, services.ingest, raw, env)
+        declared = request.content_length or 0
+        async with services.bodies.holding(declared):
+            body = await _read_body(request, services.config.max_body_size)
+            # A chunked body's size is known only now.
+            async with services.bodies.holding(max(0, len(body) - declared)):
+                raw, env = await _build(body, services)
+                del body  # the composed message is what stays
+                qid = await _queue(request, services.ingest, raw, env)
     except Refused as refused:
         if refused.reason is not None:
             services.metrics.rejected("http", refused.reason)
@@ -132,10 +140,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
     hostname = services.ingest.hostname
     try:
-        if len(body) >= _THREAD_THRESHOLD:
-            raw, env = await asyncio.to_thread(_compose, body, hostname, services.max_recipients)
-        else:
-            raw, env = _compose(body, hostname, services.max_recipients)
+        # Off the loop whatever the size (html2text alone can take seconds): SMTP sessions and
+        # other requests go on meanwhile.
+        raw, env = await off_loop(
+            _compose, body, hostname, services.max_recipients, services.max_message_size
+        )
+    except _TooLarge as exc:
+        error = f"message is at least {exc.size} bytes, over the limit of {services.max_message_size}"
+        raise Refused(413, "too_large", {"error": error}) from None
     except schema.InvalidMessage as exc:
         raise Refused(400, "invalid", exc.as_json()) from None
     except (ValueError, UnicodeError) as exc:
@@ -159,9 +171,24 @@ async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
     return raw, env
 
 
-def _compose(body: bytes, hostname: str, max_recipients: int) -> tuple[bytes, Envelope]:
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _compose(body: bytes, hostname: str, max_recipients: int, max_size: int) -> tuple[bytes, Envelope]:
     draft = schema.parse(body, max_recipients=max_recipients)
+    least = _least_size(draft)
+    if least > max_size:
+        raise _TooLarge(least)  # before composing it: that costs several times the body again
     return compose(draft, hostname=hostname), envelope(draft)
+
+
+def _least_size(draft: Draft) -> int:
+    """A lower bound on the composed message's size: its bodies, and its attachments base64."""
+    bodies = sum(len(part.encode("utf-8", "surrogatepass")) for part in (draft.text, draft.html) if part)
+    return bodies + sum(-(-len(a.content) // 3) * 4 for a in draft.attachments)
 
 
 async def _queue(request: web.Request, ingest: Ingest, raw: bytes, env: Envelope) -> str:

@@ -26,7 +26,7 @@ import idna
 from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
-from ratatoskr import __version__
+from ratatoskr import __version__, redaction
 from ratatoskr.errors import (
     AmbiguousFailure,
     ConfigError,
@@ -243,8 +243,9 @@ class HttpProvider:
         raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key masked: provider bodies may echo what we sent."""
-        return text.replace(self._secret, "***") if self._secret else text
+        """``text`` with the API key masked in every encoding: provider bodies may echo what we
+        sent (a Basic-auth header is base64 of ``api:KEY``)."""
+        return redaction.redact(text, [self._secret])
 
     def temporary(self, reason: str, **kw: Any) -> TemporaryFailure:
         return TemporaryFailure(self.redact(reason), provider=self.name, **kw)

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ratatoskr import redaction
 from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
@@ -279,7 +280,7 @@ class MailgunProvider(HttpProvider):
 
     def redact(self, text: str) -> str:
         text = super().redact(text)
-        return text.replace(self._probe_secret, "***") if self._probe_secret else text
+        return redaction.redact(text, [self._probe_secret])
 
     async def probe(self) -> ProbeResult:
         """The domain check, ``GET /v4/domains/{domain}``, with the key that sends. With

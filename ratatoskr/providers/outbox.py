@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 from ratatoskr.errors import ConfigError, TemporaryFailure
+from ratatoskr.private import open_private, private_dir
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, ProviderSettings, Receipt
 from ratatoskr.table import Table
 
@@ -51,7 +52,7 @@ class OutboxSettings(ProviderSettings):
 
 def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(open_private(tmp), "wb") as f:  # 0600: delivered mail is still private
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -85,7 +86,7 @@ class OutboxProvider:
         return Receipt(provider=self.name, provider_id=message.id)
 
     def _write(self, message: Outbound) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)
         envelope = {"sender": message.envelope.sender, "recipients": list(message.envelope.recipients)}
         write_atomically(self.path / f"{message.id}.json", json.dumps(envelope).encode())
         write_atomically(self.path / f"{message.id}.eml", message.mime)

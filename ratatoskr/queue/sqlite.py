@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
+from ratatoskr.private import private_dir, private_file
 from ratatoskr.queue.base import RawParts
 from ratatoskr.queue.values import Attempt, QueueStats, Recovery, State, StoredMessage
 from ratatoskr.queue.writer import Writer
@@ -145,7 +146,8 @@ _STATES = {state.name.lower(): state.value for state in State}
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open the queue database, creating folder and schema on first use."""
-    path.mkdir(parents=True, exist_ok=True)
+    private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
+    private_file(path / DB_NAME)
     conn = _open(path)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")

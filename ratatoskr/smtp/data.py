@@ -21,6 +21,10 @@ import asyncio
 import io
 from collections.abc import Awaitable, Callable
 
+from ratatoskr.budget import ByteBudget
+
+__all__ = ["ByteBudget", "DataDeadline", "DataTooLarge", "SpillFailed", "read_data"]
+
 CHUNK = 256 * 1024
 SPILL_AT = 1024 * 1024
 _END = b"\r\n.\r\n"
@@ -115,7 +119,7 @@ def unstuff(data: bytearray) -> bytearray:
 async def read_data(
     reader: asyncio.StreamReader,
     limit: int | None,
-    on_progress: Callable[[], None] = lambda: None,
+    on_progress: Callable[[int], None] = lambda n: None,
     *,
     spill: Callable[[], io.BufferedRandom] | None = None,
     spill_at: int = SPILL_AT,
@@ -127,6 +131,8 @@ async def read_data(
     file rather than in memory, so many large uploads at once cost little RAM; the message
     is read back in one piece once complete, after ``reserve(size)`` (a :class:`ByteBudget`)
     lets it, which bounds how many large messages sit in memory at once.
+
+    ``on_progress(n)`` is called with the size of every chunk read (:class:`DataDeadline`).
 
     Raises :class:`asyncio.IncompleteReadError` when the client goes away mid-DATA.
     """
@@ -147,7 +153,7 @@ async def read_data(
 async def _read(
     reader: asyncio.StreamReader,
     limit: int | None,
-    on_progress: Callable[[], None],
+    on_progress: Callable[[int], None],
     collected: _Collected,
 ) -> bytearray:
     """Read to the terminator; return what is still in memory (the rest is in the file)."""
@@ -160,7 +166,7 @@ async def _read(
         chunk = await reader.read(CHUNK)
         if not chunk:
             raise asyncio.IncompleteReadError(bytes(buf[2:]), None)
-        on_progress()
+        on_progress(len(chunk))
         buf += chunk
         end = buf.find(_END, scan)
         if end >= 0:
@@ -190,23 +196,27 @@ async def _read(
     return buf
 
 
-class ByteBudget:
-    """How many bytes of large messages may be in memory at once, shared by all sessions.
+class DataDeadline:
+    """How long a DATA upload may still take: Postfix's ``smtpd_per_request_deadline`` with
+    ``smtpd_min_data_rate``.
 
-    A message bigger than the whole budget still gets in, alone, so nothing waits forever.
+    The time left starts at ``timeout``; each chunk of ``n`` bytes costs the time it took to
+    arrive and earns ``n / min_rate`` seconds, never more than ``timeout`` in hand. A client
+    that keeps up ``min_rate`` bytes a second never runs out; one that trickles a byte a second
+    (which the idle timeout alone never stops: every byte restarts it) is cut off after about
+    ``timeout`` seconds.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.held = 0
-        self._changed = asyncio.Condition()
+    def __init__(self, timeout: float, min_rate: int, *, clock: Callable[[], float]) -> None:
+        self.timeout = timeout
+        self.min_rate = min_rate
+        self.clock = clock
+        self.left = timeout
+        self._since = clock()
 
-    async def acquire(self, size: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.held == 0 or self.held + size <= self.capacity)
-            self.held += size
-
-    async def release(self, size: int) -> None:
-        async with self._changed:
-            self.held -= size
-            self._changed.notify_all()
+    def progress(self, n: int) -> float:
+        """Account for ``n`` more bytes; return the seconds left from now."""
+        now = self.clock()
+        self.left = min(self.timeout, self.left - (now - self._since) + n / self.min_rate)
+        self._since = now
+        return max(self.left, 0.001)

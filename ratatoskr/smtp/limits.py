@@ -9,7 +9,15 @@ from ratatoskr.smtp import replies
 
 
 class ConnectionLimiter:
-    """Counts open sessions; one limiter is shared by every SMTP listener of a daemon."""
+    """Counts open sessions; one limiter is shared by every SMTP listener of a daemon.
+
+    ``client`` is the name a client is counted under (:func:`ratatoskr.smtp.anvil.client_key`:
+    an IPv6 /64 counts as one client).
+    """
+
+    #: Share of ``total`` open at which the daemon is under stress (Postfix's "stress"): new
+    #: sessions then get the short ``stress_timeout`` and hang up at their first error.
+    STRESS = 0.8
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total = total
@@ -26,6 +34,10 @@ class ConnectionLimiter:
         self._open[client] += 1
         self.open += 1
         return None
+
+    @property
+    def stressed(self) -> bool:
+        return self.open >= self.total * self.STRESS
 
     def release(self, client: str) -> None:
         self.open -= 1

@@ -16,8 +16,9 @@ DATA loop with the chunked reader in :mod:`ratatoskr.smtp.data`, and applies the
   cap on junk commands (NOOP, RSET, VRFY, ...) apply too. A 452 for a recipient over
   ``max_recipients`` is not an error (the client is meant to send it again later, RFC 5321
   §4.5.3.1.10) until a session has had 1000 of them (Postfix's ``smtpd_recipient_overshoot_limit``);
-* the idle timeout restarts on every command and on every chunk of DATA, so a slow upload of a
-  big message is not cut off while bytes are still arriving;
+* the idle timeout restarts on every command; DATA has a deadline that a client keeps only by
+  sending at least ``min_data_rate`` bytes a second (:class:`~ratatoskr.smtp.data.DataDeadline`),
+  so a slow upload of a big message is not cut off, but one trickling a byte a second is;
 * development mode: on a trusted loopback listener with no ``[smtp.users]`` and auth not
   required, AUTH is offered and any credentials are accepted (and logged as unchecked), so an
   app that has SMTP credentials configured works against ``make run``; the session then has
@@ -28,11 +29,29 @@ every refusal (4xx/5xx) is logged once, Postfix style::
 
     NOQUEUE: reject: RCPT from [127.0.0.1]: 553 5.1.3 Error: bad recipient address: ...;
     from=<ada@example.com> to=<bob@> proto=ESMTP helo=<app.example.com>
+
+Hostile clients (issue 13), after Postfix's smtpd:
+
+* the command loop yields to the event loop after every reply: a client that pipelines 100,000
+  commands gets them answered one loop turn at a time, between everyone else's; EHLO and HELO
+  count as junk commands, and every RCPT (a repeated one too) counts against ``max_recipients``;
+* after ``soft_error_limit`` errors each further error reply waits ``error_sleep`` seconds;
+* HELO/EHLO names are checked (``reject_invalid_helo``); on a listener that is not trusted, an
+  unauthenticated client that sends more after a command that must end a pipelined group (EHLO,
+  HELO, DATA, NOOP, STARTTLS; RFC 2920 §3.1) is told 554 and dropped
+  (``forbid_unauth_pipelining``);
+* per-client rates per minute (:class:`~ratatoskr.smtp.anvil.Anvil`), counted per IPv6 prefix;
+* under stress (most of ``max_connections`` open) new sessions get ``stress_timeout`` and hang
+  up at their first error;
+* a second STARTTLS inside TLS is refused (RFC 3207 §4.2), an AUTH line over 64 KiB is a 500,
+  a failed TLS handshake is one warning line (at most ten a minute), not a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import errno
 import functools
 import io
@@ -44,17 +63,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ratatoskr.auth import SmtpLogins
 from ratatoskr.config import Listen, SmtpConfig
 from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
+from ratatoskr.logs import Throttled
 from ratatoskr.message import Envelope, check_addr_spec
 from ratatoskr.smtp import replies
-from ratatoskr.smtp.data import ByteBudget, DataTooLarge, SpillFailed, read_data
+from ratatoskr.smtp.anvil import Anvil, Rate, client_key
+from ratatoskr.smtp.data import ByteBudget, DataDeadline, DataTooLarge, SpillFailed, read_data
 from ratatoskr.smtp.enhanced import with_code
+from ratatoskr.smtp.helo import valid_helo
 from ratatoskr.smtp.limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
@@ -66,13 +88,26 @@ LARGE_MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 # Postfix's smtpd_junk_command_limit; every other command is limited only by the error count
 # (aiosmtpd applies its default of 20 to any command left out, RCPT included, hence "*").
 _JUNK_LIMIT = 100
-_CALL_LIMITS = {cmd: _JUNK_LIMIT for cmd in ("NOOP", "RSET", "VRFY", "EXPN", "HELP")} | {"*": sys.maxsize}
+_JUNK = ("NOOP", "RSET", "VRFY", "EXPN", "HELP")
+_CALL_LIMITS = dict.fromkeys(_JUNK, _JUNK_LIMIT) | {"*": sys.maxsize}
+# EHLO and HELO too, counted here because, as in Postfix, an accepted message starts the count
+# again (aiosmtpd's limits never do): 100,000 pipelined EHLOs were once all answered.
+_HELO_LIMIT = _JUNK_LIMIT
 _RECIPIENT_OVERSHOOT = 1000
 # Extensions aiosmtpd lists in EHLO without advertising them; it reads commands from a buffered
 # stream, so pipelined commands (RFC 2920) are answered in order, and our DATA reader hands the
 # bytes after the terminator back to it.
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
 _LOGGED_RECIPIENTS = 5
+# A message accepted (what resets the error count); "250 2.0.0" alone starts other replies too.
+_QUEUED_PREFIX = replies.QUEUED.partition("{")[0]
+# One line per failed TLS handshake is a log flood that needs no credentials.
+_tls_failures = Throttled(log, per_minute=10)
+
+
+class _AuthAborted(Exception):
+    """An AUTH exchange ended by the client ("*", bad base64, an overlong line), already
+    answered: no further reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +118,14 @@ class Policy:
     auth_without_tls: bool  #: AUTH allowed in clear text (a trusted loopback listener)
     implicit_tls: bool  #: the connection is TLS from its first byte (port 465 style)
     max_errors: int
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    timeout: float = 300.0
+    stress_timeout: float = 10.0
+    min_data_rate: int = 500
+    reject_invalid_helo: bool = True
+    forbid_pipelining: bool = False  #: unauthenticated RFC 2920 violations end the session
+    ipv6_prefix: int = 64
 
     @classmethod
     def for_listener(cls, config: SmtpConfig, listen: Listen, *, implicit_tls: bool) -> Policy:
@@ -91,6 +134,15 @@ class Policy:
             auth_without_tls=config.trusted(listen),
             implicit_tls=implicit_tls,
             max_errors=config.max_errors,
+            soft_error_limit=config.soft_error_limit,
+            error_sleep=config.error_sleep,
+            timeout=config.timeout,
+            stress_timeout=config.stress_timeout,
+            min_data_rate=config.min_data_rate,
+            reject_invalid_helo=config.reject_invalid_helo,
+            # Trusted (loopback) clients are our own applications; pipelining is their speed.
+            forbid_pipelining=config.forbid_unauth_pipelining and not config.trusted(listen),
+            ipv6_prefix=config.client_ipv6_prefix,
         )
 
 
@@ -112,6 +164,7 @@ class RelayEnvelope(SmtpEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.data = bytearray()
+        self.rcpt_commands = 0  # every RCPT of this transaction, repeated ones too
 
 
 class RelaySMTP(SMTP):
@@ -126,6 +179,7 @@ class RelaySMTP(SMTP):
         policy: Policy,
         limiter: ConnectionLimiter,
         logins: SmtpLogins,
+        anvil: Anvil | None = None,
         spill_dir: Path | None = None,
         data_budget: ByteBudget | None = None,
         **kwargs: Any,
@@ -147,10 +201,14 @@ class RelaySMTP(SMTP):
         self.data_budget = data_budget or ByteBudget(LARGE_MESSAGES_IN_MEMORY)
         self.limiter = limiter
         self.logins = logins
+        self.anvil = anvil or Anvil({})
         self.client = ""
+        self.client_key = ""  #: what limits count this client under (its IPv6 /64)
         self._refusal: str | None = None
         self._admitted = False
+        self._max_errors = policy.max_errors
         self._errors = 0
+        self._helos = 0  # HELO/EHLO since the last accepted message
         self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
         self._greeted = False  # the greeting and the HELO/EHLO reply carry no enhanced code
         self._in_hello = False
@@ -183,18 +241,34 @@ class RelaySMTP(SMTP):
         if first:
             peer = self.session.peer
             self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-            self._refusal = self.limiter.admit(self.client)
-            self._admitted = self._refusal is None
+            self.client_key = client_key(self.client, self.policy.ipv6_prefix)
+            self._admit()
+        tls_now = self.policy.implicit_tls and first and self._refusal is None
+        if tls_now and not self.anvil.allow(Rate.TLS, self.client_key):
+            self._refusal = replies.TLS_RATE.format(client=self.client_key)
         if self.policy.implicit_tls:
             self.session.ssl = {
                 "ssl_object": transport.get_extra_info("ssl_object"),
                 "cipher": transport.get_extra_info("cipher"),
             }
 
+    def _admit(self) -> None:
+        if not self.anvil.allow(Rate.CONNECTIONS, self.client_key):
+            self._refusal = replies.CONNECTION_RATE.format(client=self.client_key)
+            return
+        stressed = self.limiter.stressed
+        self._refusal = self.limiter.admit(self.client_key)
+        self._admitted = self._refusal is None
+        if stressed and self._admitted:
+            # Postfix under stress: smtpd_timeout 10s, smtpd_hard_error_limit 1.
+            self._timeout_duration = min(self.policy.timeout, self.policy.stress_timeout)
+            self._max_errors = 1
+            self._reset_timeout()
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:  # aiosmtpd may call this twice after a failed TLS handshake
             self._admitted = False
-            self.limiter.release(self.client)
+            self.limiter.release(self.client_key)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -216,21 +290,43 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if self.transport is None or self.transport.is_closing():
-            return  # we hung up (too many errors, timeout): say nothing more
+            # We hung up (too many errors, a command over its limit, timeout): say nothing
+            # more, and stop taking commands from the read buffer, where a flood may have left
+            # thousands (each was answered with a log line until the connection was gone).
+            # (Cancelling takes effect at the next suspension, and reading a buffered line does
+            # not suspend: hence the sleep.)
+            current = asyncio.current_task()
+            if current is not None and current is self._handler_coroutine:
+                current.cancel()
+                await asyncio.sleep(0)
+            return
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         if not self._greeted or self._in_hello:
-            self._greeted = True
+            self._greeted = True  # the greeting and the HELO/EHLO reply carry no enhanced code
         elif not text.startswith("3"):
             text = with_code(text)
-        await super().push(text)
-        if text.startswith(("4", "5")):
-            self._log_refusal(text)
+        error = False
         if text == replies.TOO_MANY_RECIPIENTS and self._overshoot < _RECIPIENT_OVERSHOOT:
             self._overshoot += 1
         elif text.startswith(("4", "5")):
-            await self._count_error()
-        elif text.startswith(replies.QUEUED[:9]):
-            self._errors = self._overshoot = 0  # like Postfix: count only while no mail gets through
+            error = True
+            self._errors += 1
+            if self.policy.soft_error_limit < self._errors < self._max_errors and self.policy.error_sleep:
+                await asyncio.sleep(self.policy.error_sleep)  # Postfix's smtpd_error_sleep_time
+        elif text.startswith(_QUEUED_PREFIX):
+            # like Postfix: count only while no mail gets through
+            self._errors = self._overshoot = self._helos = 0
+        await super().push(text)
+        if text.startswith(("4", "5")):
+            self._log_refusal(text)
+        if error and self._errors >= self._max_errors and self.transport is not None:
+            log.warning("%s: too many errors, hanging up", self.client)
+            await super().push(replies.TOO_MANY_ERRORS)
+            self.transport.close()
+        # aiosmtpd's loop takes the next pipelined command straight from the read buffer, and
+        # drain() returns at once while the socket takes our replies: without this one client's
+        # 100,000 pipelined commands were answered before anyone else's NOOP (3.8 s).
+        await asyncio.sleep(0)
 
     def _log_refusal(self, reply: str) -> None:
         assert self.session is not None
@@ -256,22 +352,6 @@ class RelaySMTP(SMTP):
             parts.append(f"sasl_username={self.session.auth_data}")
         log.info("%s; %s", parts[0], " ".join(parts[1:]))
 
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_hello = bool(hostname)  # "501 Syntax: EHLO hostname" does get its code
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._in_hello = False
-
-    @syntax("HELO hostname")
-    async def smtp_HELO(self, hostname: str) -> None:
-        self._in_hello = bool(hostname)
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._in_hello = False
-
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:
         # aiosmtpd lists every command it implements; list only what this session may use.
@@ -290,12 +370,67 @@ class RelaySMTP(SMTP):
         )
         await self.push("250 Supported commands: " + " ".join(commands))
 
-    async def _count_error(self) -> None:
-        self._errors += 1
-        if self._errors >= self.policy.max_errors and self.transport is not None:
-            log.warning("%s: too many errors, hanging up", self.client)
-            await super().push(replies.TOO_MANY_ERRORS)
+    async def _pipelining_refused(self, command: str) -> bool:
+        """RFC 2920 §3.1: nothing may follow ``command`` before its reply. An unauthenticated
+        client on a public listener that sends more anyway (a flood, or a bot that never reads
+        replies) is told so and dropped (Postfix's smtpd_forbid_unauth_pipelining)."""
+        if not self.policy.forbid_pipelining or (self.session and self.session.authenticated):
+            return False
+        if not self._reader._buffer:  # type: ignore[attr-defined]  # no peek in StreamReader
+            return False
+        log.warning("%s: improper command pipelining after %s", self.client, command)
+        await super().push(replies.UNAUTH_PIPELINING)
+        if self.transport is not None:
             self.transport.close()
+        return True
+
+    # -- HELO, NOOP, STARTTLS ---------------------------------------------------------------------
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._helo_refused("EHLO"):
+            await self._hello(super().smtp_EHLO, hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._helo_refused("HELO"):
+            await self._hello(super().smtp_HELO, hostname)
+
+    async def _hello(self, command: Any, hostname: str) -> None:
+        self._in_hello = bool(hostname)  # "501 Syntax: EHLO hostname" does get its code
+        try:
+            await command(hostname)
+        finally:
+            self._in_hello = False
+
+    async def _helo_refused(self, command: str) -> bool:
+        self._helos += 1
+        if self._helos > _HELO_LIMIT:
+            log.warning("%s: over limit for %s", self.client, command)
+            await self.push(replies.TOO_MANY_HELOS.format(command=command))
+            if self.transport is not None:
+                self.transport.close()
+            return True
+        return await self._pipelining_refused(command)
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._pipelining_refused("NOOP"):
+            await super().smtp_NOOP(arg)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.encrypted:
+            await self.push(replies.TLS_ALREADY_ACTIVE)  # RFC 3207 §4.2: never TLS inside TLS
+            return
+        if await self._pipelining_refused("STARTTLS"):
+            return
+        if not self.anvil.allow(Rate.TLS, self.client_key):
+            await self.push(replies.TLS_RATE.format(client=self.client_key))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super().smtp_STARTTLS(arg)
 
     # -- AUTH -------------------------------------------------------------------------------------
 
@@ -330,6 +465,9 @@ class RelaySMTP(SMTP):
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
+        if not self.anvil.allow(Rate.AUTH, self.client_key):
+            await self.push(replies.AUTH_RATE.format(client=self.client_key))
+            return
         if self.session.host_name and self.session.extended_smtp and not self.session.authenticated:
             if not self.logins.accounts.users and not self.development_auth:
                 await self.push(replies.AUTH_NOT_ENABLED)
@@ -340,10 +478,53 @@ class RelaySMTP(SMTP):
         await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
-        return await self._checked(await super().auth_PLAIN(_, args))
+        try:
+            return await self._checked(await super().auth_PLAIN(_, args))
+        except _AuthAborted:
+            return AuthResult(success=False, handled=True)
 
     async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
-        return await self._checked(await super().auth_LOGIN(_, args))
+        try:
+            return await self._checked(await super().auth_LOGIN(_, args))
+        except _AuthAborted:
+            return AuthResult(success=False, handled=True)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> bytes:
+        """aiosmtpd's, but an overlong line is a 500 (its readline raised: 451 and a traceback),
+        and an abort answers once (aiosmtpd's own answer was followed by a 535)."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_line(exc.consumed)
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            raise _AuthAborted from None
+        except asyncio.IncompleteReadError:
+            if self.transport is not None:
+                self.transport.close()
+            raise _AuthAborted from None
+        blob = line.strip()
+        if blob == b"*":
+            await self.push(replies.AUTH_ABORTED)
+            raise _AuthAborted
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(replies.AUTH_BAD_BASE64)
+            raise _AuthAborted from None
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Read and drop the rest of an overlong line, so none of it is taken for a command."""
+        while True:
+            await self._reader.readexactly(consumed)
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                consumed = exc.consumed
 
     async def _checked(self, result: AuthResult) -> AuthResult:
         if not isinstance(result, _Unchecked):
@@ -359,7 +540,7 @@ class RelaySMTP(SMTP):
                 login,
             )
             return AuthResult(success=True, message=replies.AUTH_OK, auth_data=login)
-        if await self.logins.check(login, credentials.password, self.client):
+        if await self.logins.check(login, credentials.password, self.client_key):
             log.info("%s authenticated as %r", self.client, login)
             return AuthResult(success=True, message=replies.AUTH_OK, auth_data=login)
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
@@ -369,6 +550,8 @@ class RelaySMTP(SMTP):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
+            return
+        if await self._pipelining_refused("DATA"):
             return
         if await self.check_auth_needed("DATA"):
             return
@@ -387,11 +570,13 @@ class RelaySMTP(SMTP):
             await self.data_budget.acquire(size)
             reserved = size
 
+        deadline = DataDeadline(self._timeout_duration, self.policy.min_data_rate, clock=self.loop.time)
+        self._reset_timeout(deadline.left)
         try:
             content = await read_data(
                 self._reader,
                 self.data_size_limit,
-                self._reset_timeout,
+                lambda n: self._reset_timeout(deadline.progress(n)),
                 spill=self._spill_file,
                 reserve=reserve,
             )
@@ -409,6 +594,7 @@ class RelaySMTP(SMTP):
                 await self.data_budget.release(reserved)
         await self.push(status)  # before the reset, so a refusal's log line has the envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._reset_timeout()
 
 
 class RelayHandler:
@@ -431,14 +617,33 @@ class RelayHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
+        if not self._helo_ok(server, hostname):
+            return [replies.INVALID_HELO.format(name=_shown_name(hostname))]
         session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
         if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH ")]
         return [*responses[:-1], *_EXTRA_EHLO, responses[-1]]
 
+    async def handle_HELO(
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, hostname: str
+    ) -> str:
+        if not self._helo_ok(server, hostname):
+            return replies.INVALID_HELO.format(name=_shown_name(hostname))
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    def _helo_ok(self, server: RelaySMTP, hostname: str) -> bool:
+        if not server.policy.reject_invalid_helo or valid_helo(hostname):
+            return True
+        log.warning("%s: invalid HELO name %r", server.client, _shown_name(hostname))
+        return False
+
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
     ) -> str:
+        if not server.anvil.allow(Rate.MESSAGES, server.client_key):
+            self.rejected("rate_limited")
+            return replies.MESSAGE_RATE.format(client=server.client_key)
         if address != "<>":
             try:
                 check_addr_spec(address)
@@ -455,18 +660,28 @@ class RelayHandler:
         return replies.SENDER_OK
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
     ) -> str:
+        if not server.anvil.allow(Rate.RECIPIENTS, server.client_key):
+            self.rejected("rate_limited")
+            return replies.RECIPIENT_RATE.format(client=server.client_key)
         try:
             check_addr_spec(address)
         except InvalidAddress as exc:
             self.rejected("bad_recipient")
             return replies.BAD_RECIPIENT.format(reason=exc)
-        if any(r.lower() == address.lower() for r in envelope.rcpt_tos):
-            return replies.RECIPIENT_OK
-        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+        # Every RCPT counts, as in Postfix: 50,000 identical ones were once all answered 250.
+        commands = getattr(envelope, "rcpt_commands", 0) + 1
+        if isinstance(envelope, RelayEnvelope):
+            envelope.rcpt_commands = commands
+        repeated = any(r.lower() == address.lower() for r in envelope.rcpt_tos)
+        if commands > self.config.max_recipients or (
+            not repeated and len(envelope.rcpt_tos) >= self.config.max_recipients
+        ):
             self.rejected("too_many_recipients")
             return replies.TOO_MANY_RECIPIENTS
+        if repeated:
+            return replies.RECIPIENT_OK
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return replies.RECIPIENT_OK
@@ -500,6 +715,11 @@ class RelayHandler:
         return replies.QUEUED.format(id=qid)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that aborts its handshake is no fault of ours: one line, no traceback,
+            # at most a few a minute (aiosmtpd closes the connection after this).
+            _tls_failures.warning("TLS handshake failed: %s", error.__cause__ or "aborted")
+            return replies.INTERNAL_ERROR
         # aiosmtpd's default answers "500 Error: (ClassName) text", leaking internals and
         # telling the client to give up on mail we might well accept on the next try.
         log.error("SMTP handler failed: %s", error, exc_info=error)
@@ -512,6 +732,11 @@ def _angle_address(arg: str) -> str:
     if start >= 0 and end > start:
         return arg[start + 1 : end]
     return arg.partition(":")[2].strip().split(" ")[0]
+
+
+def _shown_name(hostname: str) -> str:
+    """A client's HELO name as we may echo or log it: printable ASCII, 64 characters at most."""
+    return "".join(c if "\x21" <= c <= "\x7e" else "?" for c in hostname[:64])
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -527,6 +752,7 @@ def smtp_factory(
     *,
     policy: Policy,
     limiter: ConnectionLimiter,
+    anvil: Anvil | None = None,
     tls_context: ssl.SSLContext | None = None,
     spill_dir: Path | None = None,
 ) -> Any:
@@ -541,6 +767,7 @@ def smtp_factory(
             policy=policy,
             limiter=limiter,
             logins=handler.logins,
+            anvil=anvil,
             spill_dir=spill_dir,
             data_budget=data_budget,
             tls_context=tls_context,
