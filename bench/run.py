@@ -134,9 +134,15 @@ class PythonServer(Target):
 
     proc: subprocess.Popen[bytes] | None = None
 
+    env: dict[str, str] | None = None
+
     def _spawn(self, cmd: list[str], workdir: Path) -> None:
         self.proc = subprocess.Popen(
-            cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=open(workdir / f"{self.name}.log", "ab")
+            cmd,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / f"{self.name}.log", "ab"),
+            env=self.env,
         )
         wait_listening(self.port, self.proc)
 
@@ -177,7 +183,17 @@ class Sink(PythonServer):
 class Ratatoskr(PythonServer):
     name = "ratatoskr"
 
-    def __init__(self, workdir: Path, provider: FakeProvider, *, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        provider: FakeProvider,
+        *,
+        log_level: str = "info",
+        name: str = "ratatoskr",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.env = env
         self.workdir = workdir
         self.provider = provider
         self.port = free_port()

@@ -44,6 +44,7 @@ from ratatoskr.message import Envelope, check_addr_spec
 from ratatoskr.smtp import replies
 from ratatoskr.smtp.data import ByteBudget, DataTooLarge, SpillFailed, read_data
 from ratatoskr.smtp.limits import ConnectionLimiter
+from ratatoskr.smtp.speedups import FastPaths, HookNames
 
 log = logging.getLogger("ratatoskr.smtp")
 
@@ -97,7 +98,7 @@ class RelayEnvelope(SmtpEnvelope):
         self.data = bytearray()
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(HookNames, FastPaths):
     # The StreamReader's limit: command lines are still capped by command_size_limit (512),
     # but DATA is read in chunks and must not trip the reader's line limit.
     line_length_limit = 1 << 16
@@ -295,7 +296,7 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
 
-class RelayHandler:
+class RelayHandler(HookNames):
     """aiosmtpd hooks; each one is proven to fire by the tests (hooks are found by name)."""
 
     def __init__(self, config: SmtpConfig, ingest: Ingest, logins: SmtpLogins) -> None:
