@@ -404,7 +404,7 @@ def main() -> int:
     args = parser.parse_args()
     postfix.ensure_installed()
     repeat = args.repeat or (1 if args.quick else 3)
-    counts = {2048: 300, 102400: 120} if args.quick else {2048: 3000, 102400: 1500}
+    counts = {2048: 300, 102400: 120} if args.quick else {2048: 2000, 102400: 800}
     cells = [Cell(size, reuse, counts[size]) for size in counts for reuse in (False, True)]
     work = Path(tempfile.mkdtemp(prefix="ratatoskr-bench-"))
     provider = FakeProvider(work)
@@ -426,7 +426,9 @@ def main() -> int:
             for cell in cells:
                 # Rotate who goes first, so no target always runs right after the same one.
                 for t in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
-                    raw[cell][t.name].append(measure(t, cell, args.sessions))
+                    result = measure(t, cell, args.sessions)
+                    raw[cell][t.name].append(result)
+                    print(f"bench: {rep + 1}/{repeat} {cell.name} {t.name}: {result}", file=sys.stderr, flush=True)
         load_after = os.getloadavg()
         medians = {c: {name: median_result(rs) for name, rs in by.items()} for c, by in raw.items()}
         lines += table(medians)
