@@ -39,9 +39,17 @@ from typing import Any, Self
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.fakes.records import Call, Delivery
+from ratatoskr import config
+from ratatoskr.providers import ProviderSettings
+from tests.fakes.records import Call, Delivery, schema_problems
 
 Handler = Callable[[web.Request], Any]
+
+
+def settings_of(entry: Mapping[str, Any]) -> ProviderSettings:
+    """A ``[[providers]]`` table (e.g. ``fake.provider_entry()``) read as the config file is."""
+    [settings] = config.parse({"providers": [dict(entry)]}).providers
+    return settings
 
 
 @dataclass
@@ -83,6 +91,9 @@ class FakeServer:
         self.revoked = False  # see revoke_key()
         self._server: TestServer | None = None
         self._counter = 0
+        #: Requests the fake accepted although they break the provider's request schema
+        #: (tests/schemas); the fixtures fail the test when any is left at the end.
+        self.violations: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -118,6 +129,16 @@ class FakeServer:
     max_body = 64 * 1024 * 1024
 
     def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def provider_entry(self, name: str = "", **overrides: Any) -> dict[str, Any]:
+        """A ``[[providers]]`` table pointing at this fake (``name`` defaults to the kind)."""
+        raise NotImplementedError
+
+    def break_as(self, failure: str) -> None:
+        """For the contract suite: answer the next send as the real API answers
+        ``"server_error"`` (a 5xx), ``"rate_limited"`` (wait 30 s) or ``"refused_message"``
+        (the message is invalid; the text echoes the API key, as real error texts may)."""
         raise NotImplementedError
 
     def route_of(self, request: web.Request) -> str:
@@ -232,6 +253,10 @@ class FakeServer:
     def record(self, delivery: Delivery) -> Delivery:
         self.messages.append(delivery)
         return delivery
+
+    def check_schema(self, name: str, document: Any) -> None:
+        """Validate one captured request against ``tests/schemas/<name>.schema.json``."""
+        self.violations += [f"{name}: {p}" for p in schema_problems(name, document)]
 
     async def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Delivery]:
         """Resolve once ``count`` messages have been accepted; return all of them so far."""
