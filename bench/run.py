@@ -428,7 +428,8 @@ def main() -> int:
                 for t in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
                     result = measure(t, cell, args.sessions)
                     raw[cell][t.name].append(result)
-                    print(f"bench: {rep + 1}/{repeat} {cell.name} {t.name}: {result}", file=sys.stderr, flush=True)
+                    progress = f"bench: {rep + 1}/{repeat} {cell.name} {t.name}: {result}"
+                    print(progress, file=sys.stderr, flush=True)
         load_after = os.getloadavg()
         medians = {c: {name: median_result(rs) for name, rs in by.items()} for c, by in raw.items()}
         lines += table(medians)
