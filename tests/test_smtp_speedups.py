@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,11 +59,17 @@ def test_fast_address_parse_agrees_with_aiosmtpd(protocol: FastPaths, arg: str) 
     assert protocol._getaddr(arg) == SMTP._getaddr(protocol, arg)
 
 
+def _func(method: Any) -> Any:
+    # The function behind a bound method, through any functools.wraps wrapper around it.
+    unwrapped = inspect.unwrap(method)
+    return getattr(unwrapped, "__func__", unwrapped)
+
+
 def _tables(server: SMTP) -> dict[str, Any]:
     return {
-        "commands": {k: v.__func__ for k, v in server._smtp_methods.items()},
-        "auth": {k: (v.method.__func__, v.is_builtin) for k, v in server._auth_methods.items()},
-        "hooks": {k: v.__func__ for k, v in server._handle_hooks.items()},
+        "commands": {k: _func(v) for k, v in server._smtp_methods.items()},
+        "auth": {k: (_func(v.method), v.is_builtin) for k, v in server._auth_methods.items()},
+        "hooks": {k: _func(v) for k, v in server._handle_hooks.items()},
         "ehlo": server._ehlo_hook_ver,
     }
 
