@@ -163,6 +163,10 @@ class SparkpostProvider(HttpProvider):
             if accepted == 0:
                 raise self.permanent(f"SparkPost accepted no recipient: {_errors_text(body)}", status=200)
             return transmission, _refused(body, results, recipients)
+        if answer.status == 400 and _code(body) == "1902" and transmission and accepted:
+            # A suppression that still created a transmission for the other recipients: sent,
+            # with the suppressed ones refused (named when the text names them).
+            return transmission, _refused(body, results, recipients)
         raise self.refusal(answer, body)
 
     def refusal(self, answer: HttpAnswer, body: dict[str, Any]) -> DeliveryError:
