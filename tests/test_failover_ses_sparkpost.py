@@ -14,6 +14,8 @@ from ratatoskr.queue.sqlite import QueueAdmin
 from tests.conftest import FakeClock, smtp_send, wait_until
 from tests.fakes.ses import FakeSes
 from tests.fakes.sparkpost import FakeSparkpost
+from tests.process import write_config
+from tests.test_providers_e2e import check_probe, spool_section
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: kinds {n}\r\n\r\nbody {n}\r\n"
 LONG_LINE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: wide\r\n\r\n" + b"w" * 1200 + b"\r\n"
@@ -119,3 +121,24 @@ async def test_a_message_no_provider_can_carry_is_dead_with_the_reason(running_d
     assert fake_ses.calls == []
     assert metric(daemon, "ratatoskr_provider_up", provider="ses") == 1
     assert (await readyz(daemon))[0] == 200
+
+
+async def test_check_probe_for_ses_and_sparkpost(tmp_path, fake_ses, fake_sparkpost):
+    """`ratatoskr check --probe`, as a process: both ok with good keys (a send-only SES key
+    included), both "bad credentials" with wrong ones, exit 1, no secret printed."""
+    fake_ses.get_account_allowed = False  # a send-only IAM policy
+    good = [fake_ses.provider_entry(), fake_sparkpost.provider_entry()]
+    code, out = await check_probe(write_config(tmp_path / "ok.toml", spool_section(tmp_path), good))
+    assert code == 0, out
+    assert "probe ses: ok: credentials and signature valid" in out
+    assert "probe sparkpost: ok: account is active" in out
+    wrong_secret, wrong_key = "wrong/ses+secret0123456789", "sparkpost-wrong-0123456789"
+    bad = [
+        fake_ses.provider_entry(secret_access_key=wrong_secret),
+        fake_sparkpost.provider_entry(api_key=wrong_key),
+    ]
+    code, out = await check_probe(write_config(tmp_path / "bad.toml", spool_section(tmp_path), bad))
+    assert code == 1, out
+    assert "probe ses: FAILED: bad credentials (InvalidSignatureException" in out
+    assert "probe sparkpost: FAILED: bad credentials" in out
+    assert not any(s in out for s in (wrong_secret, wrong_key, fake_ses.api_key, fake_sparkpost.api_key))
