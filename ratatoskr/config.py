@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
@@ -28,6 +29,7 @@ from ratatoskr.table import Secret
 from ratatoskr.table import Table as _Table
 
 ENV_VAR = "RATATOSKR_CFG"
+DEFAULTS_SOURCE = "built-in development defaults"
 
 T = TypeVar("T")
 
@@ -93,6 +95,28 @@ class HttpConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = Path("./var")
+    url: str | None = None  # postgresql://…: cluster mode; path then only holds temporary files
+    lease: float = 30.0  # seconds a node's claim lasts unless it extends it (cluster mode)
+
+    def url_password(self) -> str | None:
+        return urlsplit(self.url).password if self.url else None
+
+    @property
+    def place(self) -> str:
+        """Where the queue is, for logs and ``check``: the url without its password, or the path."""
+        return redact_url(self.url) if self.url else str(self.path)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://***"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +147,14 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     providers: tuple[ProviderSettings, ...] = (OutboxSettings(name="outbox"),)
     log: LogConfig = LogConfig()
-    source: str = "built-in development defaults"
+    source: str = DEFAULTS_SOURCE
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log redaction filter."""
         found = [k.reveal() for p in self.providers for k in p.secrets()]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
+        found.append(self.spool.url_password() or "")
         return [s for s in found if s]
 
 
@@ -352,6 +377,13 @@ def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
     return result
 
 
+def _spool(t: _Table) -> SpoolConfig:
+    url = t.get("url", str, "") or None
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(t.key("url"), "must be a postgresql:// url")
+    return SpoolConfig(Path(t.get("path", str, "./var")), url, t.positive("lease", float, 30.0))
+
+
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     """Build a :class:`Config` from a parsed TOML document."""
     root = _Table("", data)
@@ -359,7 +391,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     config = Config(
         smtp=_section(root, "smtp", _smtp),
         http=_section(root, "http", _http),
-        spool=_section(root, "spool", lambda t: SpoolConfig(Path(t.get("path", str, "./var")))),
+        spool=_section(root, "spool", _spool),
         delivery=_section(root, "delivery", _delivery),
         providers=_providers(data.get("providers")),
         log=_section(root, "log", _log),
@@ -369,17 +401,63 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     return config
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults."""
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults.
+
+    ``overrides`` (``{"smtp": {"listen": "127.0.0.1:2626"}}``, from ``serve --smtp-listen``)
+    replace keys before parsing, so every check (an open relay on a public address) applies.
+    """
+    data, source = _read(path)
+    if data is None and not overrides:
+        return Config()
+    data = dict(data or {})
+    for section, keys in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **keys}
+    return parse(data, source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """What the ``queue`` commands need: ``[spool]``, and the lifetime a revived message gets
+    (None when ``[delivery]`` cannot be read here, e.g. an unset ``${ENV}``)."""
+
+    spool: SpoolConfig
+    lifetime: float | None
+    source: str
+
+
+def load_queue_settings(path: str | os.PathLike[str] | None = None) -> QueueSettings:
+    """Only ``[spool]`` (and the lifetime) from the same place :func:`load` reads: an admin
+    shell without the service's secrets (``${CREDENTIALS_DIRECTORY}``) can still work the queue.
+    """
+    data, source = _read(path)
+    if data is None:
+        return QueueSettings(SpoolConfig(), DeliveryConfig().max_queue_lifetime, source)
+    spool = _section(_Table("", data), "spool", _spool)
+    try:
+        delivery = _Table("delivery", data.get("delivery", {}))
+        lifetime: float | None = delivery.positive(
+            "max_queue_lifetime", float, DeliveryConfig().max_queue_lifetime
+        )
+    except ConfigError:
+        lifetime = None
+    return QueueSettings(spool, lifetime, source)
+
+
+def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any] | None, str]:
+    """The TOML document named by ``path`` or ``$RATATOSKR_CFG``; None for the defaults."""
     if path is None:
         path = os.environ.get(ENV_VAR) or None
     if path is None:
-        return Config()
+        return None, DEFAULTS_SOURCE
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f), str(path)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    return parse(data, source=str(path))

@@ -6,16 +6,10 @@ import asyncio
 
 import pytest
 
-from ratatoskr.queue.sqlite import QueueAdmin
-from tests.conftest import FakeClock, smtp_send, wait_until
+from tests.conftest import admin_queue, metric, queue_counts, smtp_send, wait_until
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: failover {n}\r\n\r\nbody {n}\r\n"
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 def relay_starter(running_daemon, clock, *fakes):
@@ -37,22 +31,12 @@ async def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
     return relay_starter(running_daemon, clock, fake_mailgun, fake_mandrill)
 
 
-def metric(daemon, name: str, **labels: str) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
 async def send(daemon, n: int = 0, recipients: list[str] | None = None) -> None:
     await smtp_send(daemon.smtp_port, MESSAGE.format(n=n), recipients=recipients)
 
 
 def subjects(fake) -> list[str]:
     return sorted(m.header("Subject") for m in fake.messages)
-
-
-async def queue_counts(daemon) -> dict[str, int]:
-    counts, _ = await daemon.spool.stats()
-    return counts
 
 
 async def test_503_fails_over_and_the_provider_comes_back(relay, fake_mailgun, fake_mandrill, clock):
@@ -172,16 +156,13 @@ async def test_refused_by_both_is_dead_and_queue_retry_revives_it(
     daemon = await relay()
     await send(daemon, 0)
     await wait_until(lambda: _dead(daemon, 1), what="message dead")
-    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
-    try:
-        [dead] = admin.list()
+    async with admin_queue(tmp_path / "var") as admin:
+        [dead] = await admin.list()
         assert "refused by every provider" in dead.last_error
-        assert [a["outcome"] for a in dead.history] == ["permanent", "permanent"]
+        assert [a.outcome for a in dead.history] == ["permanent", "permanent"]
         fake_mailgun.heal()
         fake_mandrill.heal()
-        assert admin.retry(dead.id) == 1
-    finally:
-        admin.close()
+        assert await admin.retry(dead.id) == 1
     clock.advance(1)  # the CLI stamps real time; the daemon runs on the fake clock
     await fake_mailgun.wait_for(1)
     await wait_until(lambda: _empty(daemon), what="queue drained")
@@ -201,12 +182,9 @@ async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(
     daemon = await relay(circuit_failures=5)
     await send(daemon, 0)
     await wait_until(lambda: _deferred_or_queued(daemon, 1), what="message deferred")
-    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
-    try:
-        [waiting] = admin.list()
-    finally:
-        admin.close()
-    assert [(a["provider"], a["outcome"]) for a in waiting.history] == [
+    async with admin_queue(tmp_path / "var") as admin:
+        [waiting] = await admin.list()
+    assert [(a.provider, a.outcome) for a in waiting.history] == [
         ("mailgun", "ambiguous"),
         ("mailgun", "ambiguous"),
         ("mandrill", "temporary"),

@@ -27,7 +27,7 @@ from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
-from ratatoskr.queue.sqlite import Spool
+from ratatoskr.queue import Queue
 
 log = logging.getLogger("ratatoskr.http")
 
@@ -42,7 +42,7 @@ class Services:
 
     config: HttpConfig
     ingest: Ingest
-    spool: Spool
+    queue: Queue
     dispatcher: Dispatcher
     metrics: Metrics
     max_message_size: int
@@ -87,8 +87,22 @@ async def post_message(request: web.Request) -> web.Response:
     except Refused as refused:
         if refused.reason is not None:
             services.metrics.rejected("http", refused.reason)
+        _log_refusal(request, refused)
         return refused.response()
     return web.json_response({"id": qid}, status=202)
+
+
+def _log_refusal(request: web.Request, refused: Refused) -> None:
+    """One line per refused request, like Postfix's ``NOQUEUE: reject`` (the body is not logged:
+    it may hold anything; the fields named in the answer are)."""
+    fields = ",".join(d.get("field", "") for d in refused.body.get("details", []) if d.get("field"))
+    log.info(
+        "NOQUEUE: reject: HTTP from [%s]: %d %s%s",
+        request.remote or "",
+        refused.status,
+        refused.body.get("error", ""),
+        f"; fields={fields}" if fields else "",
+    )
 
 
 def _check_token(request: web.Request, config: HttpConfig) -> None:
@@ -178,9 +192,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def refresh_queue_metrics(services: Services) -> None:
-    counts, oldest = await services.spool.stats()
-    age = max(0.0, services.spool.clock() - oldest) if oldest is not None else 0.0
-    services.metrics.set_queue(counts, age)
+    stats = await services.queue.stats()
+    services.metrics.set_queue(stats.counts, stats.oldest_age)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -201,17 +214,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    writable = await services.spool.writable()
-    providers = {
-        name: {"state": health.state(), "up": health.up, "last_error": health.last_error}
-        for name, health in services.dispatcher.health.items()
-    }
-    taking = any(h.up or h.trial_due() for h in services.dispatcher.health.values())
-    ready = writable and taking and services.ingest.accepting
+    writable = await services.queue.writable()
+    delivery = services.dispatcher.readiness()
+    ready = writable and delivery.delivering and services.ingest.accepting
     body = {
         "status": "ready" if ready else "not ready",
         "queue_writable": writable,
-        "providers": providers,
+        "providers": {
+            name: {"state": p.state, "up": p.up, "last_error": p.last_error}
+            for name, p in delivery.providers.items()
+        },
+        "time": time.time(),
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def readyz_accept(request: web.Request) -> web.Response:
+    """Admission: this node can queue mail (writable, not draining), whatever the providers do.
+    A load balancer's check; /readyz ("can deliver") would turn a provider outage into an
+    ingress outage."""
+    services = request.app[SERVICES]
+    writable = await services.queue.writable()
+    accepting = services.ingest.accepting
+    ready = writable and accepting
+    body = {
+        "status": "accepting" if ready else "not accepting",
+        "queue_writable": writable,
+        "draining": not accepting,
         "time": time.time(),
     }
     return web.json_response(body, status=200 if ready else 503)
@@ -228,4 +257,5 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz/accept", readyz_accept)
     return app

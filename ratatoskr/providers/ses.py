@@ -40,7 +40,14 @@ from urllib.parse import urlsplit
 from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._sigv4 import AwsCredentials, NoCredentials, sign
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
-from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, read_base_url, retry_after
+from ratatoskr.providers.http import (
+    HttpAnswer,
+    HttpProvider,
+    HttpSettings,
+    ascii_domain,
+    read_base_url,
+    retry_after,
+)
 from ratatoskr.table import Secret, Table
 
 SIGNING_NAME = "ses"  # the host is email.<region>, but SES v2 is signed for "ses" (§1.1)
@@ -147,7 +154,10 @@ class SesProvider(HttpProvider):
         mime = message.mime
         data = base64.b64encode(mime)
         self._check_fits(mime, data, message.envelope.recipients)
-        recipients = [_ascii_domain(r) for r in message.envelope.recipients]
+        try:
+            recipients = [ascii_domain(r) for r in message.envelope.recipients]  # SES wants punycode
+        except ValueError as exc:
+            raise CannotCarry(f"a recipient domain has no IDNA form: {exc}", provider=self.name) from exc
         tags = _email_tags(message.id, message.tags)
         ids: list[str] = []
         for start in range(0, len(recipients), MAX_RECIPIENTS):
@@ -329,17 +339,6 @@ def _email_tags(queue_id: str, tags: Sequence[str]) -> list[dict[str, str]]:
             seen.add(tag)
             found.append({"Name": tag, "Value": "true"})
     return found
-
-
-def _ascii_domain(address: str) -> str:
-    """SES needs a non-ASCII domain in punycode (§1.3)."""
-    local, _, domain = address.rpartition("@")
-    if domain.isascii():
-        return address
-    try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address  # SES will say what is wrong with it
 
 
 def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:
