@@ -10,8 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratatoskr.queue.sqlite import QueueAdmin
-from tests.conftest import FakeClock, smtp_send, wait_until
+from tests.conftest import FakeClock, admin_queue, queue_counts, smtp_send, wait_until
 from tests.fakes.ses import FakeSes
 from tests.fakes.sparkpost import FakeSparkpost
 from tests.process import write_config
@@ -106,15 +105,11 @@ async def test_a_message_no_provider_can_carry_is_dead_with_the_reason(running_d
     await smtp_send(daemon.smtp_port, LONG_LINE)
 
     async def dead() -> bool:
-        counts, _ = await daemon.spool.stats()
-        return counts.get("dead", 0) == 1
+        return (await queue_counts(daemon)).get("dead", 0) == 1
 
     await wait_until(dead, what="the message to be dead")
-    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
-    try:
-        [stored] = admin.list()
-    finally:
-        admin.close()
+    async with admin_queue(tmp_path / "var") as admin:
+        [stored] = await admin.list()
     assert stored.last_error.startswith(
         "refused by every provider: ses: permanent (SES refuses lines over 1000"
     )
@@ -130,7 +125,7 @@ async def test_check_probe_for_ses_and_sparkpost(tmp_path, fake_ses, fake_sparkp
     good = [fake_ses.provider_entry(), fake_sparkpost.provider_entry()]
     code, out = await check_probe(write_config(tmp_path / "ok.toml", spool_section(tmp_path), good))
     assert code == 0, out
-    assert "probe ses: ok: credentials and signature valid" in out
+    assert "probe ses: unverified: credentials and signature valid" in out
     assert "probe sparkpost: ok: account is active" in out
     wrong_secret, wrong_key = "wrong/ses+secret0123456789", "sparkpost-wrong-0123456789"
     bad = [

@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
 
+from aiohttp.payload import BytesIOPayload
+
 from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._sigv4 import AwsCredentials, NoCredentials, sign
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
@@ -217,7 +219,8 @@ class SesProvider(HttpProvider):
         )
         # A file object, not bytes: aiohttp streams it (and warns about raw bytes over 1 MiB).
         # Its bytes are exactly the signed ones.
-        return await self.request(method, path, data=io.BytesIO(body) if body else None, headers=headers)
+        payload = BytesIOPayload(io.BytesIO(body), content_type="application/json") if body else None
+        return await self.request(method, path, body=payload, headers=headers)
 
     def read_send(self, answer: HttpAnswer) -> str:
         """The ``MessageId`` of a send answer, or the right DeliveryError."""
@@ -284,6 +287,7 @@ class SesProvider(HttpProvider):
                 True,
                 "credentials and signature valid; GetAccount is not permitted (grant "
                 "ses:GetAccount to check the account's sending status too)",
+                verified=False,
             )
         if code in _BAD_CREDENTIALS or answer.status in (401, 403):
             return ProbeResult(False, f"bad credentials ({code or answer.status}: {text})")

@@ -32,6 +32,8 @@ from email import encoders, policy
 from email.parser import BytesParser
 from typing import Any, ClassVar, Self, cast
 
+from aiohttp.payload import BytesIOPayload
+
 from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
 from ratatoskr.mime import split_head
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
@@ -94,7 +96,8 @@ class SparkpostProvider(HttpProvider):
         for start in range(0, len(recipients), MAX_RECIPIENTS):
             chunk = recipients[start : start + MAX_RECIPIENTS]
             body = self._body(text, chunk, message)
-            answer = await self.request("POST", "/transmissions", data=io.BytesIO(body), headers=self._auth)
+            payload = BytesIOPayload(io.BytesIO(body), content_type="application/json")
+            answer = await self.request("POST", "/transmissions", body=payload, headers=self._auth)
             try:
                 transmission, refused = self.read_send(answer, chunk)
             except DeliveryError as exc:
@@ -220,7 +223,9 @@ class SparkpostProvider(HttpProvider):
             return ProbeResult(False, "bad credentials (401 Unauthorized): check api_key")
         if answer.status == 403:
             return ProbeResult(
-                True, "key valid; it lacks the account/view grant, so the account status was not checked"
+                True,
+                "key valid; it lacks the account/view grant, so the account status was not checked",
+                verified=False,
             )
         results = body.get("results")
         if answer.status != 200 or not isinstance(results, dict):
