@@ -207,11 +207,10 @@ class PostfixInstance:
             stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "smtp-sink.log", "ab"),
         )
-        subprocess.run(
-            [tool("postfix"), "-c", str(self.conf), "start"],
-            check=True,
-            capture_output=True,
-        )
+        started = subprocess.run([tool("postfix"), "-c", str(self.conf), "start"], capture_output=True)
+        if started.returncode != 0:
+            self.stop()  # the sink must not outlive a failed start
+            raise RuntimeError(f"postfix -c {self.conf} start failed; see {self.dir / 'maillog'}")
 
     @property
     def master_pid(self) -> int:

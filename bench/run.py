@@ -134,9 +134,15 @@ class PythonServer(Target):
 
     proc: subprocess.Popen[bytes] | None = None
 
+    env: dict[str, str] | None = None
+
     def _spawn(self, cmd: list[str], workdir: Path) -> None:
         self.proc = subprocess.Popen(
-            cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=open(workdir / f"{self.name}.log", "ab")
+            cmd,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / f"{self.name}.log", "ab"),
+            env=self.env,
         )
         wait_listening(self.port, self.proc)
 
@@ -177,7 +183,17 @@ class Sink(PythonServer):
 class Ratatoskr(PythonServer):
     name = "ratatoskr"
 
-    def __init__(self, workdir: Path, provider: FakeProvider, *, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        provider: FakeProvider,
+        *,
+        log_level: str = "info",
+        name: str = "ratatoskr",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.env = env
         self.workdir = workdir
         self.provider = provider
         self.port = free_port()
@@ -388,7 +404,7 @@ def main() -> int:
     args = parser.parse_args()
     postfix.ensure_installed()
     repeat = args.repeat or (1 if args.quick else 3)
-    counts = {2048: 300, 102400: 120} if args.quick else {2048: 3000, 102400: 1500}
+    counts = {2048: 300, 102400: 120} if args.quick else {2048: 2000, 102400: 800}
     cells = [Cell(size, reuse, counts[size]) for size in counts for reuse in (False, True)]
     work = Path(tempfile.mkdtemp(prefix="ratatoskr-bench-"))
     provider = FakeProvider(work)
@@ -410,7 +426,10 @@ def main() -> int:
             for cell in cells:
                 # Rotate who goes first, so no target always runs right after the same one.
                 for t in targets[rep % len(targets) :] + targets[: rep % len(targets)]:
-                    raw[cell][t.name].append(measure(t, cell, args.sessions))
+                    result = measure(t, cell, args.sessions)
+                    raw[cell][t.name].append(result)
+                    progress = f"bench: {rep + 1}/{repeat} {cell.name} {t.name}: {result}"
+                    print(progress, file=sys.stderr, flush=True)
         load_after = os.getloadavg()
         medians = {c: {name: median_result(rs) for name, rs in by.items()} for c, by in raw.items()}
         lines += table(medians)

@@ -35,6 +35,8 @@ from tests.fakes.base import FakeServer, settings_of
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery, parse_mime
+from tests.fakes.ses import FakeSes
+from tests.fakes.sparkpost import FakeSparkpost
 
 SENDER = "ada@example.com"
 
@@ -118,6 +120,8 @@ class FakeHarness(Harness):
 FAKES: dict[str, type[FakeServer]] = {
     "mailgun": FakeMailgun,
     "mandrill": FakeMandrill,
+    "ses": FakeSes,
+    "sparkpost": FakeSparkpost,
 }
 
 

@@ -11,6 +11,8 @@ One round for one message walks the providers in configured order:
 * permanent refusal → the next provider gets one chance too (one provider's refusal is not the
   world's); a provider that refused is not asked again in later rounds; a refusal marked final
   (a recipient on the provider's suppression list) ends the round: no routing round it;
+* a provider that cannot carry the message (:class:`~ratatoskr.errors.CannotCarry`: nothing was
+  sent) is skipped the same way, but not counted as a delivery nor held against its health;
 * an unexpected exception → recorded, and not held against the provider's health.
 
 A round's result flows one way: the dispatcher decides the verdict
@@ -36,6 +38,7 @@ from ratatoskr.delivery.outcomes import Outcomes
 from ratatoskr.delivery.pool import ProviderPool, Readiness
 from ratatoskr.errors import (
     AmbiguousFailure,
+    CannotCarry,
     PermanentFailure,
     ProviderUnavailable,
     QueueUnavailable,
@@ -317,6 +320,10 @@ class Dispatcher:
                 self._note(result, provider, Outcome.TEMPORARY, exc=exc, started=started)
                 health.record_failure(exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
+            except CannotCarry as exc:
+                # Nothing was sent: not a delivery and nothing about the provider's health.
+                self._note(result, provider, Outcome.PERMANENT, exc=exc, started=started, counted=False)
+                health.release()
             except PermanentFailure as exc:
                 self._note(result, provider, Outcome.PERMANENT, exc=exc, started=started)
                 health.record_success()
@@ -347,9 +354,11 @@ class Dispatcher:
         exc: BaseException | None,
         started: float,
         receipt: Receipt | None = None,
+        counted: bool = True,
     ) -> None:
         seconds = time.monotonic() - started
-        self.metrics.delivery(provider.name, outcome.metric, seconds)
+        if counted:
+            self.metrics.delivery(provider.name, outcome.metric, seconds)
         result.attempts.append(
             Attempt(
                 at=round(self.clock(), 3),

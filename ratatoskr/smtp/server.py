@@ -78,6 +78,7 @@ from ratatoskr.smtp.data import ByteBudget, DataDeadline, DataTooLarge, SpillFai
 from ratatoskr.smtp.enhanced import with_code
 from ratatoskr.smtp.helo import valid_helo
 from ratatoskr.smtp.limits import ConnectionLimiter
+from ratatoskr.smtp.speedups import FastPaths, HookNames
 
 log = logging.getLogger("ratatoskr.smtp")
 
@@ -167,7 +168,7 @@ class RelayEnvelope(SmtpEnvelope):
         self.rcpt_commands = 0  # every RCPT of this transaction, repeated ones too
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(HookNames, FastPaths):
     # The StreamReader's limit: command lines are still capped by command_size_limit (512),
     # but DATA is read in chunks and must not trip the reader's line limit.
     line_length_limit = 1 << 16
@@ -597,7 +598,7 @@ class RelaySMTP(SMTP):
         self._reset_timeout()
 
 
-class RelayHandler:
+class RelayHandler(HookNames):
     """aiosmtpd hooks; each one is proven to fire by the tests (hooks are found by name)."""
 
     def __init__(self, config: SmtpConfig, ingest: Ingest, logins: SmtpLogins) -> None:
