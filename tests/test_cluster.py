@@ -16,6 +16,7 @@ the nodes take mail again by themselves. Both need the real PostgreSQL (``tests/
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import smtplib
@@ -79,8 +80,7 @@ class WatchingMailgun(FakeMailgun):
         """Messages two deliveries of which were in progress at the same time."""
         found = []
         for name, spans in self.intervals.items():
-            spans = sorted(spans)
-            if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
+            if any(later[0] < earlier[1] for earlier, later in itertools.pairwise(sorted(spans))):
                 found.append(name)
         return found
 
