@@ -112,8 +112,7 @@ def describe(config: Config) -> list[str]:
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]
     for i, p in enumerate(config.providers):
-        where = str(p.path) if p.kind == "outbox" else f"{p.base_url} domain={p.domain or '-'}"
-        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {where}")
+        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {p.describe()}")
     return lines
 
 
@@ -169,7 +168,8 @@ async def _probe_all(config: Config) -> int:
         finally:
             await provider.close()
         failing += not result.ok
-        print(f"probe {provider.name}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+        word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
+        print(f"probe {provider.name}: {word}: {result.detail}")
     return failing
 
 

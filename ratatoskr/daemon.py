@@ -42,6 +42,9 @@ log = logging.getLogger("ratatoskr")
 
 
 class Daemon:
+    """One ratatoskr node: builds every component from a :class:`Config`, binds the listeners,
+    runs delivery, and owns the lifecycle (start, SIGHUP reload, drain and stop)."""
+
     def __init__(
         self,
         config: Config,
@@ -249,7 +252,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting, let deliveries in flight finish (bounded), then close everything."""
-        self.ingest.closed = True  # sessions still open and HTTP callers get a 4xx/503 now
+        self.ingest.close()  # sessions still open and HTTP callers get a 4xx/503 now
         for server in self.smtp_servers:
             server.close()
         cut = await self.dispatcher.stop(self.config.delivery.shutdown_timeout)

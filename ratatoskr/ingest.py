@@ -33,6 +33,12 @@ def trace_header(*, hostname: str, helo: str, peer: str, protocol: str, queue_id
 
 
 class Ingest:
+    """The one way into the queue for SMTP and HTTP alike: check and normalize the MIME, commit
+    it durably, count it, log it, and only then return the queue id the caller may announce.
+
+    ``hostname`` names this node in the ``Received:`` trace header and in added Message-IDs.
+    """
+
     def __init__(
         self,
         queue: Queue,
@@ -45,8 +51,16 @@ class Ingest:
         self.metrics = metrics
         self.hostname = hostname
         self.on_queued = on_queued
-        #: Set at shutdown: from then on every message is refused with a temporary error.
-        self.closed = False
+        self._closed = False
+
+    def close(self) -> None:
+        """At shutdown: from now on every message is refused with a temporary error."""
+        self._closed = True
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new mail is taken (False once :meth:`close` was called)."""
+        return not self._closed
 
     async def accept(
         self,
@@ -62,7 +76,7 @@ class Ingest:
 
         Raises :class:`MessageRejected` (never take it) or :class:`QueueUnavailable` (not now).
         """
-        if self.closed:
+        if self._closed:
             raise QueueUnavailable("shutting down: not accepting new mail")
         qid = new_id()
         trace = trace_header(hostname=self.hostname, helo=helo, peer=peer, protocol=protocol, queue_id=qid)

@@ -24,6 +24,12 @@ QUEUE_STATES = ("queued", "deferred", "dead")
 
 
 class Metrics:
+    """The daemon's Prometheus registry and one method per event worth counting.
+
+    Names and labels are the interface's; a provider's series exist from the moment it is
+    registered (``register_provider``), so dashboards show zeros rather than "No data".
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # The *_created series are not part of our interface and double the exposition.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client

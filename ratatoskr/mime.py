@@ -1,4 +1,4 @@
-"""MIME in and out: inspect what arrived, prepare it for the queue, and parse it for providers.
+"""MIME in and out: inspect what arrived, prepare it for the queue, read its tags.
 
 What we change in a message on its way in, and nothing more: a ``Received:`` trace header on top,
 ``Bcc:`` headers removed (the envelope already holds those recipients; a Bcc header must never
@@ -14,6 +14,7 @@ import email.header
 import email.message
 import email.utils
 import re
+from collections.abc import Iterable
 from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser, BytesParser
@@ -22,7 +23,7 @@ from typing import cast, overload
 import html2text
 
 from ratatoskr.errors import MessageRejected
-from ratatoskr.message import Address, Attachment, Message
+from ratatoskr.message import Address, Message
 
 _SMTP_POLICY = policy.default.clone(linesep="\r\n")
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
@@ -30,30 +31,8 @@ _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 # A multipart message that declares a text/plain part anywhere needs no derived one; finding
 # that with one regex saves parsing the whole MIME tree of nearly every multipart message.
 _TEXT_PART = re.compile(rb"(?im)^content-type:[ \t]*text/plain\b")
-_STANDARD_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "From",
-        "To",
-        "Cc",
-        "Bcc",
-        "Reply-To",
-        "Subject",
-        "Date",
-        "Message-ID",
-        "MIME-Version",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-        "Content-Disposition",
-        "Received",
-        "Return-Path",
-        "Sender",
-        "X-Tag",
-        "X-Mailgun-Tag",
-        "X-MC-Tags",
-    )
-)
 TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
+_TAG_HEADER_NAMES = frozenset(h.lower() for h in TAG_HEADERS)
 #: Message bytes as SMTP reads them (a bytearray, never copied) or as the queue returns them.
 Bytes = bytes | bytearray
 
@@ -195,7 +174,6 @@ def summarize(headers: email.message.Message, *, queue_id: str = "", hostname: s
         from_=tuple(from_),
         subject=_decoded(headers["Subject"]),
         message_id=message_id,
-        tags=_tags(headers),
     )
 
 
@@ -208,81 +186,54 @@ def _decoded(value: object) -> str:
         return str(value)
 
 
-def _header_text(msg: EmailMessage, name: str) -> str:
-    try:
-        value = msg[name]
-    except Exception:  # noqa: BLE001 - a malformed header must not sink the message
-        return ""
-    return str(value) if value is not None else ""
-
-
-def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
-    found: list[Address] = []
-    try:
-        values = msg.get_all(name) or []
-    except Exception:  # noqa: BLE001
-        return ()
-    for value in values:
-        for mailbox in getattr(value, "addresses", ()):
-            if mailbox.addr_spec and "@" in mailbox.addr_spec:
-                found.append(Address(addr=mailbox.addr_spec, name=mailbox.display_name))
-    return tuple(found)
-
-
-def header_tags(raw: bytes) -> tuple[str, ...]:
-    """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, reading only the header block."""
+def header_tags(raw: Bytes) -> tuple[str, ...]:
+    """Tags from the tag headers, reading only the header block, each exactly as written:
+    unfolded, RFC 2047 words decoded, ``X-Tag``/``X-MC-Tags`` split on commas (their
+    definitions are comma lists) and ``X-Mailgun-Tag`` one tag per header (as Mailgun defines
+    it). Duplicates are dropped, first occurrence kept."""
     head, _ = split_head(raw)
-    return _tags(BytesHeaderParser(policy=policy.compat32).parsebytes(head))
-
-
-def _tags(msg: email.message.Message) -> tuple[str, ...]:
     tags: list[str] = []
-    for name in TAG_HEADERS:
-        for value in msg.get_all(name) or []:
-            tags += [t.strip() for t in str(value).split(",") if t.strip()]
-    return tuple(dict.fromkeys(tags))
+    for name, value in _named_fields(head):
+        if name not in _TAG_HEADER_NAMES:
+            continue
+        text = header_text(value)
+        tags += [text] if name == "x-mailgun-tag" else text.split(",")
+    return tuple(dict.fromkeys(t.strip() for t in tags if t.strip()))
 
 
-def _attachments(root: EmailMessage, bodies: tuple[object, ...]) -> tuple[Attachment, ...]:
+def header_text(value: bytes) -> str:
+    """A header field's value as text: UTF-8 (SMTPUTF8 mail), unfolded, RFC 2047 decoded."""
+    text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        return text
+
+
+def header_values(raw: Bytes, name: str) -> list[str]:
+    """The values of every ``name`` field in the header block, as :func:`header_text` gives them."""
+    head, _ = split_head(raw)
+    return [header_text(value) for field_name, value in _named_fields(head) if field_name == name.lower()]
+
+
+def _named_fields(head: Bytes) -> list[tuple[str, bytes]]:
     found = []
-    for part in root.walk():
-        if part.is_multipart() or any(part is b for b in bodies):
-            continue
-        if part is root and root.get_content_maintype() == "text":
-            continue
-        cid = str(part.get("Content-ID", "")).strip().strip("<>")
-        disposition = part.get_content_disposition()
-        payload = part.get_payload(decode=True)
-        found.append(
-            Attachment(
-                filename=part.get_filename() or "",
-                content_type=part.get_content_type(),
-                content=payload if isinstance(payload, bytes) else b"",
-                content_id=cid,
-                inline=disposition == "inline" or (bool(cid) and disposition is None),
-            )
-        )
-    return tuple(found)
+    for field in _fields(head):
+        name, colon, value = field.partition(b":")
+        if colon:
+            found.append((name.strip().decode("ascii", "replace").lower(), value))
+    return found
 
 
-def parse(raw: bytes) -> Message:
-    """The full parsed view of queued bytes: addresses, bodies, attachments, extra headers."""
-    root = BytesParser(policy=policy.default).parsebytes(raw)
-    text_part = root.get_body(preferencelist=("plain",))
-    html_part = root.get_body(preferencelist=("html",))
-    text = cast(str, text_part.get_content()) if text_part is not None else None
-    html = cast(str, html_part.get_content()) if html_part is not None else None
-    extra = tuple((name, str(value)) for name, value in root.items() if name.lower() not in _STANDARD_HEADERS)
-    return Message(
-        from_=_addresses(root, "From"),
-        to=_addresses(root, "To"),
-        cc=_addresses(root, "Cc"),
-        reply_to=_addresses(root, "Reply-To"),
-        subject=_header_text(root, "Subject"),
-        text=text,
-        html=html,
-        attachments=_attachments(root, (text_part, html_part)),
-        headers=extra,
-        tags=_tags(root),
-        message_id=_header_text(root, "Message-ID").strip(),
-    )
+def drop_headers(raw: bytes, names: Iterable[str]) -> bytes:
+    """``raw`` without any field named in ``names``; every other byte untouched."""
+    wanted = {n.lower() for n in names}
+    head, body = split_head(raw)
+    kept = [
+        f
+        for f in _fields(head)
+        if f.partition(b":")[0].strip().decode("ascii", "replace").lower() not in wanted
+    ]
+    return b"".join(kept) + body

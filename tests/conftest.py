@@ -82,6 +82,24 @@ class FakeClock:
         self.now += seconds
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    """The injected clock a test daemon runs on (pass ``clock=clock`` to ``running_daemon``)."""
+    return FakeClock()
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    """One sample of the daemon's own registry; 0 for a series not yet written."""
+    value = daemon.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def queue_counts(daemon: Daemon) -> dict[str, int]:
+    """Messages per queue state, as the daemon's queue reports them."""
+    counts, _ = await daemon.spool.stats()
+    return counts
+
+
 def build_config(tmp_path: Path, **sections: Any) -> config_mod.Config:
     data: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "hostname": "relay.test"},

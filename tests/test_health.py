@@ -6,12 +6,6 @@ import pytest
 
 from ratatoskr.delivery.backoff import retry_delay
 from ratatoskr.delivery.health import Circuit, ProviderHealth
-from tests.conftest import FakeClock
-
-
-@pytest.fixture
-def clock():
-    return FakeClock(1000.0)
 
 
 @pytest.fixture

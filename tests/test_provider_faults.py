@@ -18,17 +18,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock, queue_drained, smtp_send, wait_until
+from tests.conftest import metric, queue_drained, smtp_send, wait_until
 from tests.process import free_port
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: fault {n}\r\n\r\nbody {n}\r\n"
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 1, "retry_initial": 60, "retry_max": 600}
 OUTCOMES = ("sent", "temporary_failure", "permanent_failure")
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
@@ -45,11 +40,6 @@ def relay(running_daemon, fake_mailgun, fake_mandrill, clock):
         )
 
     return start
-
-
-def metric(daemon, name: str, **labels: str) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def outcomes(daemon, provider: str) -> dict[str, float]:

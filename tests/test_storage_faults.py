@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from ratatoskr.smtp import replies
-from tests.conftest import FakeClock, queue_drained, smtp_data_reply, wait_until
+from tests.conftest import queue_counts, queue_drained, smtp_data_reply, wait_until
 from tests.fakes.base import Failure
 
 SIZES = (100, 20_000, 3_000_000)  # the last one spills out of SQLite's page cache mid-INSERT
@@ -130,11 +130,6 @@ def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TmpfsDisk |
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def relay(disk, running_daemon, fake_mailgun, clock):
     """A daemon whose queue is on ``disk``, delivering to the fake Mailgun, on the fake clock."""
     daemon = await running_daemon(
@@ -165,11 +160,6 @@ async def ready(daemon: Any) -> tuple[int, bool]:
 
 def subjects(fake: Any) -> list[str]:
     return sorted(str(m.header("Subject")) for m in fake.messages)
-
-
-async def queue_counts(daemon: Any) -> dict[str, int]:
-    counts, _ = await daemon.spool.stats()
-    return counts
 
 
 async def test_full_disk_is_452_and_503_then_mail_flows_again(disk, relay, fake_mailgun):

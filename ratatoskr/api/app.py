@@ -206,7 +206,7 @@ async def readyz(request: web.Request) -> web.Response:
         for name, health in services.dispatcher.health.items()
     }
     taking = any(h.up or h.trial_due() for h in services.dispatcher.health.values())
-    ready = writable and taking and not services.ingest.closed
+    ready = writable and taking and services.ingest.accepting
     body = {
         "status": "ready" if ready else "not ready",
         "queue_writable": writable,

@@ -124,6 +124,7 @@ class RelaySMTP(SMTP):
             command_call_limit=_CALL_LIMITS,
             **kwargs,
         )
+        self.handler = handler  # typed; aiosmtpd keeps it as the untyped ``event_handler``
         self.policy = policy
         self.spill_dir = spill_dir
         self.data_budget = data_budget or ByteBudget(LARGE_MESSAGES_IN_MEMORY)
@@ -281,11 +282,11 @@ class RelaySMTP(SMTP):
             cast(RelayEnvelope, self.envelope).data = content
             status = await self._call_handler_hook("DATA")
         except DataTooLarge:
-            self.event_handler.ingest.metrics.rejected("smtp", "too_large")
+            self.handler.rejected("too_large")
             status = replies.MESSAGE_TOO_BIG
         except SpillFailed as exc:
             log.error("cannot spill DATA to disk, answering 4xx: %s", exc)
-            self.event_handler.ingest.metrics.rejected("smtp", "queue_unavailable")
+            self.handler.rejected("queue_unavailable")
             status = replies.STORAGE_FULL if _is_disk_full(exc) else replies.QUEUE_UNAVAILABLE
         finally:
             if reserved:
@@ -301,6 +302,10 @@ class RelayHandler:
         self.config = config
         self.ingest = ingest
         self.logins = logins
+
+    def rejected(self, reason: str) -> None:
+        """Count one refusal in ``ratatoskr_messages_rejected_total{ingress="smtp"}``."""
+        self.ingest.metrics.rejected("smtp", reason)
 
     async def handle_EHLO(
         self,
@@ -322,11 +327,11 @@ class RelayHandler:
             try:
                 check_addr_spec(address)
             except InvalidAddress as exc:
-                self.ingest.metrics.rejected("smtp", "bad_sender")
+                self.rejected("bad_sender")
                 return replies.BAD_SENDER.format(reason=exc)
         user = session.auth_data if session.authenticated else None
         if not self.logins.accounts.may_send_as(user, "" if address == "<>" else address):
-            self.ingest.metrics.rejected("smtp", "sender_not_owned")
+            self.rejected("sender_not_owned")
             log.warning("user %r may not send as <%s>", user, address)
             return replies.SENDER_NOT_OWNED.format(user=user)
         envelope.mail_from = address
@@ -339,12 +344,12 @@ class RelayHandler:
         try:
             check_addr_spec(address)
         except InvalidAddress as exc:
-            self.ingest.metrics.rejected("smtp", "bad_recipient")
+            self.rejected("bad_recipient")
             return replies.BAD_RECIPIENT.format(reason=exc)
         if any(r.lower() == address.lower() for r in envelope.rcpt_tos):
             return replies.RECIPIENT_OK
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
-            self.ingest.metrics.rejected("smtp", "too_many_recipients")
+            self.rejected("too_many_recipients")
             return replies.TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -371,7 +376,7 @@ class RelayHandler:
             return replies.MESSAGE_REJECTED.format(reason=exc)
         except QueueUnavailable as exc:
             log.error("queue unavailable, answering 4xx: %s", exc)
-            self.ingest.metrics.rejected("smtp", "queue_unavailable")
+            self.rejected("queue_unavailable")
             if _is_disk_full(exc):
                 return replies.STORAGE_FULL
             return replies.QUEUE_UNAVAILABLE
