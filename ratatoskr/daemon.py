@@ -19,7 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -37,6 +37,9 @@ from ratatoskr.queue import queue_for
 from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.limits import ConnectionLimiter
 from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
+
+if TYPE_CHECKING:
+    from ratatoskr.cluster import SharedProviderState
 
 log = logging.getLogger("ratatoskr")
 
@@ -90,6 +93,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog_task: asyncio.Task[None] | None = None
+        self.shared_state: SharedProviderState | None = None
 
     async def start(self) -> None:
         await self.spool.open()
@@ -99,6 +103,7 @@ class Daemon:
         for provider in self.providers:
             await provider.start()
         self.dispatcher.start()
+        self.shared_state = self._share_provider_state()
         await self._start_http()
         await self._start_smtp()
         smtp = self.config.smtp
@@ -116,6 +121,17 @@ class Daemon:
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
             self._watchdog_task = asyncio.create_task(self._ping_watchdog(self.watchdog))
+
+    def _share_provider_state(self) -> SharedProviderState | None:
+        """Cluster mode: circuits and rate-limit pauses are shared with the other nodes."""
+        node = getattr(self.spool, "node_id", None)
+        if self.config.spool.url is None or node is None:
+            return None
+        from ratatoskr.cluster import SharedProviderState
+
+        shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.health)
+        shared.start()
+        return shared
 
     async def _start_smtp(self) -> None:
         smtp = self.config.smtp
@@ -264,6 +280,8 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         for provider in self.providers:
             await provider.close()
+        if self.shared_state is not None:
+            await self.shared_state.stop()
         await self.spool.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()  # pinged to the end: a drain may take a while

@@ -222,3 +222,35 @@ def test_check_says_when_the_database_cannot_be_reached(tmp_path: Path):
     assert done.returncode == 1
     assert "queue database: FAILED" in done.stdout
     assert PASSWORD not in done.stdout + done.stderr
+
+
+async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
+    tmp_path, running_daemon, fake_mailgun
+):
+    """Quotas are per account: node A gets a 429 with Retry-After; node B stops sending there
+    too, until the same time, without having asked the provider itself."""
+    async with database() as url:
+        spool = {"url": url, "lease": 2.0}
+        a = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "a")}, providers=[fake_mailgun.provider_entry()]
+        )
+        b = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "b")}, providers=[fake_mailgun.provider_entry()]
+        )
+        fake_mailgun.rate_limit(retry_after=30)
+        assert (await smtp_data_reply(a.smtp_port, message("limited")))[0] == 250
+        await wait_until(
+            lambda: a.dispatcher.health["mailgun"].state() == "rate_limited", 10, what="A paused"
+        )
+        calls_before = len(fake_mailgun.calls)
+        loop = asyncio.get_running_loop()
+        seen = loop.time()
+        await wait_until(lambda: b.dispatcher.health["mailgun"].state() == "rate_limited", 5, what="B paused")
+        assert loop.time() - seen < 3  # "about a second", generously bounded under load
+        assert "paused by node" in b.dispatcher.health["mailgun"].last_error
+        a_until = a.dispatcher.health["mailgun"].ready_at()
+        assert abs(b.dispatcher.health["mailgun"].ready_at() - a_until) < 1.0
+        # B holds its mail instead of sending it into the limit.
+        assert (await smtp_data_reply(b.smtp_port, message("held")))[0] == 250
+        await asyncio.sleep(0.3)  # a send B might make would come within this (no event exists)
+        assert len(fake_mailgun.calls) == calls_before

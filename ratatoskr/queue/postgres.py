@@ -104,6 +104,16 @@ MIGRATIONS: tuple[str, ...] = (
         stopped_at timestamptz
     );
     """,
+    # 2: provider state shared by the nodes (ratatoskr.cluster): open circuits, rate-limit pauses.
+    """
+    CREATE TABLE ratatoskr_provider_state (
+        provider text PRIMARY KEY,
+        paused_until double precision NOT NULL,
+        reason text NOT NULL,
+        node text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_KEY = 0x7261746174  # "ratat": the advisory lock our migrations take
