@@ -254,3 +254,18 @@ async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
         assert (await smtp_data_reply(b.smtp_port, message("held")))[0] == 250
         await asyncio.sleep(0.3)  # a send B might make would come within this (no event exists)
         assert len(fake_mailgun.calls) == calls_before
+
+
+def test_spool_url_takes_env_and_is_checked(monkeypatch):
+    from ratatoskr import config as config_mod
+
+    monkeypatch.setenv("DB_PW", PASSWORD)
+    cfg = config_mod.parse({"spool": {"url": "postgresql://r:${DB_PW}@db:5432/q", "lease": 10}})
+    assert cfg.spool.url == f"postgresql://r:{PASSWORD}@db:5432/q"
+    assert cfg.spool.lease == 10.0
+    assert cfg.spool.place == "postgresql://r:***@db:5432/q"
+    assert PASSWORD in cfg.secrets()  # so the log filter masks it wherever it would appear
+    with pytest.raises(ConfigError, match=r"spool\.url"):
+        config_mod.parse({"spool": {"url": "mysql://db/q"}})
+    with pytest.raises(ConfigError, match=r"spool\.lease"):
+        config_mod.parse({"spool": {"url": "postgresql://db/q", "lease": 0}})
