@@ -38,6 +38,7 @@ from tests.postgres import database, terminate_all
 from tests.process import DaemonProcess, free_port, write_config
 from tests.test_crash import Ledger, body, subject
 
+pytestmark = pytest.mark.postgres
 SEED = 20261201
 SENDER, RECIPIENT = "ada@example.com", "bob@example.net"
 LEASE = 2.0  # seconds: a killed node's messages go to the others this soon

@@ -27,6 +27,7 @@ from tests.conftest import smtp_data_reply, wait_until
 from tests.postgres import ADMIN_URL, database, terminate_all
 from tests.process import write_config
 
+pytestmark = pytest.mark.postgres
 MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: {s}\r\n\r\nhello\r\n"
 PASSWORD = "pw-4f1e-never-shown"
 
