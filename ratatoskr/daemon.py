@@ -28,6 +28,7 @@ from ratatoskr.api.app import Services, build_app
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
 from ratatoskr.delivery.dispatcher import Dispatcher
+from ratatoskr.delivery.outcomes import Outcomes
 from ratatoskr.errors import ConfigError
 from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
@@ -64,15 +65,15 @@ class Daemon:
         self.metrics = Metrics()
         # Named after the [spool] section; any backend behind the Queue protocol.
         self.spool = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime, clock=clock)
-        self.providers = build_providers(config.providers)
+        outcomes = Outcomes(self.spool, config.delivery, clock=clock, hostname=config.smtp.hostname)
         self.dispatcher = Dispatcher(
             self.spool,
-            self.providers,
+            build_providers(config.providers),
             config.delivery,
             self.metrics,
+            outcomes=outcomes,
             clock=clock,
             poll_interval=poll_interval,
-            hostname=config.smtp.hostname,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
@@ -94,6 +95,11 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog_task: asyncio.Task[None] | None = None
         self.shared_state: SharedProviderState | None = None
+
+    @property
+    def providers(self) -> Sequence[Provider]:
+        """The providers delivering now (the dispatcher's pool owns them)."""
+        return self.dispatcher.pool.providers
 
     async def start(self) -> None:
         await self.spool.open()
@@ -247,7 +253,6 @@ class Daemon:
     def _apply(self, new: Config, providers: list[Provider]) -> None:
         old_providers = self.providers
         in_flight = self.dispatcher.replace_providers(providers)
-        self.providers = providers
         self._spawn(_close_after(in_flight, old_providers))
         self.logins.accounts = Accounts(new.smtp.users, new.smtp.senders)
         ignored = needs_restart(self.config, new)

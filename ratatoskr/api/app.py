@@ -201,16 +201,15 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     writable = await services.queue.writable()
-    providers = {
-        name: {"state": health.state(), "up": health.up, "last_error": health.last_error}
-        for name, health in services.dispatcher.health.items()
-    }
-    taking = any(h.up or h.trial_due() for h in services.dispatcher.health.values())
-    ready = writable and taking and services.ingest.accepting
+    delivery = services.dispatcher.readiness()
+    ready = writable and delivery.delivering and services.ingest.accepting
     body = {
         "status": "ready" if ready else "not ready",
         "queue_writable": writable,
-        "providers": providers,
+        "providers": {
+            name: {"state": p.state, "up": p.up, "last_error": p.last_error}
+            for name, p in delivery.providers.items()
+        },
         "time": time.time(),
     }
     return web.json_response(body, status=200 if ready else 503)
