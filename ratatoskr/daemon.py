@@ -135,7 +135,7 @@ class Daemon:
             return None
         from ratatoskr.cluster import SharedProviderState
 
-        shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.health)
+        shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.pool.health)
         shared.start()
         return shared
 

@@ -241,16 +241,18 @@ async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
         fake_mailgun.rate_limit(retry_after=30)
         assert (await smtp_data_reply(a.smtp_port, message("limited")))[0] == 250
         await wait_until(
-            lambda: a.dispatcher.health["mailgun"].state() == "rate_limited", 10, what="A paused"
+            lambda: a.dispatcher.pool.health["mailgun"].state() == "rate_limited", 10, what="A paused"
         )
         calls_before = len(fake_mailgun.calls)
         loop = asyncio.get_running_loop()
         seen = loop.time()
-        await wait_until(lambda: b.dispatcher.health["mailgun"].state() == "rate_limited", 5, what="B paused")
+        await wait_until(
+            lambda: b.dispatcher.pool.health["mailgun"].state() == "rate_limited", 5, what="B paused"
+        )
         assert loop.time() - seen < 3  # "about a second", generously bounded under load
-        assert "paused by node" in b.dispatcher.health["mailgun"].last_error
-        a_until = a.dispatcher.health["mailgun"].ready_at()
-        assert abs(b.dispatcher.health["mailgun"].ready_at() - a_until) < 1.0
+        assert "paused by node" in b.dispatcher.pool.health["mailgun"].last_error
+        a_until = a.dispatcher.pool.health["mailgun"].ready_at()
+        assert abs(b.dispatcher.pool.health["mailgun"].ready_at() - a_until) < 1.0
         # B holds its mail instead of sending it into the limit.
         assert (await smtp_data_reply(b.smtp_port, message("held")))[0] == 250
         await asyncio.sleep(0.3)  # a send B might make would come within this (no event exists)
