@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ratatoskr import __version__, logs, tls
+from ratatoskr import __version__, circuits, logs, tls
 from ratatoskr.api.app import Services, build_app
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
@@ -74,6 +74,7 @@ class Daemon:
             outcomes=outcomes,
             clock=clock,
             poll_interval=poll_interval,
+            on_health_change=self.publish_circuits,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
@@ -110,6 +111,7 @@ class Daemon:
             await provider.start()
         self.dispatcher.start()
         self.shared_state = self._share_provider_state()
+        self.publish_circuits()
         await self._start_http()
         await self._start_smtp()
         smtp = self.config.smtp
@@ -138,6 +140,16 @@ class Daemon:
         shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.pool.health)
         shared.start()
         return shared
+
+    def publish_circuits(self) -> None:
+        """Tell ``ratatoskr queue …`` which providers take traffic (:mod:`ratatoskr.circuits`)."""
+        circuits.publish(
+            self.config.spool.path,
+            [
+                circuits.ProviderCircuit(h.name, h.up, h.state(), h.ready_at(), h.last_error)
+                for h in self.dispatcher.pool.health.values()
+            ],
+        )
 
     async def _start_smtp(self) -> None:
         smtp = self.config.smtp
@@ -260,6 +272,7 @@ class Daemon:
         if self.tls_context is not None and new.smtp.tls_cert is not None:
             smtp = dataclasses.replace(smtp, tls_cert=new.smtp.tls_cert, tls_key=new.smtp.tls_key)
         self.config = dataclasses.replace(self.config, providers=new.providers, smtp=smtp)
+        self.publish_circuits()
         log.info(
             "reloaded %s: providers %s, %d SMTP users",
             new.source,
@@ -287,6 +300,7 @@ class Daemon:
             await provider.close()
         if self.shared_state is not None:
             await self.shared_state.stop()
+        circuits.withdraw(self.config.spool.path)
         await self.spool.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()  # pinged to the end: a drain may take a while

@@ -70,6 +70,14 @@ async def readyz(port: int) -> tuple[int, bool]:
         return response.status, (await response.json())["queue_writable"]
 
 
+async def accept_status(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/readyz/accept") as response,
+    ):
+        return response.status
+
+
 async def test_unreachable_database_is_451_and_503_then_service_resumes(
     tmp_path, running_daemon, fake_mailgun, caplog
 ):
@@ -89,6 +97,7 @@ async def test_unreachable_database_is_451_and_503_then_service_resumes(
         assert code == 451
         assert await post(daemon.http_port, "refused http") == 503
         assert await readyz(daemon.http_port) == (503, False)
+        assert await accept_status(daemon.http_port) == 503
 
         await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS true')
         assert (await smtp_data_reply(daemon.smtp_port, message("after")))[0] == 250
@@ -100,6 +109,7 @@ async def test_unreachable_database_is_451_and_503_then_service_resumes(
             "before",
         ]
         assert await readyz(daemon.http_port) == (200, True)
+        assert await accept_status(daemon.http_port) == 200
         await daemon.stop()
     assert PASSWORD not in caplog.text
     assert "***" in caplog.text  # the start-up line names the queue, without the password

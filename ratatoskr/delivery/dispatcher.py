@@ -69,8 +69,11 @@ class Dispatcher:
         outcomes: Outcomes,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
+        on_health_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_health_change`` is called after any provider starts or stops taking traffic."""
         self.queue = queue
+        self.on_health_change = on_health_change
         self.outcomes = outcomes
         self.config = config
         self.metrics = metrics
@@ -85,6 +88,7 @@ class Dispatcher:
         self._runner: asyncio.Task[None] | None = None
         for name in self.pool.names():
             metrics.register_provider(name)
+        metrics.register_failovers(list(self.pool.names()))
 
     def _health_for(self, provider: Provider) -> ProviderHealth:
         own = provider.settings  # None: as [delivery] says
@@ -115,6 +119,7 @@ class Dispatcher:
         be closed."""
         for name in self.pool.replace(providers):
             self.metrics.register_provider(name)
+        self.metrics.register_failovers(list(self.pool.names()))
         self.wake()
         return list(self._tasks.values())
 
@@ -200,8 +205,10 @@ class Dispatcher:
 
     def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
         self.metrics.set_provider_up(health.name, up)
+        self.on_health_change()
         if up:
-            log.warning("provider %s is taking traffic again (%s)", health.name, reason)
+            # Good news: INFO, so an alert on WARNING and above sees only the trouble.
+            log.info("provider %s is taking traffic again (%s)", health.name, reason)
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(self._bring_forward())
             self._background.add(task)
