@@ -2,7 +2,8 @@
 
 Measures single-row INSERT ... COMMIT per second with a bytea body of 2 KB and 100 KB from 20
 concurrent tasks (each task its own pooled connection, one transaction per message: that is what a
-250 waits for), then a ``FOR UPDATE SKIP LOCKED`` claim of 16 rows at a time from 4 tasks.
+250 waits for), then a ``FOR UPDATE SKIP LOCKED`` claim of 16 rows at a time from 4 tasks; then
+1 MB bodies as bytea vs large objects.
 
     .venv/bin/python bench/pg_drivers.py [--seconds 5] [--dsn postgresql://postgres@127.0.0.1/postgres]
 """
@@ -94,6 +95,41 @@ async def bench_psycopg(dsn: str, seconds: float, size: int) -> tuple[float, flo
     return puts, claims
 
 
+async def bytea_vs_large_objects(dsn: str, seconds: float) -> None:
+    """The message body as a bytea column (TOASTed) or as a large object (an oid column):
+    stored 1 MB messages per second from 4 tasks, and read back per second."""
+    body = os.urandom(1 << 20)
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=4)
+    await pool.execute(
+        "CREATE TABLE b (id text PRIMARY KEY, raw bytea); CREATE TABLE l (id text PRIMARY KEY, raw oid)"
+    )
+    ids: dict[str, list[str]] = {"b": [], "l": []}
+    statements = {
+        "b": "INSERT INTO b VALUES ($1, $2)",
+        "l": "INSERT INTO l VALUES ($1, lo_from_bytea(0, $2))",
+    }
+    reads = {"b": "SELECT raw FROM b WHERE id = $1", "l": "SELECT lo_get(raw) FROM l WHERE id = $1"}
+    for table in ("b", "l"):
+
+        async def put(table: str = table) -> int:
+            key = uuid.uuid4().hex
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(statements[table], key, body)
+            ids[table].append(key)
+            return 1
+
+        async def get(table: str = table) -> int:
+            async with pool.acquire() as conn:
+                await conn.fetchval(reads[table], ids[table][len(ids[table]) // 2])
+            return 1
+
+        stored = await run_for(seconds, 4, put)
+        read = await run_for(seconds, 4, get)
+        label = "bytea" if table == "b" else "large object"
+        print(f"{label:13} 1 MB  stored/s {stored:6.1f}  read/s {read:6.1f}")
+    await pool.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -113,6 +149,7 @@ async def main() -> None:
                 puts, claims = await fn(dsn, args.seconds, size)
                 results[f"{label} {size // 1024} KB"] = (puts, claims)
                 print(f"{label:8} {size // 1024:4} KB  puts/s {puts:8.0f}  claimed rows/s {claims:8.0f}")
+        await bytea_vs_large_objects(dsn, args.seconds)
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()

@@ -19,7 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -39,6 +39,9 @@ from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.anvil import Anvil, client_rates
 from ratatoskr.smtp.limits import ConnectionLimiter
 from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
+
+if TYPE_CHECKING:
+    from ratatoskr.cluster import SharedProviderState
 
 log = logging.getLogger("ratatoskr")
 
@@ -98,6 +101,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog_task: asyncio.Task[None] | None = None
+        self.shared_state: SharedProviderState | None = None
 
     @property
     def providers(self) -> Sequence[Provider]:
@@ -112,6 +116,7 @@ class Daemon:
         for provider in self.providers:
             await provider.start()
         self.dispatcher.start()
+        self.shared_state = self._share_provider_state()
         self.publish_circuits()
         await self._start_http()
         await self._start_smtp()
@@ -130,6 +135,17 @@ class Daemon:
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
             self._watchdog_task = asyncio.create_task(self._ping_watchdog(self.watchdog))
+
+    def _share_provider_state(self) -> SharedProviderState | None:
+        """Cluster mode: circuits and rate-limit pauses are shared with the other nodes."""
+        node = getattr(self.spool, "node_id", None)
+        if self.config.spool.url is None or node is None:
+            return None
+        from ratatoskr.cluster import SharedProviderState
+
+        shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.pool.health)
+        shared.start()
+        return shared
 
     def publish_circuits(self) -> None:
         """Tell ``ratatoskr queue …`` which providers take traffic (:mod:`ratatoskr.circuits`)."""
@@ -289,6 +305,8 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         for provider in self.providers:
             await provider.close()
+        if self.shared_state is not None:
+            await self.shared_state.stop()
         circuits.withdraw(self.config.spool.path)
         await self.spool.close()
         if self._watchdog_task is not None:

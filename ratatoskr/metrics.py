@@ -72,10 +72,15 @@ class Metrics:
             registry=r,
         )
         self.queue_messages = Gauge(
-            "ratatoskr_queue_messages", "Messages in the queue by state.", ["state"], registry=r
+            "ratatoskr_queue_messages",
+            "Messages in the queue by state (cluster mode: the whole shared queue; max across nodes).",
+            ["state"],
+            registry=r,
         )
         self.queue_oldest_age = Gauge(
-            "ratatoskr_queue_oldest_age_seconds", "Age of the oldest undelivered message.", registry=r
+            "ratatoskr_queue_oldest_age_seconds",
+            "Age of the oldest undelivered message (cluster mode: of the whole shared queue).",
+            registry=r,
         )
         for ingress in ("smtp", "http"):
             self.messages_received.labels(ingress=ingress)

@@ -25,7 +25,7 @@ from ratatoskr.daemon import Daemon
 from ratatoskr.queue import Queue, StoredMessage, queue_for
 
 # Fixtures for the fake provider servers live beside the fakes themselves.
-pytest_plugins = ["tests.fakes.fixtures"]
+pytest_plugins = ["tests.fakes.fixtures", "tests.postgres"]
 
 # Hypothesis in the reliability tests: few examples by default, many under --slow; derandomized so
 # a run is repeatable, and no example database left behind. Examples share one running daemon

@@ -3,7 +3,9 @@
 :func:`database` creates a throwaway database ``ratatoskr_test_<random>`` and drops it after;
 :func:`schema_url` gives one test its own schema in the session's database (cheaper than a
 database per test). Without a server the tests skip with one line saying why, except under CI
-(``CI`` set), where a skipped cluster test would hide a broken build: there they fail.
+(``CI`` set), where a skipped cluster test would hide a broken build: there they fail. Tests
+that need the server carry the ``postgres`` mark; without a server they are left out with one
+line saying why (this module is a pytest plugin, loaded by ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -35,6 +38,26 @@ def _unreachable() -> str | None:
     except OSError as exc:
         return f"no PostgreSQL at {parts.hostname}:{parts.port or 5432} ({exc}): cluster-mode tests skipped"
     return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a server (and outside CI), leave out the tests marked ``postgres``, saying why
+    once (:func:`pytest_terminal_summary`) instead of once per test."""
+    if _unreachable() is None or os.environ.get("CI"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("postgres")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("postgres")]
+        config.stash[_LEFT_OUT] = len(left_out)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if config.stash.get(_LEFT_OUT, 0):
+        terminalreporter.write_line(f"{_unreachable()} ({config.stash[_LEFT_OUT]} tests left out)")
+
+
+_LEFT_OUT = pytest.StashKey[int]()
 
 
 def require_postgres() -> None:

@@ -45,7 +45,12 @@ BACKENDS = {"sqlite": sqlite_storage, "postgres": postgres_storage}
 Opener = Callable[..., Awaitable[Queue]]
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.postgres] if name == "postgres" else [])
+        for name in sorted(BACKENDS)
+    ]
+)
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SpoolConfig]:
     async with BACKENDS[request.param](tmp_path) as spool:
         yield spool

@@ -1,0 +1,284 @@
+"""Cluster mode when the database is in trouble, and what operators see (real PostgreSQL).
+
+A node whose database refuses connections answers SMTP 451, HTTP 503 and ``/readyz`` 503, and
+takes mail again by itself once the database is back; a database with ``synchronous_commit =
+off`` is refused at start-up (exit 2 naming the setting); ``check`` connects and shows the schema
+version and the nodes; a password in the url appears in no output and no log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from ratatoskr.config import SpoolConfig, redact_url
+from ratatoskr.errors import ConfigError
+from ratatoskr.queue import queue_for
+from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
+from tests.conftest import smtp_data_reply, wait_until
+from tests.postgres import ADMIN_URL, database, terminate_all
+from tests.process import write_config
+
+pytestmark = pytest.mark.postgres
+MESSAGE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: {s}\r\n\r\nhello\r\n"
+PASSWORD = "pw-4f1e-never-shown"
+
+
+def message(name: str) -> bytes:
+    return MESSAGE.replace(b"{s}", name.encode())
+
+
+def with_password(url: str) -> str:
+    # Trust authentication ignores it: the password only has to travel and stay hidden.
+    return url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
+
+
+async def admin(sql: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def dbname(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+async def post(port: int, subject: str) -> int:
+    body = {"from": "ada@example.com", "to": ["bob@example.net"], "subject": subject, "text": "hi"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{port}/v1/messages", data=json.dumps(body)) as response,
+    ):
+        return response.status
+
+
+async def readyz(port: int) -> tuple[int, bool]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/readyz") as response,
+    ):
+        return response.status, (await response.json())["queue_writable"]
+
+
+async def accept_status(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/readyz/accept") as response,
+    ):
+        return response.status
+
+
+async def test_unreachable_database_is_451_and_503_then_service_resumes(
+    tmp_path, running_daemon, fake_mailgun, caplog
+):
+    caplog.set_level(logging.INFO)
+    async with database() as url:
+        daemon = await running_daemon(
+            spool={"path": str(tmp_path / "var"), "url": with_password(url), "lease": 2.0},
+            providers=[fake_mailgun.provider_entry()],
+        )
+        assert (await smtp_data_reply(daemon.smtp_port, message("before")))[0] == 250
+        await fake_mailgun.wait_for(1)
+
+        # The database goes away: it refuses new connections, and ours are cut.
+        await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS false')
+        await terminate_all(url)
+        code, _ = await smtp_data_reply(daemon.smtp_port, message("refused"))
+        assert code == 451
+        assert await post(daemon.http_port, "refused http") == 503
+        assert await readyz(daemon.http_port) == (503, False)
+        assert await accept_status(daemon.http_port) == 503
+
+        await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS true')
+        assert (await smtp_data_reply(daemon.smtp_port, message("after")))[0] == 250
+        assert await post(daemon.http_port, "after http") == 202
+        await fake_mailgun.wait_for(3)
+        assert sorted(str(m.header("Subject")) for m in fake_mailgun.messages) == [
+            "after",
+            "after http",
+            "before",
+        ]
+        assert await readyz(daemon.http_port) == (200, True)
+        assert await accept_status(daemon.http_port) == 200
+        await daemon.stop()
+    assert PASSWORD not in caplog.text
+    assert "***" in caplog.text  # the start-up line names the queue, without the password
+
+
+async def test_synchronous_commit_off_is_refused_naming_the_setting(tmp_path):
+    async with database() as url:
+        await admin(f'ALTER DATABASE "{dbname(url)}" SET synchronous_commit = off')
+        queue = PostgresQueue(url, lifetime=60)
+        with pytest.raises(ConfigError, match="synchronous_commit"):
+            await queue.open()
+        config = write_config(
+            tmp_path / "r.toml",
+            {"spool": {"path": str(tmp_path / "var"), "url": url}},
+            [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+        )
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "ratatoskr", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "synchronous_commit" in done.stderr
+
+
+async def test_several_nodes_starting_at_once_migrate_once(tmp_path):
+    async with database() as url:
+        queues = [PostgresQueue(url, lifetime=60) for _ in range(4)]
+        await asyncio.gather(*(q.open() for q in queues))
+        try:
+            conn = await asyncpg.connect(url)
+            versions = await conn.fetch("SELECT version FROM ratatoskr_schema ORDER BY version")
+            await conn.close()
+            assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
+        finally:
+            await asyncio.gather(*(q.close() for q in queues))
+
+
+async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(tmp_path):
+    """Node A stalls past its lease; B takes the message over; A's late outcome changes nothing."""
+    async with database() as url:
+        spool = SpoolConfig(path=tmp_path / "v", url=url, lease=0.3)
+        a, b = queue_for(spool, lifetime=60), queue_for(spool, lifetime=60)
+        await a.open()
+        await b.open()
+        try:
+            from ratatoskr.message import Envelope
+
+            env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+            await a.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [claimed] = await a.claim(1)
+            assert await b.claim(1) == []  # A's lease holds it
+            assert isinstance(a, PostgresQueue)
+            a._held.clear()  # A "hangs": its lease keeper no longer extends the lease
+            a._held["M1"] = "a-stale-token-is-not-a-lease"
+
+            async def taken_over() -> bool:
+                await b.recover(5)
+                return [m.id for m in await b.claim(1)] == ["M1"]
+
+            await wait_until(taken_over, 10, what="B to take the message over")
+            assert await a.complete("M1") is False  # A's late "delivered" does not remove it
+            stored = await b.show("M1")
+            assert stored is not None and stored.state.value == "inflight"
+            assert await b.complete("M1") is True
+            assert claimed.id == "M1"
+        finally:
+            await a.close()
+            await b.close()
+
+
+def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path: Path):
+    url_holder: list[str] = []
+
+    async def run() -> subprocess.CompletedProcess[str]:
+        async with database() as url:
+            url_holder.append(url)
+            node = PostgresQueue(url, lifetime=60)
+            await node.open()
+            await node.claim(1)  # a node registers itself when it starts working
+            try:
+                config = write_config(
+                    tmp_path / "r.toml",
+                    {"spool": {"path": str(tmp_path / "var"), "url": with_password(url)}},
+                    [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+                )
+                return await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "ratatoskr", "check", "--config", str(config)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            finally:
+                await node.close()
+
+    done = asyncio.run(run())
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert PASSWORD not in out
+    assert redact_url(with_password(url_holder[0])) in out
+    assert "queue database: connected" in out
+    assert f"queue schema version {SCHEMA_VERSION}" in out
+    assert "nodes seen in the last 5 minutes: 1" in out
+
+
+def test_check_says_when_the_database_cannot_be_reached(tmp_path: Path):
+    config = write_config(
+        tmp_path / "r.toml",
+        {"spool": {"path": str(tmp_path / "var"), "url": f"postgresql://u:{PASSWORD}@127.0.0.1:1/x"}},
+        [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ratatoskr", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "queue database: FAILED" in done.stdout
+    assert PASSWORD not in done.stdout + done.stderr
+
+
+async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
+    tmp_path, running_daemon, fake_mailgun
+):
+    """Quotas are per account: node A gets a 429 with Retry-After; node B stops sending there
+    too, until the same time, without having asked the provider itself."""
+    async with database() as url:
+        spool = {"url": url, "lease": 2.0}
+        a = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "a")}, providers=[fake_mailgun.provider_entry()]
+        )
+        b = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "b")}, providers=[fake_mailgun.provider_entry()]
+        )
+        fake_mailgun.rate_limit(retry_after=30)
+        assert (await smtp_data_reply(a.smtp_port, message("limited")))[0] == 250
+        await wait_until(
+            lambda: a.dispatcher.pool.health["mailgun"].state() == "rate_limited", 10, what="A paused"
+        )
+        calls_before = len(fake_mailgun.calls)
+        loop = asyncio.get_running_loop()
+        seen = loop.time()
+        await wait_until(
+            lambda: b.dispatcher.pool.health["mailgun"].state() == "rate_limited", 5, what="B paused"
+        )
+        assert loop.time() - seen < 3  # "about a second", generously bounded under load
+        assert "paused by node" in b.dispatcher.pool.health["mailgun"].last_error
+        a_until = a.dispatcher.pool.health["mailgun"].ready_at()
+        assert abs(b.dispatcher.pool.health["mailgun"].ready_at() - a_until) < 1.0
+        # B holds its mail instead of sending it into the limit.
+        assert (await smtp_data_reply(b.smtp_port, message("held")))[0] == 250
+        await asyncio.sleep(0.3)  # a send B might make would come within this (no event exists)
+        assert len(fake_mailgun.calls) == calls_before
+
+
+def test_spool_url_takes_env_and_is_checked(monkeypatch):
+    from ratatoskr import config as config_mod
+
+    monkeypatch.setenv("DB_PW", PASSWORD)
+    cfg = config_mod.parse({"spool": {"url": "postgresql://r:${DB_PW}@db:5432/q", "lease": 10}})
+    assert cfg.spool.url == f"postgresql://r:{PASSWORD}@db:5432/q"
+    assert cfg.spool.lease == 10.0
+    assert cfg.spool.place == "postgresql://r:***@db:5432/q"
+    assert PASSWORD in cfg.secrets()  # so the log filter masks it wherever it would appear
+    with pytest.raises(ConfigError, match=r"spool\.url"):
+        config_mod.parse({"spool": {"url": "mysql://db/q"}})
+    with pytest.raises(ConfigError, match=r"spool\.lease"):
+        config_mod.parse({"spool": {"url": "postgresql://db/q", "lease": 0}})
