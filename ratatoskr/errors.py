@@ -12,6 +12,7 @@
         │   ├── AmbiguousFailure the request may have been accepted (timeout after sending)
         │   └── RateLimited      the provider asks us to slow down until ``retry_after``
         ├── PermanentFailure     this message will never be taken by this provider
+        │   └── CannotCarry      this provider's API cannot carry it (nothing was sent)
         └── ProviderUnavailable  the provider itself is unusable (bad key, wrong domain, bad endpoint)
 
 Every error carries its context as attributes and never a secret.
@@ -91,3 +92,16 @@ class PermanentFailure(DeliveryError):
 
 class ProviderUnavailable(DeliveryError):
     """The provider is unusable for every message (credentials, domain, endpoint, billing)."""
+
+
+class CannotCarry(PermanentFailure):
+    """This provider's API cannot carry this message faithfully, so nothing was sent.
+
+    Raised *before* any request, by a provider that rebuilds messages from fields (SendGrid,
+    Postmark, Resend) when the message has something those fields cannot express (a signed or
+    encrypted body, a header the API refuses, a visible To that is not a recipient) or is over
+    the provider's size limit. The message is fine and the provider is fine: the next provider
+    gets it, the provider's health is untouched and no delivery is counted. As a
+    PermanentFailure, this provider is not asked again for this message, and when no provider
+    can carry it the message is dead with these reasons.
+    """

@@ -11,6 +11,8 @@ One round for one message walks the providers in configured order:
 * permanent refusal → the next provider gets one chance too (one provider's refusal is not the
   world's); a provider that refused is not asked again in later rounds; a refusal marked final
   (a recipient on the provider's suppression list) ends the round: no routing round it;
+* a provider that cannot carry the message (:class:`~ratatoskr.errors.CannotCarry`: nothing was
+  sent) is skipped the same way, but not counted as a delivery nor held against its health;
 * an unexpected exception → recorded, and not held against the provider's health.
 
 What the round's result means for the queue is :mod:`ratatoskr.delivery.outcomes`. A provider's recovery
@@ -33,6 +35,7 @@ from ratatoskr.delivery.health import ProviderHealth
 from ratatoskr.delivery.outcomes import Outcomes, Round, refused_by
 from ratatoskr.errors import (
     AmbiguousFailure,
+    CannotCarry,
     PermanentFailure,
     ProviderUnavailable,
     QueueUnavailable,
@@ -314,6 +317,11 @@ class Dispatcher:
                 self._note(result, provider, "temporary", exc=exc, started=started)
                 health.record_failure(exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
+            except CannotCarry as exc:
+                # Nothing was sent: not a delivery and nothing about the provider's health.
+                self._note(result, provider, "permanent", exc=exc, started=started, counted=False)
+                result.attempts[-1]["skipped"] = True
+                health.release()
             except PermanentFailure as exc:
                 self._note(result, provider, "permanent", exc=exc, started=started)
                 health.record_success()
@@ -346,10 +354,12 @@ class Dispatcher:
         exc: BaseException | None,
         started: float,
         receipt: Receipt | None = None,
+        counted: bool = True,
     ) -> None:
         seconds = time.monotonic() - started
         metric = {"sent": "sent", "permanent": "permanent_failure"}.get(outcome, "temporary_failure")
-        self.metrics.delivery(provider.name, metric, seconds)
+        if counted:
+            self.metrics.delivery(provider.name, metric, seconds)
         attempt: dict[str, Any] = {
             "at": round(self.clock(), 3),
             "provider": provider.name,
