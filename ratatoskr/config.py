@@ -21,7 +21,7 @@ from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
 
 ENV_VAR = "RATATOSKR_CFG"
-PROVIDER_KINDS = ("mailgun", "mandrill", "outbox")
+PROVIDER_KINDS = ("mailgun", "mandrill", "outbox", "sendgrid", "postmark", "resend")
 SECRET_KEYS = frozenset({"api_key", "probe_api_key", "api_tokens", "users"})
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -141,6 +141,9 @@ class ProviderConfig:
     circuit_failures: int | None = None
     circuit_cooldown: float | None = None
     probe_api_key: Secret | None = None
+    message_stream: str = ""  # postmark: "" leaves Postmark's default stream ("outbound")
+    track_opens: bool = False  # sendgrid, postmark: off by default (pass-through)
+    track_clicks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +425,15 @@ def _delivery(t: _Table) -> DeliveryConfig:
     return config
 
 
-_DEFAULT_URLS = {"mailgun": "https://api.mailgun.net", "mandrill": "https://mandrillapp.com/api/1.0"}
+_DEFAULT_URLS = {
+    "mailgun": "https://api.mailgun.net",
+    "mandrill": "https://mandrillapp.com/api/1.0",
+    "sendgrid": "https://api.sendgrid.com",
+    "postmark": "https://api.postmarkapp.com",
+    "resend": "https://api.resend.com",
+}
+# Keys only some kinds have: rewriting of links and a tracking pixel, off unless asked for.
+_TRACKING_KINDS = ("sendgrid", "postmark")
 
 
 def _provider(t: _Table, names: set[str]) -> ProviderConfig:
@@ -464,6 +475,7 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
             raise ConfigError(t.key("domain"), "missing (the Mailgun sending domain)")
         if not _DOMAIN.match(domain):
             raise ConfigError(t.key("domain"), f"{domain!r} is not a domain name")
+    tracking = kind in _TRACKING_KINDS
     return ProviderConfig(
         name=name,
         kind=kind,
@@ -474,6 +486,9 @@ def _provider(t: _Table, names: set[str]) -> ProviderConfig:
         circuit_failures=failures,
         circuit_cooldown=cooldown,
         probe_api_key=probe_key,
+        message_stream=t.get("message_stream", str, "") if kind == "postmark" else "",
+        track_opens=t.get("track_opens", bool, False) if tracking else False,
+        track_clicks=t.get("track_clicks", bool, False) if tracking else False,
     )
 
 

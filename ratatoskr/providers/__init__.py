@@ -23,10 +23,31 @@ def _mandrill(config: ProviderConfig) -> Provider:
     return MandrillProvider(config)
 
 
+def _sendgrid(config: ProviderConfig) -> Provider:
+    from ratatoskr.providers.sendgrid import SendGridProvider
+
+    return SendGridProvider(config)
+
+
+def _postmark(config: ProviderConfig) -> Provider:
+    from ratatoskr.providers.postmark import PostmarkProvider
+
+    return PostmarkProvider(config)
+
+
+def _resend(config: ProviderConfig) -> Provider:
+    from ratatoskr.providers.resend import ResendProvider
+
+    return ResendProvider(config)
+
+
 KINDS: dict[str, Callable[[ProviderConfig], Provider]] = {
     "outbox": OutboxProvider,
     "mailgun": _mailgun,
     "mandrill": _mandrill,
+    "sendgrid": _sendgrid,
+    "postmark": _postmark,
+    "resend": _resend,
 }
 
 
