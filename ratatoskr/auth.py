@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ratatoskr.config import Secret
+from ratatoskr.table import Secret
 
 log = logging.getLogger("ratatoskr.auth")
 

@@ -109,8 +109,7 @@ def describe(config: Config) -> list[str]:
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]
     for i, p in enumerate(config.providers):
-        where = str(p.path) if p.kind == "outbox" else f"{p.base_url} domain={p.domain or '-'}"
-        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {where}")
+        lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {p.describe()}")
     return lines
 
 

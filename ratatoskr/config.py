@@ -3,6 +3,8 @@
 Components receive their slice of :class:`Config` when they are built and never read the file or
 the environment again. Every problem is a :class:`~ratatoskr.errors.ConfigError` naming the key
 (``providers[1].kind``) and the problem in one line; secret values never appear in one.
+Tables are read with :class:`ratatoskr.table.Table`; in ``[[providers]]`` this module reads the
+keys every kind has and the kind's settings class (:mod:`ratatoskr.providers`) the rest.
 """
 
 from __future__ import annotations
@@ -19,37 +21,15 @@ from typing import Any, TypeVar
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
+from ratatoskr.providers import KINDS, settings_class
+from ratatoskr.providers.base import CommonSettings, ProviderSettings
+from ratatoskr.providers.outbox import OutboxSettings
+from ratatoskr.table import Secret
+from ratatoskr.table import Table as _Table
 
 ENV_VAR = "RATATOSKR_CFG"
-PROVIDER_KINDS = ("mailgun", "mandrill", "outbox", "sendgrid", "postmark", "resend")
-SECRET_KEYS = frozenset({"api_key", "probe_api_key", "api_tokens", "users"})
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 T = TypeVar("T")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``, ``str``, logs or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,23 +110,6 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ProviderConfig:
-    name: str
-    kind: str
-    api_key: Secret | None = None
-    domain: str = ""
-    base_url: str = ""
-    timeout: float = 10.0
-    path: Path = Path("./outbox")
-    circuit_failures: int | None = None
-    circuit_cooldown: float | None = None
-    probe_api_key: Secret | None = None
-    message_stream: str = ""  # postmark: "" leaves Postmark's default stream ("outbound")
-    track_opens: bool = False  # sendgrid, postmark: off by default (pass-through)
-    track_clicks: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -158,97 +121,16 @@ class Config:
     http: HttpConfig = HttpConfig()
     spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
-    providers: tuple[ProviderConfig, ...] = (ProviderConfig(name="outbox", kind="outbox"),)
+    providers: tuple[ProviderSettings, ...] = (OutboxSettings(name="outbox"),)
     log: LogConfig = LogConfig()
     source: str = "built-in development defaults"
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log redaction filter."""
-        found = [k.reveal() for p in self.providers for k in (p.api_key, p.probe_api_key) if k]
+        found = [k.reveal() for p in self.providers for k in p.secrets()]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
         return [s for s in found if s]
-
-
-class _Table:
-    """One TOML table being read: knows its dotted key path and refuses keys nobody read."""
-
-    def __init__(self, path: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(path, "must be a table")
-        self.path = path
-        self.data: dict[str, Any] = data
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
-        self.seen.add(name)
-        if name not in self.data:
-            return default
-        raw = self.data[name]
-        value = _expand_env(self.key(name), raw, secret=name in SECRET_KEYS)
-        if isinstance(raw, str) and _ENV_REF.search(raw) and kind in (int, float, bool):
-            value = _from_env_text(self.key(name), value, kind, secret=name in SECRET_KEYS)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            wanted = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ConfigError(self.key(name), f"must be {_article(wanted)}")
-        return value  # type: ignore[return-value]
-
-    def positive(self, name: str, kind: type[T], default: T) -> T:
-        value = self.get(name, kind, default)
-        if value <= 0:  # type: ignore[operator]
-            raise ConfigError(self.key(name), f"must be greater than 0, got {value}")
-        return value
-
-    def table(self, name: str) -> _Table:
-        self.seen.add(name)
-        return _Table(self.key(name), self.data.get(name, {}))
-
-    def finish(self) -> None:
-        for name in self.data:
-            if name not in self.seen:
-                raise ConfigError(self.key(name), "unknown key")
-
-
-def _from_env_text(key: str, text: str, kind: type, *, secret: bool) -> Any:
-    """A number or boolean given as ``"${ENV}"``: the environment only has strings."""
-    shown = "the value" if secret else repr(text)
-    try:
-        if kind is bool:
-            lowered = text.strip().lower()
-            if lowered in ("true", "yes", "1", "on"):
-                return True
-            if lowered in ("false", "no", "0", "off"):
-                return False
-            raise ValueError(text)
-        return kind(text.strip())
-    except ValueError:
-        raise ConfigError(
-            key, f"must be {_article(kind.__name__)}, got {shown} from the environment"
-        ) from None
-
-
-def _article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _expand_env(key: str, value: Any, *, secret: bool) -> Any:
-    if isinstance(value, list):
-        return [_expand_env(key, v, secret=secret) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ConfigError(key, f"environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_REF.sub(lookup, value)
 
 
 def parse_listen(key: str, text: str) -> Listen:
@@ -265,16 +147,6 @@ def parse_listen(key: str, text: str) -> Listen:
         except ValueError:
             raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
     return Listen(host, port)
-
-
-def _read_secret_file(key: str, path: str) -> Secret:
-    try:
-        value = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError(key, f"{path} is empty")
-    return Secret(value)
 
 
 def _smtp(t: _Table) -> SmtpConfig:
@@ -425,88 +297,31 @@ def _delivery(t: _Table) -> DeliveryConfig:
     return config
 
 
-_DEFAULT_URLS = {
-    "mailgun": "https://api.mailgun.net",
-    "mandrill": "https://mandrillapp.com/api/1.0",
-    "sendgrid": "https://api.sendgrid.com",
-    "postmark": "https://api.postmarkapp.com",
-    "resend": "https://api.resend.com",
-}
-# Keys only some kinds have: rewriting of links and a tracking pixel, off unless asked for.
-_TRACKING_KINDS = ("sendgrid", "postmark")
-
-
-def _provider(t: _Table, names: set[str]) -> ProviderConfig:
+def _provider(t: _Table, names: set[str]) -> ProviderSettings:
+    """The keys every kind has; the kind's own settings class reads the rest of the table."""
+    kinds = ", ".join(sorted(KINDS))
     kind = t.get("kind", str, "")
     if not kind:
-        raise ConfigError(t.key("kind"), f"missing (expected {', '.join(PROVIDER_KINDS)})")
-    if kind not in PROVIDER_KINDS:
-        raise ConfigError(t.key("kind"), f"unknown kind {kind!r} (expected {', '.join(PROVIDER_KINDS)})")
+        raise ConfigError(t.key("kind"), f"missing (expected {kinds})")
+    if kind not in KINDS:
+        raise ConfigError(t.key("kind"), f"unknown kind {kind!r} (expected {kinds})")
     name = t.get("name", str, kind)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(t.key("name"), f"{name!r} must be letters, digits, '-', '_' or '.'")
     if name in names:
         raise ConfigError(t.key("name"), f"duplicate provider name {name!r}")
     names.add(name)
-    timeout = t.positive("timeout", float, 10.0)
-    failures = t.get("circuit_failures", int, 0) or None
-    cooldown = t.get("circuit_cooldown", float, 0.0) or None
-    if kind == "outbox":
-        return ProviderConfig(
-            name=name,
-            kind=kind,
-            timeout=timeout,
-            path=Path(t.get("path", str, "./outbox")),
-            circuit_failures=failures,
-            circuit_cooldown=cooldown,
-        )
-    api_key = _api_key(t)
-    base_url = t.get("base_url", str, _DEFAULT_URLS[kind]).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", base_url):
-        raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
-    domain = t.get("domain", str, "")
-    # Mailgun's domain check needs the account key; deployments that send with a domain
-    # sending key give the account key for `check --probe` only.
-    probe_key = _api_key(t, "probe_api_key", required=False) if kind == "mailgun" else None
-    if kind == "mailgun":
-        # A '/' in the domain (even as %2F) makes Mailgun answer 200 "Mailgun Magnificent API"
-        # without sending, so refuse anything that is not a plain DNS name up front.
-        if not domain:
-            raise ConfigError(t.key("domain"), "missing (the Mailgun sending domain)")
-        if not _DOMAIN.match(domain):
-            raise ConfigError(t.key("domain"), f"{domain!r} is not a domain name")
-    tracking = kind in _TRACKING_KINDS
-    return ProviderConfig(
+    d = ProviderSettings
+    common = CommonSettings(
         name=name,
-        kind=kind,
-        api_key=api_key,
-        domain=domain,
-        base_url=base_url,
-        timeout=timeout,
-        circuit_failures=failures,
-        circuit_cooldown=cooldown,
-        probe_api_key=probe_key,
-        message_stream=t.get("message_stream", str, "") if kind == "postmark" else "",
-        track_opens=t.get("track_opens", bool, False) if tracking else False,
-        track_clicks=t.get("track_clicks", bool, False) if tracking else False,
+        timeout=t.positive("timeout", float, d.default("timeout")),
+        circuit_failures=t.positive("circuit_failures", int, d.default("circuit_failures")),
+        circuit_cooldown=t.positive("circuit_cooldown", float, d.default("circuit_cooldown")),
     )
+    return settings_class(kind).read(t, common)
 
 
-def _api_key(t: _Table, name: str = "api_key", *, required: bool = True) -> Secret | None:
-    key = t.get(name, str, "")
-    key_file = t.get(f"{name}_file", str, "")
-    if key and key_file:
-        raise ConfigError(t.key(name), f"give {name} or {name}_file, not both")
-    if key_file:
-        return _read_secret_file(t.key(f"{name}_file"), key_file)
-    if not key:
-        if required:
-            raise ConfigError(t.key(name), f"missing (or set {name}_file)")
-        return None
-    return Secret(key)
-
-
-def _providers(raw: Any) -> tuple[ProviderConfig, ...]:
+def _providers(raw: Any) -> tuple[ProviderSettings, ...]:
     if raw is None:
         return Config().providers
     if not isinstance(raw, list) or not raw:

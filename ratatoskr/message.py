@@ -1,14 +1,14 @@
 """The normalized message every ingress produces and every provider consumes.
 
 A message is kept as its RFC 5322 bytes (``raw``, what providers that accept MIME receive) plus
-the SMTP envelope, which alone decides who receives it. :class:`Message` is the parsed view of
-those bytes for providers and logs that need fields rather than MIME.
+the SMTP envelope, which alone decides who receives it. :class:`Message` is the little that logs
+and the queue listing read from its headers.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address as _EmailAddress
 
@@ -109,17 +109,8 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """The parsed view of a message's MIME."""
+    """What logs and the queue listing show of a message, read from its headers."""
 
     from_: tuple[Address, ...] = ()
-    to: tuple[Address, ...] = ()
-    cc: tuple[Address, ...] = ()
-    reply_to: tuple[Address, ...] = ()
     subject: str = ""
-    text: str | None = None
-    html: str | None = None
-    attachments: tuple[Attachment, ...] = ()
-    headers: tuple[tuple[str, str], ...] = ()
-    tags: tuple[str, ...] = ()
     message_id: str = ""
-    text_derived: bool = field(default=False, compare=False)

@@ -1,4 +1,4 @@
-"""MIME in and out: inspect what arrived, prepare it for the queue, and parse it for providers.
+"""MIME in and out: inspect what arrived, prepare it for the queue, read its tags.
 
 What we change in a message on its way in, and nothing more: a ``Received:`` trace header on top,
 ``Bcc:`` headers removed (the envelope already holds those recipients; a Bcc header must never
@@ -22,7 +22,7 @@ from typing import cast, overload
 import html2text
 
 from ratatoskr.errors import MessageRejected
-from ratatoskr.message import Address, Attachment, Message
+from ratatoskr.message import Address, Message
 
 _SMTP_POLICY = policy.default.clone(linesep="\r\n")
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
@@ -30,29 +30,6 @@ _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 # A multipart message that declares a text/plain part anywhere needs no derived one; finding
 # that with one regex saves parsing the whole MIME tree of nearly every multipart message.
 _TEXT_PART = re.compile(rb"(?im)^content-type:[ \t]*text/plain\b")
-_STANDARD_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "From",
-        "To",
-        "Cc",
-        "Bcc",
-        "Reply-To",
-        "Subject",
-        "Date",
-        "Message-ID",
-        "MIME-Version",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-        "Content-Disposition",
-        "Received",
-        "Return-Path",
-        "Sender",
-        "X-Tag",
-        "X-Mailgun-Tag",
-        "X-MC-Tags",
-    )
-)
 TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
 #: Message bytes as SMTP reads them (a bytearray, never copied) or as the queue returns them.
 Bytes = bytes | bytearray
@@ -195,7 +172,6 @@ def summarize(headers: email.message.Message, *, queue_id: str = "", hostname: s
         from_=tuple(from_),
         subject=_decoded(headers["Subject"]),
         message_id=message_id,
-        tags=_tags(headers),
     )
 
 
@@ -206,27 +182,6 @@ def _decoded(value: object) -> str:
         return str(email.header.make_header(email.header.decode_header(str(value))))
     except (ValueError, LookupError, email.errors.HeaderParseError):
         return str(value)
-
-
-def _header_text(msg: EmailMessage, name: str) -> str:
-    try:
-        value = msg[name]
-    except Exception:  # noqa: BLE001 - a malformed header must not sink the message
-        return ""
-    return str(value) if value is not None else ""
-
-
-def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
-    found: list[Address] = []
-    try:
-        values = msg.get_all(name) or []
-    except Exception:  # noqa: BLE001
-        return ()
-    for value in values:
-        for mailbox in getattr(value, "addresses", ()):
-            if mailbox.addr_spec and "@" in mailbox.addr_spec:
-                found.append(Address(addr=mailbox.addr_spec, name=mailbox.display_name))
-    return tuple(found)
 
 
 def header_tags(raw: bytes) -> tuple[str, ...]:
@@ -241,48 +196,3 @@ def _tags(msg: email.message.Message) -> tuple[str, ...]:
         for value in msg.get_all(name) or []:
             tags += [t.strip() for t in str(value).split(",") if t.strip()]
     return tuple(dict.fromkeys(tags))
-
-
-def _attachments(root: EmailMessage, bodies: tuple[object, ...]) -> tuple[Attachment, ...]:
-    found = []
-    for part in root.walk():
-        if part.is_multipart() or any(part is b for b in bodies):
-            continue
-        if part is root and root.get_content_maintype() == "text":
-            continue
-        cid = str(part.get("Content-ID", "")).strip().strip("<>")
-        disposition = part.get_content_disposition()
-        payload = part.get_payload(decode=True)
-        found.append(
-            Attachment(
-                filename=part.get_filename() or "",
-                content_type=part.get_content_type(),
-                content=payload if isinstance(payload, bytes) else b"",
-                content_id=cid,
-                inline=disposition == "inline" or (bool(cid) and disposition is None),
-            )
-        )
-    return tuple(found)
-
-
-def parse(raw: bytes) -> Message:
-    """The full parsed view of queued bytes: addresses, bodies, attachments, extra headers."""
-    root = BytesParser(policy=policy.default).parsebytes(raw)
-    text_part = root.get_body(preferencelist=("plain",))
-    html_part = root.get_body(preferencelist=("html",))
-    text = cast(str, text_part.get_content()) if text_part is not None else None
-    html = cast(str, html_part.get_content()) if html_part is not None else None
-    extra = tuple((name, str(value)) for name, value in root.items() if name.lower() not in _STANDARD_HEADERS)
-    return Message(
-        from_=_addresses(root, "From"),
-        to=_addresses(root, "To"),
-        cc=_addresses(root, "Cc"),
-        reply_to=_addresses(root, "Reply-To"),
-        subject=_header_text(root, "Subject"),
-        text=text,
-        html=html,
-        attachments=_attachments(root, (text_part, html_part)),
-        headers=extra,
-        tags=_tags(root),
-        message_id=_header_text(root, "Message-ID").strip(),
-    )

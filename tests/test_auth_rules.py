@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ratatoskr.auth import Accounts, FailureDelay
-from ratatoskr.config import Secret
 from ratatoskr.errors import InvalidAddress
 from ratatoskr.message import check_addr_spec
+from ratatoskr.table import Secret
 from tests.conftest import FakeClock
 
 

@@ -57,6 +57,23 @@ def test_full_example_file_parses(monkeypatch):
         ({"providers": [{"kind": "outbox"}, {"kind": "outbox"}]}, "providers[1].name", "duplicate"),
         ({"providers": [{"kind": "outbox", "timeout": -1}]}, "providers[0].timeout", "greater than 0"),
         ({"providers": [{"kind": "outbox", "colour": "red"}]}, "providers[0].colour", "unknown key"),
+        # Each kind reads only its own keys: a Mailgun key on a Mandrill provider is refused.
+        (
+            {"providers": [{"kind": "mandrill", "api_key": "k", "domain": "x"}]},
+            "providers[0].domain",
+            "unknown key",
+        ),
+        ({"providers": [{"kind": "outbox", "api_key": "k"}]}, "providers[0].api_key", "unknown key"),
+        (
+            {"providers": [{"kind": "outbox", "circuit_failures": 0}]},
+            "providers[0].circuit_failures",
+            "greater than 0",
+        ),
+        (
+            {"providers": [{"kind": "outbox", "circuit_cooldown": -1}]},
+            "providers[0].circuit_cooldown",
+            "greater than 0",
+        ),
         ({"providers": []}, "providers", "non-empty"),
         ({"smtp": {"listen": "nonsense"}}, "smtp.listen", "host:port"),
         ({"smtp": {"listen": "127.0.0.1:99999"}}, "smtp.listen", "out of range"),
@@ -234,6 +251,7 @@ def test_mailgun_probe_key_is_optional_and_secret(tmp_path):
         ]
     )
     assert cfg.providers[0].probe_api_key.reveal() == "account-k"
+    assert cfg.providers[0].secrets() == (config.Secret("sending-k"), config.Secret("account-k"))
     assert "account-k" in cfg.secrets() and "account-k" not in repr(cfg)
     assert (
         parse(providers=[{"kind": "mailgun", "api_key": "k", "domain": "mg.example.com"}])
@@ -241,3 +259,46 @@ def test_mailgun_probe_key_is_optional_and_secret(tmp_path):
         .probe_api_key
         is None
     )
+
+
+def test_check_describes_each_kind_of_provider(tmp_path):
+    """The provider lines of `check`, one per kind, as they have always read."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[providers]]\nname = "mg"\nkind = "mailgun"\napi_key = "k1"\ndomain = "mg.example.com"\n'
+        '[[providers]]\nname = "md"\nkind = "mandrill"\napi_key = "k2"\n'
+        '[[providers]]\nkind = "outbox"\n'
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("provider ")] == [
+        "provider 1: mg (mailgun) https://api.mailgun.net domain=mg.example.com",
+        "provider 2: md (mandrill) https://mandrillapp.com/api/1.0 domain=-",
+        "provider 3: outbox (outbox) outbox",
+    ]
+
+
+def test_every_module_in_providers_is_a_kind_that_declares_itself():
+    """ratatoskr/providers/<kind>.py is the kind: each such module (base and http aside) has
+    its settings class. A helper module that is not a kind must be named _<name>.py."""
+    from ratatoskr.providers import KINDS, ProviderSettings, settings_class
+
+    assert {"mailgun", "mandrill", "outbox"} <= set(KINDS)
+    for kind in KINDS:
+        assert settings_class(kind).kind == kind
+        assert settings_class(kind).build is not ProviderSettings.build, f"{kind} has no build()"
+
+
+def test_an_outbox_only_config_never_imports_aiohttp():
+    """HTTP providers are imported only when configured: the outbox alone needs no aiohttp."""
+    code = (
+        "import sys\n"
+        "from ratatoskr import config\n"
+        "from ratatoskr.providers import build_providers\n"
+        "build_providers(config.parse({'providers': [{'kind': 'outbox'}]}).providers)\n"
+        "assert 'aiohttp' not in sys.modules, 'aiohttp imported'\n"
+        "build_providers(config.parse({'providers': [{'kind': 'mandrill', 'api_key': 'k'}]}).providers)\n"
+        "assert 'aiohttp' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr

@@ -8,7 +8,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratatoskr.config import ProviderConfig, Secret
 from ratatoskr.errors import (
     PermanentFailure,
     ProviderUnavailable,
@@ -17,7 +16,8 @@ from ratatoskr.errors import (
 )
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
-from ratatoskr.providers.mailgun import MailgunProvider
+from ratatoskr.providers.mailgun import MailgunProvider, MailgunSettings
+from tests.fakes.base import settings_of
 from tests.fakes.mailgun import FakeMailgun
 
 NOW = 1_772_357_400.0  # Sun, 01 Mar 2026 09:30:00 UTC
@@ -32,15 +32,9 @@ async def mailgun(fake_mailgun: FakeMailgun) -> AsyncIterator[MailgunProvider]:
 
 
 def make_provider(fake: FakeMailgun, **overrides: Any) -> MailgunProvider:
-    config = {
-        "name": "mailgun",
-        "kind": "mailgun",
-        "api_key": Secret(fake.api_key),
-        "domain": fake.domain,
-        "base_url": fake.url,
-        **overrides,
-    }
-    return MailgunProvider(ProviderConfig(**config), clock=lambda: NOW)
+    settings = settings_of(fake.provider_entry(**overrides))
+    assert isinstance(settings, MailgunSettings)
+    return MailgunProvider(settings, clock=lambda: NOW)
 
 
 def outbound(recipients: list[str] | tuple[str, ...] = ("bob@example.net",), raw: bytes = RAW) -> Outbound:
@@ -209,15 +203,13 @@ async def test_probe_uses_probe_api_key_when_sending_with_a_domain_key(fake_mail
     """A domain sending key cannot read /v4/domains; probe_api_key (the account key) can,
     and neither key ever shows in what the probe says."""
     sending_key = "key-domain-sending-0123456789"
-    provider = make_provider(
-        fake_mailgun, api_key=Secret(sending_key), probe_api_key=Secret(fake_mailgun.api_key)
-    )
+    provider = make_provider(fake_mailgun, api_key=sending_key, probe_api_key=fake_mailgun.api_key)
     try:
         result = await provider.probe()
     finally:
         await provider.close()
     assert result.ok, result.detail
-    wrong = make_provider(fake_mailgun, probe_api_key=Secret("key-wrong-account-key-000"))
+    wrong = make_provider(fake_mailgun, probe_api_key="key-wrong-account-key-000")
     try:
         result = await wrong.probe()
     finally:

@@ -9,11 +9,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratatoskr.config import ProviderConfig, Secret
 from ratatoskr.errors import PermanentFailure, ProviderUnavailable, TemporaryFailure
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
-from ratatoskr.providers.mandrill import MandrillProvider, json_text
+from ratatoskr.providers.mandrill import MandrillProvider, MandrillSettings, json_text
+from tests.fakes.base import settings_of
 from tests.fakes.mandrill import FakeMandrill
 
 RAW = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: Hi\r\n\r\nHello.\r\n"
@@ -22,10 +22,9 @@ BOB, CAROL = "bob@example.net", "carol@example.org"
 
 @pytest.fixture
 async def mandrill(fake_mandrill: FakeMandrill) -> AsyncIterator[MandrillProvider]:
-    config = ProviderConfig(
-        name="mandrill", kind="mandrill", api_key=Secret(fake_mandrill.api_key), base_url=fake_mandrill.url
-    )
-    provider = MandrillProvider(config)
+    settings = settings_of(fake_mandrill.provider_entry())
+    assert isinstance(settings, MandrillSettings)
+    provider = MandrillProvider(settings)
     yield provider
     await provider.close()
 

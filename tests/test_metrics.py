@@ -228,6 +228,34 @@ async def test_queue_gauges_and_readiness_follow_a_broken_provider(
     assert scrape.value("ratatoskr_queue_oldest_age_seconds") == pytest.approx(90)
 
 
+async def test_an_outbox_providers_own_circuit_settings_are_honoured(
+    running_daemon: Callable[..., Any], client: Callable[[Daemon], Client], tmp_path: Path
+) -> None:
+    """``circuit_failures = 1`` / ``circuit_cooldown = 99`` on the outbox provider itself: one
+    failure opens its circuit (the [delivery] default would need 5) and it stays open past the
+    default 15 s cool-down, until 99 s have passed."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the outbox folder should be")
+    clock = FakeClock()
+    entry = {"name": "local", "kind": "outbox", "path": str(blocked)}
+    daemon = await running_daemon(
+        clock=clock,
+        providers=[{**entry, "circuit_failures": 1, "circuit_cooldown": 99}],
+        delivery={"retry_initial": 3600, "retry_max": 3600},
+    )
+    api = client(daemon)
+    assert (await api.send())[0] == 202
+    scrape = await api.until(
+        "the failed message to be deferred",
+        lambda s: s.value("ratatoskr_queue_messages", state="deferred") == 1,
+    )
+    assert scrape.value("ratatoskr_provider_up", provider="local") == 0
+    clock.advance(20)  # past [delivery] circuit_cooldown (15 s), short of the provider's 99 s
+    assert (await api.ready())[0] == 503
+    clock.advance(80)
+    assert (await api.ready())[0] == 200  # the trial is due: it takes traffic again
+
+
 async def test_readiness_is_503_when_the_queue_is_not_writable(
     running_daemon: Callable[..., Any], client: Callable[[Daemon], Client]
 ) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from ratatoskr.config import ProviderConfig, Secret
 from ratatoskr.errors import (
     AmbiguousFailure,
     DeliveryError,
@@ -32,7 +31,7 @@ from ratatoskr.ingest import trace_header
 from ratatoskr.message import Envelope
 from ratatoskr.mime import prepare
 from ratatoskr.providers import Outbound, Provider, build_providers
-from tests.fakes.base import FakeServer
+from tests.fakes.base import FakeServer, settings_of
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery, parse_mime
@@ -50,11 +49,12 @@ class Harness:
         self.provider = self.make_provider()
 
     def make_provider(self, **overrides: Any) -> Provider:
-        [provider] = build_providers([self.config(**overrides)])
+        [provider] = build_providers([settings_of(self.entry(**overrides))])
         self.providers.append(provider)
         return provider
 
-    def config(self, **overrides: Any) -> ProviderConfig:
+    def entry(self, **overrides: Any) -> dict[str, Any]:
+        """The provider's ``[[providers]]`` table, with ``overrides``."""
         raise NotImplementedError
 
     def delivered(self, queue_id: str) -> Delivery:
@@ -74,8 +74,8 @@ class OutboxHarness(Harness):
         self.folder = folder
         super().__init__()
 
-    def config(self, **overrides: Any) -> ProviderConfig:
-        return ProviderConfig(name="outbox", kind="outbox", path=self.folder, **overrides)
+    def entry(self, **overrides: Any) -> dict[str, Any]:
+        return {"name": "outbox", "kind": "outbox", "path": str(self.folder), **overrides}
 
     def delivered(self, queue_id: str) -> Delivery:
         raw = (self.folder / f"{queue_id}.eml").read_bytes()
@@ -91,79 +91,45 @@ class OutboxHarness(Harness):
 
 
 class FakeHarness(Harness):
-    kind = ""
+    """Any provider with a fake server: the fake gives the config entry and the failures."""
 
-    def __init__(self, fake: FakeMailgun | FakeMandrill) -> None:
+    def __init__(self, fake: FakeServer) -> None:
         self.fake = fake
         self.api_key = fake.api_key
         super().__init__()
 
-    def config(self, **overrides: Any) -> ProviderConfig:
-        base = {
-            "name": self.kind,
-            "kind": self.kind,
-            "api_key": Secret(self.fake.api_key),
-            "domain": getattr(self.fake, "domain", ""),
-            "base_url": self.fake.url,
-            "timeout": 10.0,
-        }
-        return ProviderConfig(**{**base, **overrides})
+    def entry(self, **overrides: Any) -> dict[str, Any]:
+        return self.fake.provider_entry(**overrides)
 
     def delivered(self, queue_id: str) -> Delivery:
         return self.fake.last()
 
     def break_next(self, failure: str) -> None:
-        fake: FakeServer = self.fake
+        fake = self.fake
         {
             "dropped_connection": fake.drop_connection,
             "timeout": fake.stall,
             "garbage_200": fake.garbage,
-            "bad_credentials": self.fake.revoke_key,
-        }.get(failure, lambda: self.break_specific(failure))()
-
-    def break_specific(self, failure: str) -> None:
-        raise NotImplementedError
+            "bad_credentials": fake.revoke_key,
+        }.get(failure, lambda: fake.break_as(failure))()
 
 
-class MailgunHarness(FakeHarness):
-    kind = "mailgun"
-    fake: FakeMailgun
-
-    def break_specific(self, failure: str) -> None:
-        if failure == "server_error":
-            self.fake.fail(503)
-        elif failure == "rate_limited":
-            self.fake.rate_limit(retry_after=30)
-        elif failure == "refused_message":
-            # The error text echoes what it refused; here that includes the key.
-            self.fake.fail(400, {"message": f"'from' parameter is not a valid address: {self.api_key}"})
+# The providers with a fake server; a new one joins the whole suite with one line here.
+FAKES: dict[str, type[FakeServer]] = {
+    "mailgun": FakeMailgun,
+    "mandrill": FakeMandrill,
+}
 
 
-class MandrillHarness(FakeHarness):
-    kind = "mandrill"
-    fake: FakeMandrill
-
-    def break_specific(self, failure: str) -> None:
-        if failure == "server_error":
-            self.fake.error("GeneralError")
-        elif failure == "rate_limited":
-            self.fake.rate_limit(retry_after=30)
-        elif failure == "refused_message":
-            echo = f'Validation error: {{"key": "{self.api_key}", "from_email": "invalid"}}'
-            self.fake.error("ValidationError", echo)
-
-
-@pytest.fixture(params=["outbox", "mailgun", "mandrill"])
+@pytest.fixture(params=["outbox", *FAKES])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     if request.param == "outbox":
         h: Harness = OutboxHarness(tmp_path / "outbox")
         yield h
         await h.close()
         return
-    kinds = {"mailgun": (FakeMailgun, MailgunHarness), "mandrill": (FakeMandrill, MandrillHarness)}
-    fake_class, harness_class = kinds[request.param]
-    async with fake_class() as fake:
-        h = harness_class(fake)
+    async with FAKES[request.param]() as fake:
+        h = FakeHarness(fake)
         yield h
         await h.close()
 
@@ -333,42 +299,13 @@ async def test_multi_megabyte_message_is_streamed_by_every_http_provider(fake_ma
     """A 3 MB message goes out as a stream (aiohttp warns, here an error, about raw bytes)."""
     import hashlib
 
-    from ratatoskr.config import ProviderConfig, Secret
-    from ratatoskr.message import Envelope
-    from ratatoskr.providers.base import Outbound
-    from ratatoskr.providers.mailgun import MailgunProvider
-    from ratatoskr.providers.mandrill import MandrillProvider
-
     blob = bytes(range(256)) * (3 * 4096)
     raw = (
         b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: big\r\n"
         b"Content-Type: text/plain\r\n\r\n" + blob.hex().encode()[:3_000_000] + b"\r\n"
     )
-    providers = [
-        (
-            MailgunProvider(
-                ProviderConfig(
-                    name="mg",
-                    kind="mailgun",
-                    api_key=Secret(fake_mailgun.api_key),
-                    domain=fake_mailgun.domain,
-                    base_url=fake_mailgun.url,
-                )
-            ),
-            fake_mailgun,
-        ),
-        (
-            MandrillProvider(
-                ProviderConfig(
-                    name="md",
-                    kind="mandrill",
-                    api_key=Secret(fake_mandrill.api_key),
-                    base_url=fake_mandrill.url,
-                )
-            ),
-            fake_mandrill,
-        ),
-    ]
+    fakes: list[FakeMailgun | FakeMandrill] = [fake_mailgun, fake_mandrill]
+    providers = [(settings_of(fake.provider_entry()).build(), fake) for fake in fakes]
     for provider, fake in providers:
         try:
             await provider.send(Outbound("Q1", Envelope("ada@example.com", ("bob@example.net",)), raw))

@@ -91,11 +91,11 @@ class Dispatcher:
             metrics.register_provider(p.name)
 
     def _health_for(self, provider: Provider) -> ProviderHealth:
-        cfg = getattr(provider, "config", None)
+        own = provider.settings  # None: as [delivery] says
         return ProviderHealth(
             provider.name,
-            failures_to_open=getattr(cfg, "circuit_failures", None) or self.config.circuit_failures,
-            cooldown=getattr(cfg, "circuit_cooldown", None) or self.config.circuit_cooldown,
+            failures_to_open=own.circuit_failures or self.config.circuit_failures,
+            cooldown=own.circuit_cooldown or self.config.circuit_cooldown,
             cooldown_max=self.config.circuit_cooldown_max,
             clock=self.clock,
             on_change=self._health_changed,

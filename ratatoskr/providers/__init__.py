@@ -1,55 +1,64 @@
-"""Provider registry: configured kind → class."""
+"""The provider registry: every module in this folder is one provider kind, named after it.
+
+``ratatoskr/providers/<kind>.py`` owns everything about that ``kind`` of ``[[providers]]``
+table: a frozen settings dataclass (a :class:`~ratatoskr.providers.base.ProviderSettings`
+subclass whose ``kind`` is the module's name, holding its keys and their defaults, its default
+URL, the checks of its ``read`` and the ``build`` of its provider) and the provider class
+(``send`` and ``probe``). Nothing else lists the kinds: adding a module adds the kind (see
+ADDING_PROVIDERS.md). The shared modules (:data:`SHARED`) are not kinds; a helper that serves
+one kind lives in that kind's module or in a module whose name starts with ``_``.
+
+A kind's module is imported only when a configured provider needs it, so a deployment with the
+outbox alone never imports aiohttp.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib
+import pkgutil
+from collections.abc import Iterable
 
-from ratatoskr.config import ProviderConfig
-from ratatoskr.providers.base import Outbound, ProbeResult, Provider, Receipt
-from ratatoskr.providers.outbox import OutboxProvider
+from ratatoskr.providers.base import Outbound, ProbeResult, Provider, ProviderSettings, Receipt
 
-__all__ = ["KINDS", "Outbound", "ProbeResult", "Provider", "Receipt", "build_providers"]
+__all__ = [
+    "KINDS",
+    "Outbound",
+    "ProbeResult",
+    "Provider",
+    "ProviderSettings",
+    "Receipt",
+    "build_providers",
+    "settings_class",
+]
 
+#: Modules here that serve every kind rather than being one.
+SHARED = frozenset({"base", "http"})
 
-def _mailgun(config: ProviderConfig) -> Provider:
-    from ratatoskr.providers.mailgun import MailgunProvider
-
-    return MailgunProvider(config)
-
-
-def _mandrill(config: ProviderConfig) -> Provider:
-    from ratatoskr.providers.mandrill import MandrillProvider
-
-    return MandrillProvider(config)
-
-
-def _sendgrid(config: ProviderConfig) -> Provider:
-    from ratatoskr.providers.sendgrid import SendGridProvider
-
-    return SendGridProvider(config)
-
-
-def _postmark(config: ProviderConfig) -> Provider:
-    from ratatoskr.providers.postmark import PostmarkProvider
-
-    return PostmarkProvider(config)
+#: Every kind, sorted: the modules of this package, found without importing them.
+KINDS: tuple[str, ...] = tuple(
+    sorted(
+        m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED and not m.name.startswith("_")
+    )
+)
 
 
-def _resend(config: ProviderConfig) -> Provider:
-    from ratatoskr.providers.resend import ResendProvider
+def settings_class(kind: str) -> type[ProviderSettings]:
+    """The settings class of ``kind`` (one of :data:`KINDS`): the one ProviderSettings subclass
+    defined in ``ratatoskr.providers.<kind>`` whose ``kind`` is ``kind``."""
+    module = importlib.import_module(f"{__name__}.{kind}")
+    found = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, ProviderSettings)
+        and value.__module__ == module.__name__
+        and value.kind == kind
+    ]
+    if len(found) != 1:
+        raise LookupError(f"{module.__name__} must define one ProviderSettings subclass with kind = {kind!r}")
+    return found[0]
 
-    return ResendProvider(config)
 
-
-KINDS: dict[str, Callable[[ProviderConfig], Provider]] = {
-    "outbox": OutboxProvider,
-    "mailgun": _mailgun,
-    "mandrill": _mandrill,
-    "sendgrid": _sendgrid,
-    "postmark": _postmark,
-    "resend": _resend,
-}
-
-
-def build_providers(configs: Iterable[ProviderConfig]) -> list[Provider]:
-    return [KINDS[c.kind](c) for c in configs]
+def build_providers(settings: Iterable[ProviderSettings]) -> list[Provider]:
+    """One provider per configured ``[[providers]]`` table, in order."""
+    return [s.build() for s in settings]

@@ -1,51 +1,28 @@
-"""What every provider is, and the HTTP plumbing the HTTP-API providers share.
+"""What every provider is: the :class:`Provider` protocol, its settings, and the values it
+takes and gives (:class:`Outbound`, :class:`Receipt`, :class:`ProbeResult`).
 
-A provider turns one :class:`Outbound` message into a :class:`Receipt` or raises one of the
-:class:`~ratatoskr.errors.DeliveryError` classes. It never decides retries or failover; the
-dispatcher does, from the exception class alone.
-
-:class:`HttpProvider` owns the aiohttp session (pooled, per-request timeout, User-Agent) and is
-the only place that knows aiohttp's exceptions: :func:`map_client_errors` translates them.
+This module imports no HTTP library: the outbox provider and the config parser use it alone.
+The plumbing that HTTP-API providers share is in :mod:`ratatoskr.providers.http`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import json
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self, TypedDict
 
-import aiohttp
-from multidict import CIMultiDict
-
-from ratatoskr import __version__
-from ratatoskr.config import ProviderConfig
-from ratatoskr.errors import (
-    AmbiguousFailure,
-    DeliveryError,
-    PermanentFailure,
-    ProviderUnavailable,
-    RateLimited,
-    TemporaryFailure,
-)
-from ratatoskr.message import Envelope, Message
-from ratatoskr.mime import header_tags, parse, strip_bcc
-
-USER_AGENT = f"ratatoskr/{__version__} (+https://github.com/ratatoskr-relay/ratatoskr)"
+from ratatoskr.message import Envelope
+from ratatoskr.mime import header_tags, strip_bcc
+from ratatoskr.table import Secret, Table
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Outbound:
-    """One message on its way to a provider: queue id, envelope and the bytes to send."""
+    """One message on its way to a provider: queue id, envelope and the bytes as queued."""
 
     id: str
     envelope: Envelope
     raw: bytes
-    _parsed: Message | None = field(default=None, repr=False)
 
     @property
     def mime(self) -> bytes:
@@ -53,15 +30,8 @@ class Outbound:
         return strip_bcc(self.raw)
 
     @property
-    def message(self) -> Message:
-        if self._parsed is None:
-            self._parsed = parse(self.raw)
-        return self._parsed
-
-    @property
     def tags(self) -> tuple[str, ...]:
-        """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, read from the header block only
-        (cheaper than :attr:`message`, which parses every attachment)."""
+        """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, read from the header block only."""
         return header_tags(self.raw)
 
 
@@ -79,13 +49,78 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
+    """The answer of ``check --probe`` for one provider: whether it can send, and why (no secret)."""
+
     ok: bool
     detail: str
 
 
-class Provider(Protocol):
+class CommonSettings(TypedDict):
+    """The ``[[providers]]`` keys every kind has, as config.py read and checked them."""
+
     name: str
-    kind: ClassVar[str]
+    timeout: float
+    circuit_failures: int | None
+    circuit_cooldown: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderSettings:
+    """One ``[[providers]]`` table, read. Each kind subclasses this with its own keys (frozen,
+    defaults written here once) and implements :meth:`read`, :meth:`build`, and where it has
+    them :meth:`secrets` and :meth:`describe`.
+
+    ``circuit_failures``/``circuit_cooldown`` of None mean "as ``[delivery]`` says".
+    """
+
+    kind: ClassVar[str] = ""
+    name: str
+    timeout: float = 10.0
+    circuit_failures: int | None = None
+    circuit_cooldown: float | None = None
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name``, as written once in the dataclass."""
+        return cls.__dataclass_fields__[name].default
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        """Read this kind's own keys from ``t`` (the common ones are in ``common``), checking
+        each: a problem is a ConfigError naming the key. Keys left unread are refused after."""
+        return cls(**common)
+
+    def build(self) -> Provider:
+        """The provider these settings configure."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build()")
+
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every secret in these settings, for the log redaction filter."""
+        return ()
+
+    def describe(self) -> str:
+        """Where it delivers, for ``ratatoskr check``: never a secret."""
+        return ""
+
+
+class Provider(Protocol):
+    """The seam between delivery and the outside world: one configured provider.
+
+    ``send`` turns one :class:`Outbound` message into a :class:`Receipt` or raises one of the
+    :class:`~ratatoskr.errors.DeliveryError` classes; the class alone tells the dispatcher what
+    to do next (retry here, fail over, give up). A provider never retries or fails over on its
+    own. ``probe`` answers ``check --probe`` without raising and without showing a secret.
+    ``start``/``close`` open and release what it holds (an HTTP session); ``send`` may start
+    it on first use.
+    """
+
+    name: str
+
+    @property
+    def settings(self) -> ProviderSettings: ...
+
+    @property
+    def kind(self) -> str: ...
 
     async def start(self) -> None: ...
 
@@ -94,136 +129,3 @@ class Provider(Protocol):
     async def send(self, message: Outbound) -> Receipt: ...
 
     async def probe(self) -> ProbeResult: ...
-
-
-@contextlib.contextmanager
-def map_client_errors(provider: str) -> Any:
-    """Translate aiohttp and timeout errors into ratatoskr's classes, chained with ``from``.
-
-    A connect failure means the request never left: plainly temporary. A timeout or a dropped
-    connection after the request was written is *ambiguous*: the provider may have taken it.
-    """
-    try:
-        yield
-    except DeliveryError:
-        raise
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise TemporaryFailure("connect timeout", provider=provider) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise TemporaryFailure(f"cannot connect: {exc.os_error}", provider=provider) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise AmbiguousFailure("timed out waiting for the answer", provider=provider) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise AmbiguousFailure(f"connection dropped: {type(exc).__name__}", provider=provider) from exc
-    except aiohttp.ClientOSError as exc:
-        raise AmbiguousFailure(f"connection error: {exc.strerror or exc}", provider=provider) from exc
-    except aiohttp.ClientError as exc:
-        raise TemporaryFailure(f"HTTP client error: {type(exc).__name__}", provider=provider) from exc
-
-
-def seconds_until(when: str, *, now: float) -> float | None:
-    """Seconds from ``now`` until an RFC 1123 date such as ``Sun, 01 Mar 2026 09:31:00 UTC``
-    (never negative), or None when ``when`` is not such a date."""
-    try:
-        moment = email.utils.parsedate_to_datetime(when.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - now)
-
-
-def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
-    """The wait a ``Retry-After`` header asks for: delta-seconds or an HTTP-date (RFC 9110)."""
-    value = headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return seconds_until(value, now=now)
-
-
-@dataclass(frozen=True, slots=True)
-class HttpAnswer:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]  # case-insensitive (a CIMultiDict)
-
-    def json(self) -> Any:
-        """The body as JSON, or None when it is not JSON (providers send HTML on 502s)."""
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            return None
-
-    def text(self, limit: int = 200) -> str:
-        return self.body[:limit].decode("utf-8", "replace").strip()
-
-
-class HttpProvider:
-    """Base for providers reached over HTTPS: one pooled session, one timeout, one error map."""
-
-    kind: ClassVar[str] = ""
-
-    def __init__(self, config: ProviderConfig, *, clock: Callable[[], float] = time.time) -> None:
-        self.name = config.name
-        self.config = config
-        self.base_url = config.base_url
-        self.clock = clock  # wall time, for turning "retry at <time>" into a wait
-        self._secret = config.api_key.reveal() if config.api_key else ""
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                headers={"User-Agent": USER_AGENT},
-                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-                raise_for_status=False,
-            )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> HttpAnswer:
-        """Make one request and read the whole answer; library errors become DeliveryErrors."""
-        await self.start()
-        assert self._session is not None
-        with map_client_errors(self.name):
-            async with self._session.request(method, self.base_url + path, **kwargs) as resp:
-                body = await resp.read()
-                return HttpAnswer(resp.status, body, CIMultiDict(resp.headers))
-
-    async def probe(self) -> ProbeResult:
-        """Ask the provider's credential-check endpoint; never raises, never shows the key."""
-        try:
-            answer = await self.ping()
-        except DeliveryError as exc:
-            return ProbeResult(False, f"unreachable: {self.redact(exc.reason)}")
-        result = self.read_ping(answer)
-        return ProbeResult(result.ok, self.redact(result.detail))
-
-    async def ping(self) -> HttpAnswer:
-        raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
-
-    def read_ping(self, answer: HttpAnswer) -> ProbeResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")
-
-    def redact(self, text: str) -> str:
-        """``text`` with the API key masked: provider bodies may echo what we sent."""
-        return text.replace(self._secret, "***") if self._secret else text
-
-    def temporary(self, reason: str, **kw: Any) -> TemporaryFailure:
-        return TemporaryFailure(self.redact(reason), provider=self.name, **kw)
-
-    def rate_limited(self, reason: str, **kw: Any) -> RateLimited:
-        return RateLimited(self.redact(reason), provider=self.name, **kw)
-
-    def permanent(self, reason: str, **kw: Any) -> PermanentFailure:
-        return PermanentFailure(self.redact(reason), provider=self.name, **kw)
-
-    def unavailable(self, reason: str, **kw: Any) -> ProviderUnavailable:
-        return ProviderUnavailable(self.redact(reason), provider=self.name, **kw)

@@ -24,22 +24,22 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 from urllib.parse import quote
 
 import aiohttp
 
-from ratatoskr.config import ProviderConfig
-from ratatoskr.errors import DeliveryError
-from ratatoskr.providers.base import (
+from ratatoskr.errors import ConfigError, DeliveryError
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import (
     HttpAnswer,
     HttpProvider,
-    Outbound,
-    ProbeResult,
-    Receipt,
+    HttpSettings,
     retry_after,
     seconds_until,
 )
+from ratatoskr.table import Secret, Table
 
 MAX_RECIPIENTS = 1000
 MAX_TAGS = 10  # 3 in older docs; mailgun-go raised its check to 10 in 2025
@@ -52,16 +52,55 @@ _ACCOUNT_PROBLEM = "is not allowed to send"
 _ADAPTER_BUG = ("multipart", "content type", "'message' parameter", "message parameter is missing")
 # "…recipient limit exceeded, try again after Sun, 01 Mar 2026 09:31:00 UTC" or "…after 120 seconds"
 _TRY_AGAIN = re.compile(r"try again after (?:(\d+(?:\.\d+)?) seconds?|(.+?))\s*$", re.IGNORECASE)
+_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailgunSettings(HttpSettings):
+    """``kind = "mailgun"``: ``domain`` (required), and ``probe_api_key`` for deployments that
+    send with a domain sending key (Mailgun's domain check needs the account key)."""
+
+    kind: ClassVar[str] = "mailgun"
+    default_url: ClassVar[str] = "https://api.mailgun.net"
+    domain: str
+    probe_api_key: Secret | None = None
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        http = cls.http_keys(t)
+        return cls(**common, **http, domain=_read_domain(t), probe_api_key=t.optional_secret("probe_api_key"))
+
+    def build(self) -> MailgunProvider:
+        return MailgunProvider(self)
+
+    def secrets(self) -> tuple[Secret, ...]:
+        return (self.api_key, self.probe_api_key) if self.probe_api_key else (self.api_key,)
+
+    def describe(self) -> str:
+        return f"{self.base_url} domain={self.domain}"
+
+
+def _read_domain(t: Table) -> str:
+    domain = t.get("domain", str, "")
+    # A '/' in the domain (even as %2F) makes Mailgun answer 200 "Mailgun Magnificent API"
+    # without sending, so refuse anything that is not a plain DNS name up front.
+    if not domain:
+        raise ConfigError(t.key("domain"), "missing (the Mailgun sending domain)")
+    if not _DOMAIN.match(domain):
+        raise ConfigError(t.key("domain"), f"{domain!r} is not a domain name")
+    return domain
 
 
 class MailgunProvider(HttpProvider):
-    kind: ClassVar[str] = "mailgun"
+    """Mailgun's ``messages.mime`` endpoint (see the module docstring)."""
 
-    def __init__(self, config: ProviderConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.domain = config.domain
+    settings: MailgunSettings
+
+    def __init__(self, settings: MailgunSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.domain = settings.domain
         self._auth = {"Authorization": aiohttp.encode_basic_auth("api", self._secret)}
-        probe_key = config.probe_api_key.reveal() if config.probe_api_key else ""
+        probe_key = settings.probe_api_key.reveal() if settings.probe_api_key else ""
         self._probe_secret = probe_key
         self._probe_auth = (
             {"Authorization": aiohttp.encode_basic_auth("api", probe_key)} if probe_key else self._auth

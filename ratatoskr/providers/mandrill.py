@@ -29,6 +29,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email import encoders, policy
 from email.generator import BytesGenerator
 from email.parser import BytesParser
@@ -36,14 +37,8 @@ from typing import Any, ClassVar
 
 from ratatoskr.errors import DeliveryError
 from ratatoskr.mime import split_head
-from ratatoskr.providers.base import (
-    HttpAnswer,
-    HttpProvider,
-    Outbound,
-    ProbeResult,
-    Receipt,
-    retry_after,
-)
+from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
 
 log = logging.getLogger("ratatoskr.providers.mandrill")
 
@@ -74,8 +69,21 @@ _RAW_POLICY = policy.compat32.clone(linesep="\r\n", max_line_length=0)  # 0: nev
 _MC_TAGS = re.compile(rb"(?im)^x-mc-tags[ \t]*:")
 
 
-class MandrillProvider(HttpProvider):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MandrillSettings(HttpSettings):
+    """``kind = "mandrill"``: the common HTTP keys (``api_key``, ``base_url``) only."""
+
     kind: ClassVar[str] = "mandrill"
+    default_url: ClassVar[str] = "https://mandrillapp.com/api/1.0"
+
+    def build(self) -> MandrillProvider:
+        return MandrillProvider(self)
+
+
+class MandrillProvider(HttpProvider):
+    """Mandrill's ``send-raw`` call (see the module docstring)."""
+
+    settings: MandrillSettings
 
     async def send(self, message: Outbound) -> Receipt:
         recipients = list(message.envelope.recipients)

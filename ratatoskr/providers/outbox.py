@@ -10,12 +10,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from ratatoskr.config import ProviderConfig
 from ratatoskr.errors import TemporaryFailure
-from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, ProviderSettings, Receipt
+from ratatoskr.table import Table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxSettings(ProviderSettings):
+    """``kind = "outbox"``: ``path``, the folder the messages are written to."""
+
+    kind: ClassVar[str] = "outbox"
+    path: Path = Path("./outbox")
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        return cls(**common, path=Path(t.get("path", str, str(cls.default("path")))))
+
+    def build(self) -> OutboxProvider:
+        return OutboxProvider(self)
+
+    def describe(self) -> str:
+        return str(self.path)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -28,11 +47,14 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class OutboxProvider:
-    kind: ClassVar[str] = "outbox"
+    """Writes each message into ``settings.path``; a failed write is a temporary failure."""
 
-    def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.path = config.path
+    kind = OutboxSettings.kind
+
+    def __init__(self, settings: OutboxSettings) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.path = settings.path
 
     async def start(self) -> None:
         pass

@@ -26,9 +26,10 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
-from ratatoskr.errors import CannotCarry, DeliveryError
+from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._structured import (
     Fields,
     Part,
@@ -38,14 +39,9 @@ from ratatoskr.providers._structured import (
     split_calls,
     take_apart,
 )
-from ratatoskr.providers.base import (
-    HttpAnswer,
-    HttpProvider,
-    Outbound,
-    ProbeResult,
-    Receipt,
-    retry_after,
-)
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
+from ratatoskr.table import Table
 
 MAX_RECIPIENTS = 50
 MAX_REQUEST_BYTES = 10_000_000  # "10 MB including attachments, after base64"
@@ -67,8 +63,37 @@ UNUSABLE = {
 _INACTIVE = re.compile(r"inactive addresses:\s*(.+?)\.\s*(?:Inactive|$)", re.IGNORECASE | re.DOTALL)
 
 
-class PostmarkProvider(HttpProvider):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostmarkSettings(HttpSettings):
+    """``kind = "postmark"``: ``api_key``, ``base_url`` and the tracking switches."""
+
     kind: ClassVar[str] = "postmark"
+    default_url: ClassVar[str] = "https://api.postmarkapp.com"
+    message_stream: str = ""  # "" is Postmark's default transactional stream, "outbound"
+    track_opens: bool = False  # TrackOpens; off: pass-through
+    track_clicks: bool = False  # TrackLinks "HtmlAndText" instead of "None"
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        stream = t.get("message_stream", str, cls.default("message_stream"))
+        if stream and not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", stream):
+            raise ConfigError(t.key("message_stream"), f"{stream!r} is not a Postmark stream id")
+        return cls(
+            **common,
+            **cls.http_keys(t),
+            message_stream=stream,
+            track_opens=t.get("track_opens", bool, cls.default("track_opens")),
+            track_clicks=t.get("track_clicks", bool, cls.default("track_clicks")),
+        )
+
+    def build(self) -> PostmarkProvider:
+        return PostmarkProvider(self)
+
+
+class PostmarkProvider(HttpProvider):
+    """Postmark's send call (see the module docstring)."""
+
+    settings: PostmarkSettings
 
     async def send(self, message: Outbound) -> Receipt:
         try:
@@ -124,8 +149,8 @@ class PostmarkProvider(HttpProvider):
             "To": ", ".join(a.formatted() for a in fields.to),
             "Subject": fields.subject,
             "Metadata": metadata,
-            "TrackOpens": self.config.track_opens,
-            "TrackLinks": "HtmlAndText" if self.config.track_clicks else "None",
+            "TrackOpens": self.settings.track_opens,
+            "TrackLinks": "HtmlAndText" if self.settings.track_clicks else "None",
         }
         optional: dict[str, Any] = {
             "Cc": ", ".join(a.formatted() for a in fields.cc),
@@ -136,7 +161,7 @@ class PostmarkProvider(HttpProvider):
             "Headers": [{"Name": n, "Value": v} for n, v in fields.headers],
             "Attachments": [_attachment(p) for p in fields.parts],
             "Tag": next((t for t in fields.tags if len(t) <= MAX_TAG_LENGTH), ""),
-            "MessageStream": self.config.message_stream,
+            "MessageStream": self.settings.message_stream,
         }
         payload.update((k, v) for k, v in optional.items() if v)
         return payload

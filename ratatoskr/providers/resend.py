@@ -30,6 +30,7 @@ import io
 import json
 import mimetypes
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
@@ -43,14 +44,8 @@ from ratatoskr.providers._structured import (
     split_calls,
     take_apart,
 )
-from ratatoskr.providers.base import (
-    HttpAnswer,
-    HttpProvider,
-    Outbound,
-    ProbeResult,
-    Receipt,
-    retry_after,
-)
+from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
 
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 40_000_000  # in total, counted in base64 (before or after is unclear)
@@ -78,8 +73,21 @@ PERMANENT = frozenset(
 )
 
 
-class ResendProvider(HttpProvider):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResendSettings(HttpSettings):
+    """``kind = "resend"``: the common HTTP keys (``api_key``, ``base_url``) only."""
+
     kind: ClassVar[str] = "resend"
+    default_url: ClassVar[str] = "https://api.resend.com"
+
+    def build(self) -> ResendProvider:
+        return ResendProvider(self)
+
+
+class ResendProvider(HttpProvider):
+    """Resend's send call (see the module docstring)."""
+
+    settings: ResendSettings
 
     async def send(self, message: Outbound) -> Receipt:
         try:

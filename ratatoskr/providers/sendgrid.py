@@ -25,8 +25,9 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from email.header import Header
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from ratatoskr.errors import CannotCarry, DeliveryError
 from ratatoskr.message import Address
@@ -39,14 +40,9 @@ from ratatoskr.providers._structured import (
     repeated,
     take_apart,
 )
-from ratatoskr.providers.base import (
-    HttpAnswer,
-    HttpProvider,
-    Outbound,
-    ProbeResult,
-    Receipt,
-    retry_after,
-)
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
+from ratatoskr.table import Table
 
 MAX_RECIPIENTS = 1000
 MAX_REQUEST_BYTES = 30_000_000  # "total email size < 30 MB", checked on the JSON we send
@@ -72,8 +68,32 @@ RESERVED_HEADERS = frozenset(
 _BAD_NAME_CHARS = frozenset(";,\r\n")
 
 
-class SendGridProvider(HttpProvider):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendGridSettings(HttpSettings):
+    """``kind = "sendgrid"``: ``api_key``, ``base_url`` and the tracking switches."""
+
     kind: ClassVar[str] = "sendgrid"
+    default_url: ClassVar[str] = "https://api.sendgrid.com"
+    track_opens: bool = False  # open-tracking pixel; off: pass-through
+    track_clicks: bool = False  # click tracking (rewrites links); off: pass-through
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        return cls(
+            **common,
+            **cls.http_keys(t),
+            track_opens=t.get("track_opens", bool, cls.default("track_opens")),
+            track_clicks=t.get("track_clicks", bool, cls.default("track_clicks")),
+        )
+
+    def build(self) -> SendGridProvider:
+        return SendGridProvider(self)
+
+
+class SendGridProvider(HttpProvider):
+    """SendGrid's send call (see the module docstring)."""
+
+    settings: SendGridSettings
 
     async def send(self, message: Outbound) -> Receipt:
         try:
@@ -130,7 +150,7 @@ class SendGridProvider(HttpProvider):
         return payload
 
     def _tracking(self) -> dict[str, Any]:
-        opens, clicks = self.config.track_opens, self.config.track_clicks
+        opens, clicks = self.settings.track_opens, self.settings.track_clicks
         return {
             "click_tracking": {"enable": clicks, "enable_text": clicks},
             "open_tracking": {"enable": opens},

@@ -39,9 +39,17 @@ from typing import Any, Self
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from ratatoskr import config
+from ratatoskr.providers import ProviderSettings
 from tests.fakes.records import Call, Delivery
 
 Handler = Callable[[web.Request], Any]
+
+
+def settings_of(entry: Mapping[str, Any]) -> ProviderSettings:
+    """A ``[[providers]]`` table (e.g. ``fake.provider_entry()``) read as the config file is."""
+    [settings] = config.parse({"providers": [dict(entry)]}).providers
+    return settings
 
 
 @dataclass
@@ -118,6 +126,16 @@ class FakeServer:
     max_body = 64 * 1024 * 1024
 
     def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def provider_entry(self, name: str = "", **overrides: Any) -> dict[str, Any]:
+        """A ``[[providers]]`` table pointing at this fake (``name`` defaults to the kind)."""
+        raise NotImplementedError
+
+    def break_as(self, failure: str) -> None:
+        """For the contract suite: answer the next send as the real API answers
+        ``"server_error"`` (a 5xx), ``"rate_limited"`` (wait 30 s) or ``"refused_message"``
+        (the message is invalid; the text echoes the API key, as real error texts may)."""
         raise NotImplementedError
 
     def route_of(self, request: web.Request) -> str:

@@ -61,7 +61,6 @@ class FakeMailgun(FakeServer):
         return self.root
 
     def provider_entry(self, name: str = "mailgun", **overrides: Any) -> dict[str, Any]:
-        """A ``[[providers]]`` table for this fake."""
         entry = {
             "name": name,
             "kind": "mailgun",
@@ -72,6 +71,14 @@ class FakeMailgun(FakeServer):
         return {**entry, **overrides}
 
     # -- switches -------------------------------------------------------------------------------
+
+    def break_as(self, failure: str) -> None:
+        if failure == "server_error":
+            self.fail(503)
+        elif failure == "rate_limited":
+            self.rate_limit(retry_after=30)
+        elif failure == "refused_message":
+            self.fail(400, {"message": f"'from' parameter is not a valid address: {self.api_key}"})
 
     def rate_limit(
         self,

@@ -96,10 +96,19 @@ class FakeMandrill(FakeServer):
         return f"{self.root}/api/{self.version}"
 
     def provider_entry(self, name: str = "mandrill", **overrides: Any) -> dict[str, Any]:
-        """A ``[[providers]]`` table for this fake."""
         return {"name": name, "kind": "mandrill", "api_key": self.api_key, "base_url": self.url, **overrides}
 
     # -- switches -------------------------------------------------------------------------------
+
+    def break_as(self, failure: str) -> None:
+        if failure == "server_error":
+            self.error("GeneralError")
+        elif failure == "rate_limited":
+            self.rate_limit(retry_after=30)
+        elif failure == "refused_message":
+            self.error(
+                "ValidationError", f'Validation error: {{"key": "{self.api_key}", "from_email": "invalid"}}'
+            )
 
     def reject(self, address: str, reason: str = "hard-bounce") -> None:
         self.recipient_status[address.lower()] = ("rejected", reason)
