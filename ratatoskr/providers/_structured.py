@@ -144,6 +144,7 @@ def _fields(root: EmailMessage, raw: bytes, message: Outbound) -> Fields:
     if len(from_) != 1:
         raise Unrepresentable(f"{len(from_)} From addresses: the API takes exactly one")
     to, cc, bcc = _recipients(root, message.envelope.recipients)
+    html = _content(html_part)
     return Fields(
         from_=from_[0],
         to=to,
@@ -152,8 +153,8 @@ def _fields(root: EmailMessage, raw: bytes, message: Outbound) -> Fields:
         reply_to=_addresses(root, "Reply-To"),
         subject=str(root.get("Subject", "") or ""),
         text=_content(text_part),
-        html=_content(html_part),
-        parts=tuple(_part(p) for p in _leaves(root) if not any(p is b for b in bodies)),
+        html=html,
+        parts=tuple(_part(p, html or "") for p in _leaves(root) if not any(p is b for b in bodies)),
         headers=custom_headers(raw),
         tags=message.tags,
     )
@@ -195,7 +196,9 @@ def _leaves(root: EmailMessage) -> list[EmailMessage]:
     return found
 
 
-def _part(part: EmailMessage) -> Part:
+def _part(part: EmailMessage, html: str) -> Part:
+    """One attachment. It is inline when it has a Content-ID and is not marked as an
+    attachment, or when the HTML shows it (``cid:…``) whatever its disposition says."""
     if part.get_content_type() == "message/rfc822":
         inner = cast(list[EmailMessage], part.get_payload())[0]
         content = inner.as_bytes(policy=policy.compat32.clone(linesep="\r\n"))
@@ -211,7 +214,7 @@ def _part(part: EmailMessage) -> Part:
         params=tuple((k.lower(), str(v)) for k, v in params if v and k.lower() != "name"),
         content=content,
         content_id=cid,
-        inline=bool(cid) and disposition != "attachment",
+        inline=bool(cid) and (disposition != "attachment" or f"cid:{cid}" in html),
     )
 
 
