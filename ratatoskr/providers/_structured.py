@@ -219,7 +219,8 @@ def _part(part: EmailMessage, html: str) -> Part:
 
 
 def _content(part: MIMEPart | None) -> str | None:
-    return None if part is None else cast(str, part.get_content())
+    # Lines end in CRLF on the wire; the APIs take text and write their own line ends.
+    return None if part is None else cast(str, part.get_content()).replace("\r\n", "\n")
 
 
 def _addresses(root: EmailMessage, name: str) -> tuple[Address, ...]:
