@@ -44,7 +44,12 @@ def test_attachments_inline_parts_and_bodies_are_carried_exactly():
     assert fields.text == "Hello.\n" and fields.html is not None and "cid:logo@x.test" in fields.html
     [logo, pdf] = fields.parts
     assert (logo.content, logo.content_id, logo.inline) == (image, "logo@x.test", True)
-    assert (pdf.content, pdf.filename, pdf.content_type, pdf.inline) == (blob, "Rechnung März.pdf", "application/pdf", False)
+    assert (pdf.content, pdf.filename, pdf.content_type, pdf.inline) == (
+        blob,
+        "Rechnung März.pdf",
+        "application/pdf",
+        False,
+    )
 
 
 def test_envelope_decides_recipients_and_bcc_comes_only_from_it():
