@@ -23,6 +23,7 @@ Point a ``resend`` provider at ``base_url = fake.url`` with ``api_key = fake.api
 Switches besides the shared ones (:mod:`tests.fakes.base`)::
 
     fake.error("security_error")         # that error with its documented status and text
+    fake.answer_late(0.5)                # send at once, answer 0.5 s later (a lost answer)
     fake.rate_limit(retry_after=30)      # 429 rate_limit_exceeded with retry-after
 """
 
@@ -109,6 +110,7 @@ class FakeResend(FakeServer):
         self.sends_by_key: dict[str, int] = {}
         self.keys_seen: list[str] = []
         self._idempotent: dict[str, tuple[str, web.Response | None]] = {}
+        self.answer_delay = 0.0  # see answer_late()
 
     @property
     def url(self) -> str:
@@ -136,6 +138,10 @@ class FakeResend(FakeServer):
 
     def rate_limit(self, *, retry_after: float = 1, times: int | None = 1) -> None:
         self.error("rate_limit_exceeded", headers={"retry-after": str(int(retry_after))}, times=times)
+
+    def answer_late(self, seconds: float) -> None:
+        """The next send is carried out at once but answered ``seconds`` late."""
+        self.answer_delay = seconds
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -183,7 +189,10 @@ class FakeResend(FakeServer):
                 return answer("invalid_idempotent_request")
             if first is None:
                 return answer("concurrent_idempotent_requests")
-            return first  # the first answer again; nothing is sent twice
+            # The first answer again (a new response object: one is sent only once); nothing
+            # is sent twice.
+            assert first.body is not None
+            return web.Response(status=first.status, body=bytes(first.body), headers=first.headers)
         self._idempotent[key] = (digest, None)
         try:
             response = await self._send(raw, key)
@@ -194,6 +203,11 @@ class FakeResend(FakeServer):
             del self._idempotent[key]
         else:
             self._idempotent[key] = (digest, response)
+        if self.answer_delay:
+            # Sent, and only then slow to answer: a client that gives up meanwhile does not
+            # know the message went (the case Idempotency-Key is for).
+            delay, self.answer_delay = self.answer_delay, 0.0
+            await asyncio.sleep(delay)
         return response
 
     async def _send(self, raw: bytes, key: str = "") -> web.Response:
