@@ -1,6 +1,7 @@
 """Failover across kinds with the structured-API providers (SendGrid, Postmark, Resend) in
 front: a message one cannot carry goes to the next, a rate limit is waited out, and metrics and
-/readyz say what happened throughout. Real daemon, real SMTP, fake provider servers."""
+/readyz say what happened throughout; and ``check --probe`` for each. Real daemon, real SMTP,
+fake provider servers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from ratatoskr.queue.sqlite import QueueAdmin
 from tests.conftest import metric, queue_counts, smtp_send, wait_until
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
+from tests.fakes.resend import FakeResend
 from tests.fakes.sendgrid import FakeSendGrid
+from tests.process import write_config
+from tests.test_providers_e2e import check_probe, spool_section
 
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
 SMALL = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: small {n}\r\n\r\nbody {n}\r\n"
@@ -169,3 +173,25 @@ async def test_no_provider_can_carry_it_so_it_is_dead_with_the_reasons(
     assert metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 1
     status, _ = await ready(daemon)
     assert status == 200
+
+
+async def test_check_probe_works_for_each_structured_kind(tmp_path, fake_sendgrid, fake_postmark):
+    """``check --probe``: SendGrid's scopes, Postmark's server (whose answer holds its tokens)
+    and Resend's restricted-key answer all pass; no key is printed; nothing is sent."""
+    async with FakeResend() as fake_resend:
+        fakes = (fake_sendgrid, fake_postmark, fake_resend)
+        entries = [f.provider_entry() for f in fakes]
+        config = write_config(tmp_path / "ok.toml", spool_section(tmp_path), entries)
+        code, out = await check_probe(config)
+        assert code == 0, out
+        assert "probe sendgrid: ok: key has the mail.send scope" in out
+        assert "probe postmark: ok: server 'Relay' is live" in out
+        assert "probe resend: ok: sending key accepted" in out
+        fake_resend.revoke_key()
+        fake_postmark.revoke_key()
+        code, out = await check_probe(config)
+        assert code == 1, out
+        assert "probe postmark: FAILED: bad credentials" in out
+        assert "probe resend: FAILED: bad credentials" in out
+        assert not any(f.api_key in out for f in fakes)
+        assert all(not f.messages for f in fakes)
