@@ -172,3 +172,27 @@ async def test_the_test_token_validates_without_delivering(fake, make):
     """POSTMARK_API_TEST is answered like a send and nothing is delivered (the fake as Postmark)."""
     receipt = await make(api_key="POSTMARK_API_TEST").send(outbound())
     assert receipt.provider_id and fake.messages == []
+
+
+def test_settings_are_checked_and_named():
+    """A bad message_stream is refused naming its key; track_* default to off."""
+    from ratatoskr.errors import ConfigError
+
+    entry = {"kind": "postmark", "api_key": "t", "message_stream": "no spaces please"}
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.message_stream"):
+        settings_of(entry)
+    settings = settings_of({"kind": "postmark", "api_key": "t"})
+    assert not settings.track_opens and not settings.track_clicks  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.track_opens: unknown key"):
+        settings_of({"kind": "resend", "api_key": "t", "track_opens": True})
+
+
+async def test_a_later_call_failing_reports_only_its_recipients(make, fake):
+    """Split in three, the second call answered 503: the first call's recipients are done, the
+    rest are in the receipt to be queued again on their own, nobody gets a second copy."""
+    bcc = tuple(f"r{n}@example.org" for n in range(51))
+    fake.fail(503, after=1, route="send")
+    receipt = await make().send(outbound(RAW, (BOB, *bcc)))
+    assert receipt.provider_id == fake.messages[0].id and len(fake.messages) == 1
+    assert receipt.retry_later == bcc[49:] and set(receipt.rejected) == set(bcc[49:])
+    assert "call 2 of 3" in receipt.rejected[bcc[49]]

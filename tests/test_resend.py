@@ -196,3 +196,14 @@ async def test_probe_counts_restricted_api_key_as_a_valid_sending_key(make, fake
     result = await make().probe()
     assert result.ok and "example.com" in result.detail
     assert fake.messages == []
+
+
+async def test_a_later_call_refused_sends_its_recipients_elsewhere(make, fake):
+    """The second of two calls refused (422): its recipient goes to another provider; the first
+    call's id is kept and nobody is sent twice."""
+    bcc = tuple(f"r{n}@example.org" for n in range(50))
+    fake.error("invalid_parameter")
+    fake.failures[-1].after = 1
+    receipt = await make().send(outbound(RAW, (BOB, *bcc)))
+    assert receipt.provider_id == fake.messages[0].id and len(fake.messages) == 1
+    assert receipt.retry_elsewhere == (bcc[49],) and not receipt.retry_later

@@ -27,19 +27,27 @@ recipients; every other envelope recipient becomes a Bcc. The Bcc header itself 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.errors
 import mimetypes
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
-from typing import cast
+from typing import TypeVar, cast
 
+from ratatoskr.errors import DeliveryError, PermanentFailure
 from ratatoskr.message import Address
 from ratatoskr.mime import split_head
-from ratatoskr.providers.base import Outbound
+from ratatoskr.providers.base import Outbound, Receipt
+
+T = TypeVar("T")
+#: Above this many bytes, taking a message apart runs in a worker thread: parsing and base64
+#: of megabytes would stall the event loop that SMTP and HTTP ingress share.
+THREAD_THRESHOLD = 256 * 1024
 
 #: Headers that are fields of their own, or that the provider writes itself (its own trace,
 #: date, MIME structure and DKIM signature: the client's would not verify after the rebuild).
@@ -304,6 +312,59 @@ def attachment_name(part: Part) -> str:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+async def off_loop(size: int, build: Callable[[], T]) -> T:
+    """``build()``, in a worker thread when the message is large (see THREAD_THRESHOLD)."""
+    if size < THREAD_THRESHOLD:
+        return build()
+    return await asyncio.to_thread(build)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request of a message sent in several: its recipients and its JSON body."""
+
+    recipients: tuple[str, ...]
+    body: bytes
+
+
+async def send_calls(
+    provider: str,
+    calls: Sequence[Call],
+    post: Callable[[int, Call], Awaitable[str]],
+    rejected: dict[str, str],
+) -> Receipt:
+    """Make each call in order (``post`` returns the provider's id or raises) and keep every id.
+
+    The first call failing fails the message: nothing was sent. A later one must not, because
+    the recipients of the earlier calls have their copy and would get it again. Its recipients
+    and those of the calls not made are put in the receipt instead, for the dispatcher to queue
+    a copy for them: to try again later (temporary trouble), at another provider (this one
+    refused the message), or to bounce (refused for good)."""
+    ids: list[str] = []
+    later: list[str] = []
+    elsewhere: list[str] = []
+    for n, call in enumerate(calls):
+        try:
+            ids.append(await post(n, call))
+        except DeliveryError as exc:
+            if not n:
+                raise
+            rest = [r for c in calls[n:] for r in c.recipients]
+            rejected.update((r, f"{exc.reason} (call {n + 1} of {len(calls)})") for r in rest)
+            if not isinstance(exc, PermanentFailure):
+                later += rest
+            elif not exc.final:
+                elsewhere += rest
+            break
+    return Receipt(
+        provider=provider,
+        provider_id=", ".join(ids),
+        rejected=rejected,
+        retry_later=tuple(later),
+        retry_elsewhere=tuple(elsewhere),
+    )
 
 
 def repeated(headers: tuple[tuple[str, str], ...]) -> str | None:

@@ -10,9 +10,10 @@ takes one; all of them go in ``Metadata.tags``), and the queue id as ``Metadata.
 ``MessageStream`` when ``message_stream`` is.
 
 More than 50 recipients (Postmark's limit; per field or in total is unclear, so in total) go in
-several calls (:func:`~ratatoskr.providers._structured.split_calls`), each id recorded; a
-failure after an accepted call is raised, so the message is retried and the earlier recipients
-may get a duplicate (Postmark has no idempotency key). A request over 10 MB (Postmark measures
+several calls (:func:`~ratatoskr.providers._structured.split_calls`), each id recorded; when a
+later call fails, the recipients it and the calls after it cover are reported in the receipt
+and queued again on their own (:func:`~ratatoskr.providers._structured.send_calls`), so the
+earlier ones get no second copy. A request over 10 MB (Postmark measures
 after base64) or a body over 5 MB is not sent: this provider skips it (:class:`CannotCarry`).
 
 Errors are classified by the body's ``ErrorCode``, not the status (nearly all are 422); a 200
@@ -31,11 +32,14 @@ from typing import Any, ClassVar, Self
 
 from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._structured import (
+    Call,
     Fields,
     Part,
     Unrepresentable,
     attachment_name,
     b64,
+    off_loop,
+    send_calls,
     split_calls,
     take_apart,
 )
@@ -96,29 +100,28 @@ class PostmarkProvider(HttpProvider):
     settings: PostmarkSettings
 
     async def send(self, message: Outbound) -> Receipt:
+        calls = await off_loop(len(message.raw), lambda: self.calls(message))
+        rejected: dict[str, str] = {}
+
+        async def post(_: int, call: Call) -> str:
+            return self.read_send(await self._post(call.body), rejected)
+
+        return await send_calls(self.name, calls, post, rejected)
+
+    def calls(self, message: Outbound) -> list[Call]:
+        """The requests for ``message``, or CannotCarry before any is made."""
         try:
-            fields = take_apart(message)
+            parts = split_calls(take_apart(message), MAX_RECIPIENTS)
             calls = [
-                self.payload(f, message.id, n) for n, f in enumerate(split_calls(fields, MAX_RECIPIENTS))
+                Call(f.recipients, json.dumps(self.payload(f, message.id, n)).encode())
+                for n, f in enumerate(parts)
             ]
         except Unrepresentable as exc:
             raise CannotCarry(f"Postmark cannot carry this message: {exc}", provider=self.name) from None
-        bodies = [json.dumps(p).encode() for p in calls]
-        if len(bodies[0]) > MAX_REQUEST_BYTES:
-            reason = f"message too large for Postmark ({len(bodies[0])} bytes as JSON, limit 10 MB)"
+        if len(calls[0].body) > MAX_REQUEST_BYTES:
+            reason = f"message too large for Postmark ({len(calls[0].body)} bytes as JSON, limit 10 MB)"
             raise CannotCarry(reason, provider=self.name)
-        ids: list[str] = []
-        rejected: dict[str, str] = {}
-        for n, body in enumerate(bodies):
-            answer = await self._post(body)
-            try:
-                ids.append(self.read_send(answer, rejected))
-            except DeliveryError as exc:
-                if not n:
-                    raise
-                note = f" (call {n + 1} of {len(bodies)}; earlier ones accepted as {', '.join(ids)})"
-                raise type(exc)(exc.reason + note, provider=self.name, status=exc.status) from exc
-        return Receipt(provider=self.name, provider_id=", ".join(ids), rejected=rejected)
+        return calls
 
     async def _post(self, body: bytes) -> HttpAnswer:
         return await self.request(

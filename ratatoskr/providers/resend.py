@@ -17,7 +17,8 @@ Not carried, so skipped (:class:`CannotCarry`), besides what
 object), attachments over 40 MB in base64, and an attachment whose type contradicts its name's
 extension: Resend answers 200 and silently never delivers such a message (§4.10). A generic
 ``application/octet-stream`` part with a known extension goes without ``content_type``, and
-Resend derives the type from the name. More than 50 recipients go in several calls.
+Resend derives the type from the name. More than 50 recipients go in several calls; when a
+later one fails, its recipients are queued again on their own (the earlier ones are done).
 
 Errors are classified by ``name`` (and status, for ``validation_error``), never by status alone.
 Resend has no read-only call a sending key may make, so the probe is ``GET /domains``, where a
@@ -35,12 +36,15 @@ from typing import Any, ClassVar
 
 from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
 from ratatoskr.providers._structured import (
+    Call,
     Fields,
     Part,
     Unrepresentable,
     attachment_name,
     b64,
+    off_loop,
     repeated,
+    send_calls,
     split_calls,
     take_apart,
 )
@@ -90,25 +94,21 @@ class ResendProvider(HttpProvider):
     settings: ResendSettings
 
     async def send(self, message: Outbound) -> Receipt:
+        calls = await off_loop(len(message.raw), lambda: self.calls(message))
+
+        async def post(n: int, call: Call) -> str:
+            key = f"ratatoskr/{message.id}" + (f"/{n + 1}" if len(calls) > 1 else "")
+            return self.read_send(await self._post(call.body, key))
+
+        return await send_calls(self.name, calls, post, {})
+
+    def calls(self, message: Outbound) -> list[Call]:
+        """The requests for ``message``, or CannotCarry before any is made."""
         try:
-            calls = [self.payload(f, message.id) for f in split_calls(take_apart(message), MAX_RECIPIENTS)]
+            parts = split_calls(take_apart(message), MAX_RECIPIENTS)
+            return [Call(f.recipients, json.dumps(self.payload(f, message.id)).encode()) for f in parts]
         except Unrepresentable as exc:
             raise CannotCarry(f"Resend cannot carry this message: {exc}", provider=self.name) from None
-        ids: list[str] = []
-        for n, payload in enumerate(calls):
-            key = f"ratatoskr/{message.id}" + (f"/{n + 1}" if len(calls) > 1 else "")
-            answer = await self._post(json.dumps(payload).encode(), key)
-            try:
-                ids.append(self.read_send(answer))
-            except DeliveryError as exc:
-                if not n:
-                    raise
-                # Retrying is safe: the accepted calls answer again from their idempotency keys.
-                note = f" (call {n + 1} of {len(calls)}; earlier ones accepted as {', '.join(ids)})"
-                raise type(exc)(
-                    exc.reason + note, provider=self.name, status=exc.status, retry_after=exc.retry_after
-                ) from exc
-        return Receipt(provider=self.name, provider_id=", ".join(ids))
 
     async def _post(self, body: bytes, idempotency_key: str) -> HttpAnswer:
         headers = {**self._auth(), "Content-Type": "application/json", "Idempotency-Key": idempotency_key}

@@ -37,6 +37,7 @@ from ratatoskr.providers._structured import (
     Unrepresentable,
     attachment_name,
     b64,
+    off_loop,
     repeated,
     take_apart,
 )
@@ -96,14 +97,7 @@ class SendGridProvider(HttpProvider):
     settings: SendGridSettings
 
     async def send(self, message: Outbound) -> Receipt:
-        try:
-            payload = self.payload(take_apart(message), message.id)
-        except Unrepresentable as exc:
-            raise CannotCarry(f"SendGrid cannot carry this message: {exc}", provider=self.name) from None
-        body = json.dumps(payload).encode()
-        if len(body) > MAX_REQUEST_BYTES:
-            reason = f"message too large for SendGrid ({len(body)} bytes as JSON, limit 30 MB)"
-            raise CannotCarry(reason, provider=self.name)
+        body = await off_loop(len(message.raw), lambda: self.body(message))
         answer = await self.request(
             "POST",
             "/v3/mail/send",
@@ -113,6 +107,18 @@ class SendGridProvider(HttpProvider):
         if answer.status == 202:
             return Receipt(provider=self.name, provider_id=answer.headers.get("X-Message-Id", ""))
         raise self.refusal(answer)
+
+    def body(self, message: Outbound) -> bytes:
+        """The request body for ``message``, or CannotCarry before any request is made."""
+        try:
+            payload = self.payload(take_apart(message), message.id)
+        except Unrepresentable as exc:
+            raise CannotCarry(f"SendGrid cannot carry this message: {exc}", provider=self.name) from None
+        body = json.dumps(payload).encode()
+        if len(body) > MAX_REQUEST_BYTES:
+            reason = f"message too large for SendGrid ({len(body)} bytes as JSON, limit 30 MB)"
+            raise CannotCarry(reason, provider=self.name)
+        return body
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._secret}"}
