@@ -93,7 +93,44 @@ async def session(
     return ok, len(codes) - ok
 
 
+async def probe(args: argparse.Namespace) -> None:
+    """One session sending back to back until stdin closes: the reply latency under someone
+    else's load (smtp-source reports only its total time). Prints ``ready`` once the first
+    message (not timed) is through, then the JSON line at the end."""
+    payload = make_message(args.size) + b".\r\n"
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    stop = loop.run_in_executor(None, sys.stdin.buffer.read)
+    codes = []
+
+    def ready() -> None:  # the first message is through: the load may start
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+
+    started = time.perf_counter()
+    if args.persistent:
+        reader, writer = await asyncio.open_connection(args.host, args.port)
+        await reply(reader)
+        codes.append(await transaction(reader, writer, payload, [], ehlo=True))
+        ready()
+        while not stop.done():
+            codes.append(await transaction(reader, writer, payload, latencies))
+        writer.close()
+    else:
+        codes.append(await one_message(args.host, args.port, payload, []))
+        ready()
+        while not stop.done():
+            codes.append(await one_message(args.host, args.port, payload, latencies))
+    await stop
+    ok = sum(1 for c in codes if c == 250)
+    wall = time.perf_counter() - started
+    json.dump({"ok": ok, "refused": len(codes) - ok, "wall": wall, "latencies": latencies}, sys.stdout)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.probe:
+        await probe(args)
+        return
     data = make_message(args.size)
     latencies: list[float] = []
     per_session = [args.messages // args.sessions] * args.sessions
@@ -130,5 +167,10 @@ if __name__ == "__main__":
         "--persistent",
         action="store_true",
         help="send every message of a session over one connection (smtp-source -d)",
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="one session, sending until stdin is closed (latency beside another load)",
     )
     asyncio.run(main(parser.parse_args()))

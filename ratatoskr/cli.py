@@ -16,7 +16,7 @@ from ratatoskr.auth import hash_password
 from ratatoskr.config import Config
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.providers import build_providers
-from ratatoskr.queue.sqlite import QueueAdmin, StoredMessage
+from ratatoskr.queue import Queue, StoredMessage, queue_for
 
 OK, TROUBLE, USAGE = 0, 1, 2
 
@@ -76,6 +76,9 @@ def _serve(config: Config, path: str | None) -> int:
     except QueueUnavailable as exc:
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    except ConfigError as exc:  # found only once connected: synchronous_commit = off
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     except OSError as exc:
         print(f"ratatoskr: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return TROUBLE
@@ -105,7 +108,7 @@ def describe(config: Config) -> list[str]:
         f"STARTTLS {'on' if smtp.tls_cert else 'off'}, implicit TLS {smtp.tls_listen or 'off'}"
         f"{'' if smtp.trust_loopback else ', loopback not trusted'}",
         f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (loopback callers only)'}",
-        f"queue: {config.spool.path}",
+        f"queue: {_queue_place(config)}",
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
     ]
     for i, p in enumerate(config.providers):
@@ -113,9 +116,43 @@ def describe(config: Config) -> list[str]:
     return lines
 
 
+def _queue_place(config: Config) -> str:
+    if config.spool.url is None:
+        return str(config.spool.path)
+    return f"{config.spool.place} (cluster mode; temporary files in {config.spool.path})"
+
+
+async def _check_cluster(config: Config) -> bool:
+    """Cluster mode: connect, and show the schema version and the nodes seen recently."""
+    from ratatoskr.queue.postgres import PostgresQueue
+
+    assert config.spool.url is not None
+    queue = PostgresQueue(config.spool.url, lifetime=config.delivery.max_queue_lifetime)
+    try:
+        await queue.open(create=False)
+        lines = await queue.describe()
+    except QueueUnavailable as exc:
+        print(f"queue database: FAILED: {exc}")
+        return False
+    finally:
+        await queue.close()
+    print("queue database: connected")
+    for line in lines:
+        print(line)
+    return True
+
+
 def _check(config: Config, *, probe: bool) -> int:
     for line in describe(config):
         print(line)
+    if config.spool.url is not None:
+        try:
+            reachable = asyncio.run(_check_cluster(config))
+        except ConfigError as exc:  # synchronous_commit = off
+            print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+            return USAGE
+        if not reachable:
+            return TROUBLE
     if not probe:
         print("config ok")
         return OK
@@ -131,45 +168,51 @@ async def _probe_all(config: Config) -> int:
         finally:
             await provider.close()
         failing += not result.ok
-        print(f"probe {provider.name}: {'ok' if result.ok else 'FAILED'}: {result.detail}")
+        word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
+        print(f"probe {provider.name}: {word}: {result.detail}")
     return failing
 
 
 def _queue(config: Config, args: argparse.Namespace) -> int:
+    return asyncio.run(_queue_command(config, args))
+
+
+async def _queue_command(config: Config, args: argparse.Namespace) -> int:
+    admin = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime)
     try:
-        admin = QueueAdmin(config.spool.path, lifetime=config.delivery.max_queue_lifetime)
-    except Exception as exc:  # noqa: BLE001 - sqlite and OS errors alike: say what and where
-        print(f"ratatoskr: cannot open queue in {config.spool.path}: {exc}", file=sys.stderr)
+        await admin.open()
+    except QueueUnavailable as exc:  # says what and where
+        print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
     try:
-        return _queue_action(admin, args)
+        return await _queue_action(admin, args)
     finally:
-        admin.close()
+        await admin.close()
 
 
-def _queue_action(admin: QueueAdmin, args: argparse.Namespace) -> int:
+async def _queue_action(admin: Queue, args: argparse.Namespace) -> int:
     if args.action == "list":
-        messages = admin.list()
+        messages = await admin.list()
         for m in messages:
             print(_list_line(m))
-        counts, _ = admin.stats()
+        counts, _ = await admin.stats()
         print(f"-- {len(messages)} messages: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
         return OK
     if args.action == "show":
-        message = admin.show(args.id)
+        message = await admin.show(args.id)
         if message is None:
             print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
         print(_show(message))
         return OK
     if args.action == "retry":
-        count = admin.retry(None if args.all else args.id)
+        count = await admin.retry(None if args.all else args.id)
         if not count and not args.all:
             print(f"ratatoskr: no waiting or dead message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
         print(f"{count} messages due now")
         return OK
-    count = admin.delete(args.id)
+    count = await admin.delete(args.id)
     if not count:
         print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
         return TROUBLE
@@ -201,6 +244,6 @@ def _show(m: StoredMessage) -> str:
         "recipients": list(m.envelope.recipients),
         "meta": m.meta,
         "last_error": m.last_error,
-        "history": m.history,
+        "history": [attempt.as_json() for attempt in m.history],
     }
     return json.dumps(info, indent=2, ensure_ascii=False) + "\n\n" + head

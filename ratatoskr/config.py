@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
@@ -93,6 +94,28 @@ class HttpConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = Path("./var")
+    url: str | None = None  # postgresql://…: cluster mode; path then only holds temporary files
+    lease: float = 30.0  # seconds a node's claim lasts unless it extends it (cluster mode)
+
+    def url_password(self) -> str | None:
+        return urlsplit(self.url).password if self.url else None
+
+    @property
+    def place(self) -> str:
+        """Where the queue is, for logs and ``check``: the url without its password, or the path."""
+        return redact_url(self.url) if self.url else str(self.path)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://***"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +153,7 @@ class Config:
         found = [k.reveal() for p in self.providers for k in p.secrets()]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
+        found.append(self.spool.url_password() or "")
         return [s for s in found if s]
 
 
@@ -352,6 +376,13 @@ def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
     return result
 
 
+def _spool(t: _Table) -> SpoolConfig:
+    url = t.get("url", str, "") or None
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(t.key("url"), "must be a postgresql:// url")
+    return SpoolConfig(Path(t.get("path", str, "./var")), url, t.positive("lease", float, 30.0))
+
+
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     """Build a :class:`Config` from a parsed TOML document."""
     root = _Table("", data)
@@ -359,7 +390,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     config = Config(
         smtp=_section(root, "smtp", _smtp),
         http=_section(root, "http", _http),
-        spool=_section(root, "spool", lambda t: SpoolConfig(Path(t.get("path", str, "./var")))),
+        spool=_section(root, "spool", _spool),
         delivery=_section(root, "delivery", _delivery),
         providers=_providers(data.get("providers")),
         log=_section(root, "log", _log),

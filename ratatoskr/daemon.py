@@ -33,7 +33,7 @@ from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
-from ratatoskr.queue.sqlite import Spool
+from ratatoskr.queue import queue_for
 from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.limits import ConnectionLimiter
 from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
@@ -59,7 +59,8 @@ class Daemon:
         between WATCHDOG=1 pings (None: systemd expects none)."""
         self.config = config
         self.metrics = Metrics()
-        self.spool = Spool(config.spool.path, lifetime=config.delivery.max_queue_lifetime, clock=clock)
+        # Named after the [spool] section; any backend behind the Queue protocol.
+        self.spool = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime, clock=clock)
         self.providers = build_providers(config.providers)
         self.dispatcher = Dispatcher(
             self.spool,
@@ -91,7 +92,7 @@ class Daemon:
         self._watchdog_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.spool.open()
+        await self.spool.open()
         requeued, buried = await self.spool.recover(self.config.delivery.max_recoveries)
         if requeued or buried:
             log.warning("recovered %d in-flight messages, quarantined %d as dead", requeued, buried)
@@ -109,7 +110,7 @@ class Daemon:
             __version__,
             listeners,
             _shown(self.config.http.listen, self.http_port),
-            self.config.spool.path,
+            self.config.spool.place,
             ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
         )
         self.notifier.ready(f"smtp {listeners}")
@@ -152,7 +153,7 @@ class Daemon:
         services = Services(
             config=self.config.http,
             ingest=self.ingest,
-            spool=self.spool,
+            queue=self.spool,
             dispatcher=self.dispatcher,
             metrics=self.metrics,
             max_message_size=self.config.smtp.max_message_size,

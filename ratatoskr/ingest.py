@@ -11,7 +11,7 @@ from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.mime import prepare_parts
-from ratatoskr.queue.sqlite import Spool, new_id
+from ratatoskr.queue import Queue, new_id
 
 log = logging.getLogger("ratatoskr.ingest")
 
@@ -41,13 +41,13 @@ class Ingest:
 
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue,
         metrics: Metrics,
         *,
         hostname: str,
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.metrics = metrics
         self.hostname = hostname
         self.on_queued = on_queued
@@ -98,7 +98,7 @@ class Ingest:
             "ingress": ingress,
             "size": sum(len(p) for p in parts),
         }
-        await self.spool.put(qid, envelope, parts, meta)
+        await self.queue.put(qid, envelope, parts, meta)
         self.metrics.received(ingress)
         log.info(
             "queued id=%s message_id=%s ingress=%s from=<%s> recipients=%d size=%d",

@@ -14,6 +14,7 @@ import email.header
 import email.message
 import email.utils
 import re
+from collections.abc import Iterable
 from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser, BytesParser
@@ -31,6 +32,7 @@ _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 # that with one regex saves parsing the whole MIME tree of nearly every multipart message.
 _TEXT_PART = re.compile(rb"(?im)^content-type:[ \t]*text/plain\b")
 TAG_HEADERS = ("X-Tag", "X-Mailgun-Tag", "X-MC-Tags")
+_TAG_HEADER_NAMES = frozenset(h.lower() for h in TAG_HEADERS)
 #: Message bytes as SMTP reads them (a bytearray, never copied) or as the queue returns them.
 Bytes = bytes | bytearray
 
@@ -184,15 +186,54 @@ def _decoded(value: object) -> str:
         return str(value)
 
 
-def header_tags(raw: bytes) -> tuple[str, ...]:
-    """Tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``, reading only the header block."""
+def header_tags(raw: Bytes) -> tuple[str, ...]:
+    """Tags from the tag headers, reading only the header block, each exactly as written:
+    unfolded, RFC 2047 words decoded, ``X-Tag``/``X-MC-Tags`` split on commas (their
+    definitions are comma lists) and ``X-Mailgun-Tag`` one tag per header (as Mailgun defines
+    it). Duplicates are dropped, first occurrence kept."""
     head, _ = split_head(raw)
-    return _tags(BytesHeaderParser(policy=policy.compat32).parsebytes(head))
-
-
-def _tags(msg: email.message.Message) -> tuple[str, ...]:
     tags: list[str] = []
-    for name in TAG_HEADERS:
-        for value in msg.get_all(name) or []:
-            tags += [t.strip() for t in str(value).split(",") if t.strip()]
-    return tuple(dict.fromkeys(tags))
+    for name, value in _named_fields(head):
+        if name not in _TAG_HEADER_NAMES:
+            continue
+        text = header_text(value)
+        tags += [text] if name == "x-mailgun-tag" else text.split(",")
+    return tuple(dict.fromkeys(t.strip() for t in tags if t.strip()))
+
+
+def header_text(value: bytes) -> str:
+    """A header field's value as text: UTF-8 (SMTPUTF8 mail), unfolded, RFC 2047 decoded."""
+    text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        return text
+
+
+def header_values(raw: Bytes, name: str) -> list[str]:
+    """The values of every ``name`` field in the header block, as :func:`header_text` gives them."""
+    head, _ = split_head(raw)
+    return [header_text(value) for field_name, value in _named_fields(head) if field_name == name.lower()]
+
+
+def _named_fields(head: Bytes) -> list[tuple[str, bytes]]:
+    found = []
+    for field in _fields(head):
+        name, colon, value = field.partition(b":")
+        if colon:
+            found.append((name.strip().decode("ascii", "replace").lower(), value))
+    return found
+
+
+def drop_headers(raw: bytes, names: Iterable[str]) -> bytes:
+    """``raw`` without any field named in ``names``; every other byte untouched."""
+    wanted = {n.lower() for n in names}
+    head, body = split_head(raw)
+    kept = [
+        f
+        for f in _fields(head)
+        if f.partition(b":")[0].strip().decode("ascii", "replace").lower() not in wanted
+    ]
+    return b"".join(kept) + body

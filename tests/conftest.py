@@ -9,6 +9,8 @@ standard library's smtplib is blocking) or speak raw lines through :class:`RawSm
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import smtplib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, settings
 
 from ratatoskr import config as config_mod
 from ratatoskr.daemon import Daemon
+from ratatoskr.queue import Queue, StoredMessage, queue_for
 
 # Fixtures for the fake provider servers live beside the fakes themselves.
 pytest_plugins = ["tests.fakes.fixtures"]
@@ -249,3 +252,25 @@ async def queue_drained(daemon: Daemon, timeout: float = 10.0) -> None:
         return sum(counts.values()) == 0
 
     await wait_until(empty, timeout, what="an empty queue")
+
+
+@contextlib.asynccontextmanager
+async def admin_queue(path: Path, *, lifetime: float = 3600) -> AsyncIterator[Queue]:
+    """A second handle on a queue, as ``ratatoskr queue …`` opens it (wall-clock time)."""
+    queue = queue_for(config_mod.SpoolConfig(path), lifetime=lifetime)
+    await queue.open()
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def queue_listing(path: Path) -> list[StoredMessage]:
+    """``queue list`` from code that cannot await (a polling predicate): runs in a thread."""
+
+    async def listing() -> list[StoredMessage]:
+        async with admin_queue(path) as queue:
+            return await queue.list()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, listing()).result()

@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from ratatoskr.queue.sqlite import QueueAdmin, State
+from ratatoskr.queue import State
+from tests.conftest import queue_listing
 from tests.process import DaemonProcess, free_port, write_config
 
 SEED = int(os.environ.get("RATATOSKR_CRASH_SEED", "20260807"))
@@ -196,11 +197,7 @@ class CrashLoop:
         self.figures.delivered = Counter(self.delivered())
 
     def queue(self) -> list[Any]:
-        admin = QueueAdmin(self.spool, lifetime=3600)
-        try:
-            return admin.list()
-        finally:
-            admin.close()
+        return queue_listing(self.spool)
 
     def delivered(self) -> list[str]:
         return [str(m.header("Subject")) for fake in self.fakes for m in fake.messages]

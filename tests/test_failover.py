@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from ratatoskr.queue.sqlite import QueueAdmin
-from tests.conftest import metric, queue_counts, smtp_send, wait_until
+from tests.conftest import admin_queue, metric, queue_counts, smtp_send, wait_until
 
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: failover {n}\r\n\r\nbody {n}\r\n"
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
@@ -157,16 +156,13 @@ async def test_refused_by_both_is_dead_and_queue_retry_revives_it(
     daemon = await relay()
     await send(daemon, 0)
     await wait_until(lambda: _dead(daemon, 1), what="message dead")
-    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
-    try:
-        [dead] = admin.list()
+    async with admin_queue(tmp_path / "var") as admin:
+        [dead] = await admin.list()
         assert "refused by every provider" in dead.last_error
-        assert [a["outcome"] for a in dead.history] == ["permanent", "permanent"]
+        assert [a.outcome for a in dead.history] == ["permanent", "permanent"]
         fake_mailgun.heal()
         fake_mandrill.heal()
-        assert admin.retry(dead.id) == 1
-    finally:
-        admin.close()
+        assert await admin.retry(dead.id) == 1
     clock.advance(1)  # the CLI stamps real time; the daemon runs on the fake clock
     await fake_mailgun.wait_for(1)
     await wait_until(lambda: _empty(daemon), what="queue drained")
@@ -186,12 +182,9 @@ async def test_ambiguous_timeout_retries_same_provider_once_then_fails_over(
     daemon = await relay(circuit_failures=5)
     await send(daemon, 0)
     await wait_until(lambda: _deferred_or_queued(daemon, 1), what="message deferred")
-    admin = QueueAdmin(tmp_path / "var", lifetime=3600)
-    try:
-        [waiting] = admin.list()
-    finally:
-        admin.close()
-    assert [(a["provider"], a["outcome"]) for a in waiting.history] == [
+    async with admin_queue(tmp_path / "var") as admin:
+        [waiting] = await admin.list()
+    assert [(a.provider, a.outcome) for a in waiting.history] == [
         ("mailgun", "ambiguous"),
         ("mailgun", "ambiguous"),
         ("mandrill", "temporary"),

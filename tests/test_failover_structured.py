@@ -14,8 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratatoskr.queue.sqlite import QueueAdmin
-from tests.conftest import metric, queue_counts, smtp_send, wait_until
+from tests.conftest import admin_queue, metric, queue_counts, smtp_send, wait_until
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.resend import FakeResend
@@ -166,7 +165,8 @@ async def test_no_provider_can_carry_it_so_it_is_dead_with_the_reasons(
         return (await queue_counts(daemon)).get("dead", 0) == 1
 
     await wait_until(dead, what="the signed message dead")
-    [stored] = QueueAdmin(tmp_path / "var", lifetime=3600).list()
+    async with admin_queue(tmp_path / "var") as admin:
+        [stored] = await admin.list()
     assert "SendGrid cannot carry this message: signed mail" in stored.last_error
     assert "Postmark cannot carry this message: signed mail" in stored.last_error
     assert fake_sendgrid.calls == [] and fake_postmark.calls == []

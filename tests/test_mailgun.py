@@ -132,7 +132,7 @@ async def test_a_later_chunk_failing_says_what_was_accepted(mailgun, fake_mailgu
 async def test_tags_are_capped_at_ten_and_ascii(mailgun, fake_mailgun):
     """Mailgun takes at most 10 ASCII tags per message; others are left out, not refused."""
     tags = ", ".join(["café"] + [f"t{n}" for n in range(12)])
-    raw = RAW.replace(b"Subject:", f"X-Mailgun-Tag: {tags}\r\n".encode() + b"Subject:")
+    raw = RAW.replace(b"Subject:", f"X-Tag: {tags}\r\n".encode() + b"Subject:")
     await mailgun.send(outbound(raw=raw))
     assert fake_mailgun.last().tags == [f"t{n}" for n in range(10)]
 

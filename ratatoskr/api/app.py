@@ -27,7 +27,7 @@ from ratatoskr.errors import MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
-from ratatoskr.queue.sqlite import Spool
+from ratatoskr.queue import Queue
 
 log = logging.getLogger("ratatoskr.http")
 
@@ -42,7 +42,7 @@ class Services:
 
     config: HttpConfig
     ingest: Ingest
-    spool: Spool
+    queue: Queue
     dispatcher: Dispatcher
     metrics: Metrics
     max_message_size: int
@@ -178,9 +178,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def refresh_queue_metrics(services: Services) -> None:
-    counts, oldest = await services.spool.stats()
-    age = max(0.0, services.spool.clock() - oldest) if oldest is not None else 0.0
-    services.metrics.set_queue(counts, age)
+    stats = await services.queue.stats()
+    services.metrics.set_queue(stats.counts, stats.oldest_age)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -201,7 +200,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    writable = await services.spool.writable()
+    writable = await services.queue.writable()
     providers = {
         name: {"state": health.state(), "up": health.up, "last_error": health.last_error}
         for name, health in services.dispatcher.health.items()

@@ -15,7 +15,7 @@ from email.parser import BytesHeaderParser
 
 from ratatoskr.message import Envelope
 from ratatoskr.mime import split_head
-from ratatoskr.queue.sqlite import StoredMessage
+from ratatoskr.queue import StoredMessage
 
 _HEADER_LIMIT = 64 * 1024
 

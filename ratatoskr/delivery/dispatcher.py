@@ -28,7 +28,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.delivery.health import ProviderHealth
@@ -44,7 +43,7 @@ from ratatoskr.errors import (
 )
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers.base import Outbound, Provider, Receipt
-from ratatoskr.queue.sqlite import Spool, StoredMessage
+from ratatoskr.queue import NO_PROVIDER, Attempt, Outcome, Queue, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
@@ -56,7 +55,7 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 class Dispatcher:
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue,
         providers: Sequence[Provider],
         config: DeliveryConfig,
         metrics: Metrics,
@@ -65,9 +64,9 @@ class Dispatcher:
         poll_interval: float = 1.0,
         hostname: str = "localhost",
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.outcomes = Outcomes(
-            spool,
+            queue,
             config,
             clock=clock,
             hostname=hostname,
@@ -195,12 +194,12 @@ class Dispatcher:
             return []
         healths = [h for h in self.health.values() if h.available()]
         if any(h.up for h in healths):
-            return await self.spool.claim(free, exclude=self._tasks, max_bytes=budget)
+            return await self.queue.claim(free, exclude=self._tasks, max_bytes=budget)
         if healths and self._trial is None:
             # Every provider is out; one whose cool-down ended gets the oldest waiting message
             # as its trial, even one whose own backoff is not over yet. One trial at a time:
             # the provider only takes it when the delivery task runs.
-            trial = await self.spool.claim(1, exclude=self._tasks, due=float("inf"))
+            trial = await self.queue.claim(1, exclude=self._tasks, due=float("inf"))
             self._trial = trial[0].id if trial else None
             return trial
         return []
@@ -218,7 +217,7 @@ class Dispatcher:
 
     async def _bring_forward(self) -> None:
         try:
-            moved = await self.spool.reschedule_deferred(self.clock())
+            moved = await self.queue.reschedule_deferred(self.clock())
         except QueueUnavailable as exc:
             log.error("cannot reschedule deferred messages: %s", exc)
             return
@@ -240,7 +239,7 @@ class Dispatcher:
         finally:
             if not finished:
                 try:
-                    await asyncio.shield(self.spool.release(stored.id))
+                    await asyncio.shield(self.queue.release(stored.id))
                 except QueueUnavailable:
                     pass
 
@@ -262,9 +261,9 @@ class Dispatcher:
 
     async def _defer_after_bug(self, stored: StoredMessage, exc: Exception) -> bool:
         reason = f"internal error: {type(exc).__name__}"
-        attempt = {"at": round(self.clock(), 3), "provider": "-", "outcome": "error", "detail": reason}
+        attempt = Attempt(round(self.clock(), 3), NO_PROVIDER, Outcome.ERROR, detail=reason)
         try:
-            await self.spool.defer(
+            await self.queue.defer(
                 stored.id,
                 next_attempt_at=self.clock() + self.config.retry_max,
                 error=reason,
@@ -301,33 +300,30 @@ class Dispatcher:
             try:
                 receipt = await provider.send(outbound)
             except AmbiguousFailure as exc:
-                self._note(result, provider, "ambiguous", exc=exc, started=started)
+                self._note(result, provider, Outcome.AMBIGUOUS, exc=exc, started=started)
                 health.record_failure(exc.reason)
                 if not second_chance and health.acquire():
                     continue
                 return False
             except RateLimited as exc:
-                self._note(result, provider, "rate_limited", exc=exc, started=started)
+                self._note(result, provider, Outcome.RATE_LIMITED, exc=exc, started=started)
                 health.record_rate_limit(exc.retry_after, exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
             except ProviderUnavailable as exc:
-                self._note(result, provider, "unavailable", exc=exc, started=started)
+                self._note(result, provider, Outcome.UNAVAILABLE, exc=exc, started=started)
                 health.record_failure(exc.reason, unusable=True)
             except TemporaryFailure as exc:
-                self._note(result, provider, "temporary", exc=exc, started=started)
+                self._note(result, provider, Outcome.TEMPORARY, exc=exc, started=started)
                 health.record_failure(exc.reason)
                 result.retry_after = _later(result.retry_after, exc.retry_after)
             except CannotCarry as exc:
                 # Nothing was sent: not a delivery and nothing about the provider's health.
-                self._note(result, provider, "permanent", exc=exc, started=started, counted=False)
-                result.attempts[-1]["skipped"] = True
+                self._note(result, provider, Outcome.PERMANENT, exc=exc, started=started, counted=False)
                 health.release()
             except PermanentFailure as exc:
-                self._note(result, provider, "permanent", exc=exc, started=started)
+                self._note(result, provider, Outcome.PERMANENT, exc=exc, started=started)
                 health.record_success()
-                if exc.final:
-                    result.attempts[-1]["final"] = True
-                    result.final = True
+                result.final = result.final or exc.final
             except asyncio.CancelledError:
                 health.release()
                 raise
@@ -335,10 +331,10 @@ class Dispatcher:
                 # Most likely this message tripped a bug in the adapter: it says nothing about
                 # the provider, whose circuit must not open because of one odd message.
                 log.exception("id=%s provider %s failed unexpectedly", outbound.id, provider.name)
-                self._note(result, provider, "error", exc=exc, started=started)
+                self._note(result, provider, Outcome.ERROR, exc=exc, started=started)
                 health.release()
             else:
-                self._note(result, provider, "sent", exc=None, started=started, receipt=receipt)
+                self._note(result, provider, Outcome.SENT, exc=None, started=started, receipt=receipt)
                 health.record_success()
                 result.receipt = receipt
                 return True
@@ -349,7 +345,7 @@ class Dispatcher:
         self,
         result: Round,
         provider: Provider,
-        outcome: str,
+        outcome: Outcome,
         *,
         exc: BaseException | None,
         started: float,
@@ -357,24 +353,25 @@ class Dispatcher:
         counted: bool = True,
     ) -> None:
         seconds = time.monotonic() - started
-        metric = {"sent": "sent", "permanent": "permanent_failure"}.get(outcome, "temporary_failure")
         if counted:
-            self.metrics.delivery(provider.name, metric, seconds)
-        attempt: dict[str, Any] = {
-            "at": round(self.clock(), 3),
-            "provider": provider.name,
-            "outcome": outcome,
-            "seconds": round(seconds, 3),
-        }
-        if exc is not None:
-            attempt["detail"] = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-            if getattr(exc, "status", None):
-                attempt["status"] = exc.status  # type: ignore[attr-defined]
-        if receipt is not None:
-            attempt["provider_id"] = receipt.provider_id
-            if receipt.rejected:
-                attempt["rejected"] = dict(receipt.rejected)
-        result.attempts.append(attempt)
+            self.metrics.delivery(provider.name, outcome.metric, seconds)
+        result.attempts.append(
+            Attempt(
+                at=round(self.clock(), 3),
+                provider=provider.name,
+                outcome=outcome,
+                seconds=round(seconds, 3),
+                detail=_detail(exc) if exc is not None else None,
+                status=(getattr(exc, "status", None) or None) if exc is not None else None,
+                provider_id=receipt.provider_id if receipt is not None else None,
+                rejected=dict(receipt.rejected) if receipt is not None and receipt.rejected else None,
+                final=isinstance(exc, PermanentFailure) and exc.final,
+            )
+        )
+
+
+def _detail(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
 
 
 def _later(a: float | None, b: float | None) -> float | None:

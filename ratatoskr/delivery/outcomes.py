@@ -11,16 +11,15 @@ about during a long outage.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from ratatoskr.config import DeliveryConfig
 from ratatoskr.delivery.backoff import retry_delay
 from ratatoskr.delivery.bounce import build_dsn
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Receipt
-from ratatoskr.queue.sqlite import Spool, StoredMessage
+from ratatoskr.queue import Attempt, Outcome, Queue, StoredMessage
 
 log = logging.getLogger("ratatoskr.delivery")
 
@@ -32,7 +31,7 @@ _SWEEP_EVERY = 10.0
 class Round:
     """What happened to one message in one pass over the providers."""
 
-    attempts: list[dict[str, Any]]
+    attempts: list[Attempt]
     receipt: Receipt | None = None
     retry_after: float | None = None
     final: bool = False  #: refused in a way no other provider may override
@@ -41,7 +40,7 @@ class Round:
 class Outcomes:
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue,
         config: DeliveryConfig,
         *,
         clock: Callable[[], float],
@@ -49,7 +48,7 @@ class Outcomes:
         provider_names: Callable[[], Iterable[str]],
         wake: Callable[[], None],
     ) -> None:
-        self.spool = spool
+        self.queue = queue
         self.config = config
         self.clock = clock
         self.hostname = hostname
@@ -67,7 +66,7 @@ class Outcomes:
             # and the original leaves the queue only once they are all on disk.
             if receipt.rejected:
                 await self.partly_refused(stored, receipt)
-            await self.spool.complete(stored.id)
+            await self.queue.complete(stored.id)
             log.info(
                 "delivered id=%s message_id=%s provider=%s provider_id=%s",
                 stored.id,
@@ -76,7 +75,7 @@ class Outcomes:
                 receipt.provider_id,
             )
             return
-        refused = refused_by(stored.history + result.attempts)
+        refused = refused_by([*stored.history, *result.attempts])
         error = _summary(result.attempts) or "no provider is taking traffic"
         now = self.clock()
         if result.final:
@@ -93,7 +92,7 @@ class Outcomes:
                 maximum=self.config.retry_max,
                 explicit=result.retry_after,
             )
-            await self.spool.defer(
+            await self.queue.defer(
                 stored.id, next_attempt_at=now + delay, error=error, attempts=result.attempts
             )
             log.info(
@@ -102,7 +101,7 @@ class Outcomes:
 
     async def bury(self, stored: StoredMessage, reason: str, result: Round, *, expired: bool) -> None:
         await self.bounce(stored, reason, expired=expired)  # first: see record()
-        await self.spool.bury(stored.id, error=reason, attempts=result.attempts)
+        await self.queue.bury(stored.id, error=reason, attempts=result.attempts)
         self.log_dead(stored, reason)
 
     def log_dead(self, stored: StoredMessage, reason: str) -> None:
@@ -120,7 +119,7 @@ class Outcomes:
         qid = f"{stored.id}-B"
         envelope, raw = build_dsn(stored, reason, hostname=self.hostname, expired=expired, qid=qid)
         meta = {"message_id": f"<{qid}@{self.hostname}>", "ingress": "bounce", "size": len(raw)}
-        await self.spool.put(qid, envelope, raw, meta, if_absent=True)
+        await self.queue.put(qid, envelope, raw, meta, if_absent=True)
         log.info("bounce id=%s for id=%s to <%s>", qid, stored.id, stored.envelope.sender)
         self.wake()
 
@@ -131,7 +130,7 @@ class Outcomes:
         for rcpt, reason in receipt.rejected.items():
             log.warning("id=%s recipient %s refused by %s: %s", stored.id, rcpt, receipt.provider, reason)
         later, elsewhere = receipt.retry_later, receipt.retry_elsewhere
-        for recipients, outcome in ((later, "temporary"), (elsewhere, "permanent")):
+        for recipients, outcome in ((later, Outcome.TEMPORARY), (elsewhere, Outcome.PERMANENT)):
             if recipients:
                 await self.split(stored, receipt, recipients, outcome)
         final = tuple(r for r in receipt.rejected if r not in later and r not in elsewhere)
@@ -141,18 +140,19 @@ class Outcomes:
             await self.bounce(refused, f"refused by {receipt.provider}: {reasons}", expired=False)
 
     async def split(
-        self, stored: StoredMessage, receipt: Receipt, recipients: tuple[str, ...], outcome: str
+        self, stored: StoredMessage, receipt: Receipt, recipients: tuple[str, ...], outcome: Outcome
     ) -> None:
         """Queue a copy for ``recipients``; recorded as ``permanent`` at the refusing provider,
         the copy goes to the others (a refusal for the provider's own account reasons)."""
-        qid = f"{stored.id}-{'L' if outcome == 'temporary' else 'E'}"  # later / elsewhere
-        refusal = {
-            "at": round(self.clock(), 3),
-            "provider": receipt.provider,
-            "outcome": outcome,
-            "detail": "; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients),
-        }
-        await self.spool.put(
+        later = outcome is Outcome.TEMPORARY
+        qid = f"{stored.id}-{'L' if later else 'E'}"  # later / elsewhere
+        refusal = Attempt(
+            at=round(self.clock(), 3),
+            provider=receipt.provider,
+            outcome=outcome,
+            detail="; ".join(f"{r}: {receipt.rejected[r]}" for r in recipients),
+        )
+        await self.queue.put(
             qid,
             Envelope(stored.envelope.sender, recipients),
             stored.raw,
@@ -160,7 +160,7 @@ class Outcomes:
             history=[refusal],
             expires_at=stored.expires_at,  # a copy does not get a fresh lifetime
             if_absent=True,
-            not_before=self.clock() + (self.config.retry_initial if outcome == "temporary" else 0),
+            not_before=self.clock() + (self.config.retry_initial if later else 0),
         )
         log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))
         self.wake()
@@ -170,22 +170,22 @@ class Outcomes:
         if self.clock() < self._next_sweep:
             return
         self._next_sweep = self.clock() + _SWEEP_EVERY
-        for stored in await self.spool.expire("lifetime over before any provider took traffic"):
+        for stored in await self.queue.expire("lifetime over before any provider took traffic"):
             reason = f"undelivered after {stored.attempts} attempts: lifetime over"
             self.log_dead(stored, reason)
             await self.bounce(stored, reason, expired=True)
 
 
-def refused_by(history: list[dict[str, Any]]) -> set[str]:
+def refused_by(history: Sequence[Attempt]) -> set[str]:
     """Providers that refused the message for good since it was last revived by an operator."""
     refused: set[str] = set()
     for attempt in history:
-        if attempt.get("outcome") == "revived":
+        if attempt.outcome is Outcome.REVIVED:
             refused.clear()
-        elif attempt.get("outcome") == "permanent":
-            refused.add(attempt["provider"])
+        elif attempt.outcome is Outcome.PERMANENT:
+            refused.add(attempt.provider)
     return refused
 
 
-def _summary(attempts: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{a['provider']}: {a['outcome']} ({a.get('detail', '')})" for a in attempts)
+def _summary(attempts: Sequence[Attempt]) -> str:
+    return "; ".join(f"{a.provider}: {a.outcome} ({a.detail or ''})" for a in attempts)

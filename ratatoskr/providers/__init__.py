@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Modules here that serve every kind rather than being one.
-SHARED = frozenset({"base", "http"})
+SHARED = frozenset({"base", "http", "waits"})
 
 #: Every kind, sorted: the modules of this package, found without importing them.
 KINDS: tuple[str, ...] = tuple(

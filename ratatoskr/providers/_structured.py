@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.errors
+import io
 import mimetypes
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,8 @@ from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from typing import TypeVar, cast
+
+from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import DeliveryError, PermanentFailure
 from ratatoskr.message import Address
@@ -308,6 +311,11 @@ def attachment_name(part: Part) -> str:
         return part.filename
     ext = mimetypes.guess_extension(part.content_type) or ".bin"
     return f"attachment{ext}"
+
+
+def json_body(body: bytes) -> BytesIOPayload:
+    """``body`` as a streamed JSON upload (aiohttp warns about, and holds, multi-megabyte bytes)."""
+    return BytesIOPayload(io.BytesIO(body), content_type="application/json")
 
 
 def b64(data: bytes) -> str:

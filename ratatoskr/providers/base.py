@@ -49,10 +49,13 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """The answer of ``check --probe`` for one provider: whether it can send, and why (no secret)."""
+    """The answer of ``check --probe`` for one provider: whether it can send, and why (no
+    secret). ``verified`` is False when nothing seen is wrong but a read-only call could not
+    prove the sending credentials work (``check`` then says "unverified", not "ok")."""
 
     ok: bool
     detail: str
+    verified: bool = True
 
 
 class CommonSettings(TypedDict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
 import re
 import time
@@ -18,8 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, ClassVar, Self, TypedDict
+from urllib.parse import urlsplit
 
 import aiohttp
+import idna
+from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
 from ratatoskr import __version__
@@ -33,6 +37,7 @@ from ratatoskr.errors import (
     TemporaryFailure,
 )
 from ratatoskr.providers.base import CommonSettings, ProbeResult, ProviderSettings
+from ratatoskr.providers.waits import Waits, WatchedPayload
 from ratatoskr.table import Secret, Table
 
 USER_AGENT = f"ratatoskr/{__version__} (+https://github.com/ratatoskr-relay/ratatoskr)"
@@ -70,20 +75,47 @@ class HttpSettings(ProviderSettings):
         return f"{self.base_url} domain=-"
 
 
+def ascii_domain(address: str) -> str:
+    """``address`` with a non-ASCII domain in its IDNA (A-label) form, which is how the
+    providers' APIs take it (anymail does the same); the local part is left as it is. Raises
+    ValueError when the domain has no IDNA form."""
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+
+
 def read_base_url(t: Table, default: str) -> str:
-    """``base_url`` without its trailing slash, checked to be an http(s) URL."""
+    """``base_url`` without its trailing slash, checked to be an https URL, or http to a
+    loopback address (a test server, a local proxy): the API key must not travel in clear."""
     base_url = t.get("base_url", str, default).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(t.key("base_url"), f"expected an http(s) URL, got {base_url!r}")
+    if base_url.startswith("http://") and not _is_loopback(urlsplit(base_url).hostname or ""):
+        raise ConfigError(
+            t.key("base_url"),
+            f"{base_url!r} would send the API key in clear: use https (http only to loopback)",
+        )
     return base_url
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
-def map_client_errors(provider: str) -> Any:
+def map_client_errors(provider: str, waits: Waits | None = None) -> Any:
     """Translate aiohttp and timeout errors into ratatoskr's classes, chained with ``from``.
 
-    A connect failure means the request never left: plainly temporary. A timeout or a dropped
-    connection after the request was written is *ambiguous*: the provider may have taken it.
+    A connect failure means the request never left: plainly temporary, and so is a timeout or a
+    broken connection while the provider cannot have read the whole body yet (``waits`` says
+    which phase the request is in). After that, the provider may have taken the message: the
+    failure is *ambiguous*.
     """
     try:
         yield
@@ -94,11 +126,14 @@ def map_client_errors(provider: str) -> Any:
     except aiohttp.ClientConnectorError as exc:
         raise TemporaryFailure(f"cannot connect: {exc.os_error}", provider=provider) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if waits is not None:
+            raise waits.expired(provider) from exc
         raise AmbiguousFailure("timed out waiting for the answer", provider=provider) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise AmbiguousFailure(f"connection dropped: {type(exc).__name__}", provider=provider) from exc
-    except aiohttp.ClientOSError as exc:
-        raise AmbiguousFailure(f"connection error: {exc.strerror or exc}", provider=provider) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        what = exc.strerror if isinstance(exc, aiohttp.ClientOSError) and exc.strerror else type(exc).__name__
+        if waits is not None and waits.before_answer:
+            raise TemporaryFailure(f"connection lost during the upload: {what}", provider=provider) from exc
+        raise AmbiguousFailure(f"connection dropped: {what}", provider=provider) from exc
     except aiohttp.ClientError as exc:
         raise TemporaryFailure(f"HTTP client error: {type(exc).__name__}", provider=provider) from exc
 
@@ -161,7 +196,8 @@ class HttpProvider:
     async def start(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+                # No total: each request bounds its own waits (ratatoskr.providers.waits).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeout),
                 headers={"User-Agent": USER_AGENT},
                 connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
                 raise_for_status=False,
@@ -172,14 +208,24 @@ class HttpProvider:
             session, self._session = self._session, None
             await session.close()
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> HttpAnswer:
-        """Make one request and read the whole answer; library errors become DeliveryErrors."""
+    async def request(
+        self, method: str, path: str, *, body: Payload | None = None, **kwargs: Any
+    ) -> HttpAnswer:
+        """Make one request (``body`` streamed) and read the whole answer, each wait bounded by
+        ``timeout`` (see :mod:`ratatoskr.providers.waits`); library errors become DeliveryErrors."""
         await self.start()
         assert self._session is not None
-        with map_client_errors(self.name):
-            async with self._session.request(method, self.base_url + path, **kwargs) as resp:
-                body = await resp.read()
-                return HttpAnswer(resp.status, body, CIMultiDict(resp.headers))
+        waits = Waits(self.settings.timeout, size=body.size if body is not None else None)
+        data = WatchedPayload(body, waits) if body is not None else None
+        url = self.base_url + path
+        with map_client_errors(self.name, waits):
+            async with waits.bound(), self._session.request(method, url, data=data, **kwargs) as resp:
+                waits.answer_started()
+                chunks = []
+                async for chunk in resp.content.iter_any():
+                    chunks.append(chunk)
+                    waits.progress()
+                return HttpAnswer(resp.status, b"".join(chunks), CIMultiDict(resp.headers))
 
     async def probe(self) -> ProbeResult:
         """Ask the provider's credential-check endpoint; never raises, never shows the key."""
@@ -188,7 +234,7 @@ class HttpProvider:
         except DeliveryError as exc:
             return ProbeResult(False, f"unreachable: {self.redact(exc.reason)}")
         result = self.read_ping(answer)
-        return ProbeResult(result.ok, self.redact(result.detail))
+        return ProbeResult(result.ok, self.redact(result.detail), result.verified)
 
     async def ping(self) -> HttpAnswer:
         raise NotImplementedError(f"{type(self).__name__} must implement ping and read_ping")

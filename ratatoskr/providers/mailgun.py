@@ -22,6 +22,7 @@ key; a domain sending key can send but gets 401 there.
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,15 +32,19 @@ from urllib.parse import quote
 import aiohttp
 
 from ratatoskr.errors import ConfigError, DeliveryError
+from ratatoskr.mime import TAG_HEADERS, drop_headers
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import (
     HttpAnswer,
     HttpProvider,
     HttpSettings,
+    ascii_domain,
     retry_after,
     seconds_until,
 )
 from ratatoskr.table import Secret, Table
+
+log = logging.getLogger("ratatoskr.providers.mailgun")
 
 MAX_RECIPIENTS = 1000
 MAX_TAGS = 10  # 3 in older docs; mailgun-go raised its check to 10 in 2025
@@ -48,8 +53,14 @@ MAX_TAG_LENGTH = 128
 # 400s that mean the account or domain cannot send at all, not that this message is bad:
 # "Domain mg.example.com is not allowed to send: Sandbox subdomains are for test purposes only"
 _ACCOUNT_PROBLEM = "is not allowed to send"
+# 400s of a request that arrived broken: Mailgun's error table (mailgun/documentation,
+# source/api-sending.rst) puts "unable to parse request: unexpected EOF" and "... invalid URL
+# escape" beside "malformed multipart/form-data request". The upload failed, not the message.
+_UPLOAD_FAULT = ("unable to parse request", "unexpected eof", "invalid url escape", "malformed multipart")
 # 400s that can only come from a malformed request, i.e. a bug on our side, not the message.
-_ADAPTER_BUG = ("multipart", "content type", "'message' parameter", "message parameter is missing")
+_ADAPTER_BUG = ("content type", "'message' parameter", "message parameter is missing")
+#: The ``v:`` variable that carries the queue id, for matching Mailgun's events.
+QUEUE_ID_VARIABLE = "queue_id"
 # "…recipient limit exceeded, try again after Sun, 01 Mar 2026 09:31:00 UTC" or "…after 120 seconds"
 _TRY_AGAIN = re.compile(r"try again after (?:(\d+(?:\.\d+)?) seconds?|(.+?))\s*$", re.IGNORECASE)
 _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -57,27 +68,82 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MailgunSettings(HttpSettings):
-    """``kind = "mailgun"``: ``domain`` (required), and ``probe_api_key`` for deployments that
-    send with a domain sending key (Mailgun's domain check needs the account key)."""
+    """``kind = "mailgun"``: ``domain`` (required); ``region`` (``"us"`` or ``"eu"``, instead of
+    ``base_url``); ``probe_api_key`` for deployments that send with a domain sending key; and
+    the per-provider send options of the messages.mime request (mailgun-mcp-server
+    src/openapi.yaml): ``testmode`` (``o:testmode``: accepted, not delivered, still billed),
+    ``tracking_opens``/``tracking_clicks`` (``o:tracking-opens``/``o:tracking-clicks``; unset:
+    the domain's setting; clicks also ``"htmlonly"``) and ``require_tls`` (``o:require-tls``).
+    """
 
     kind: ClassVar[str] = "mailgun"
     default_url: ClassVar[str] = "https://api.mailgun.net"
     domain: str
     probe_api_key: Secret | None = None
+    testmode: bool = False
+    tracking_opens: bool | None = None
+    tracking_clicks: bool | str | None = None
+    require_tls: bool = False
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
         http = cls.http_keys(t)
-        return cls(**common, **http, domain=_read_domain(t), probe_api_key=t.optional_secret("probe_api_key"))
+        http["base_url"] = _read_region(t, http["base_url"])
+        if re.search(r"/v\d+$", http["base_url"]):
+            raise ConfigError(
+                t.key("base_url"),
+                f"{http['base_url']!r} ends in an API version: give the host only "
+                "(ratatoskr adds /v3/… and /v4/… per endpoint)",
+            )
+        clicks = t.get("tracking_clicks", (bool, str), cls.default("tracking_clicks"))
+        if isinstance(clicks, str) and clicks != "htmlonly":
+            raise ConfigError(t.key("tracking_clicks"), f'expected true, false or "htmlonly", got {clicks!r}')
+        return cls(
+            **common,
+            **http,
+            domain=_read_domain(t),
+            probe_api_key=t.optional_secret("probe_api_key"),
+            testmode=t.get("testmode", bool, cls.default("testmode")),
+            tracking_opens=t.get("tracking_opens", bool, cls.default("tracking_opens")),
+            tracking_clicks=clicks,
+            require_tls=t.get("require_tls", bool, cls.default("require_tls")),
+        )
 
     def build(self) -> MailgunProvider:
         return MailgunProvider(self)
+
+    def options(self) -> list[tuple[str, str]]:
+        """The ``o:`` form fields these settings add to every send."""
+        found = [("o:testmode", "yes")] if self.testmode else []
+        for name, value in (
+            ("o:tracking-opens", self.tracking_opens),
+            ("o:tracking-clicks", self.tracking_clicks),
+        ):
+            if value is not None:
+                found.append((name, value if isinstance(value, str) else "yes" if value else "no"))
+        if self.require_tls:
+            found.append(("o:require-tls", "yes"))
+        return found
 
     def secrets(self) -> tuple[Secret, ...]:
         return (self.api_key, self.probe_api_key) if self.probe_api_key else (self.api_key,)
 
     def describe(self) -> str:
         return f"{self.base_url} domain={self.domain}"
+
+
+REGIONS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
+
+
+def _read_region(t: Table, base_url: str) -> str:
+    region = t.get("region", str, "")
+    if not region:
+        return base_url
+    if region not in REGIONS:
+        raise ConfigError(t.key("region"), f"unknown region {region!r} (expected eu, us)")
+    if "base_url" in t.data:
+        raise ConfigError(t.key("region"), "give region or base_url, not both")
+    return REGIONS[region]
 
 
 def _read_domain(t: Table) -> str:
@@ -106,16 +172,24 @@ class MailgunProvider(HttpProvider):
             {"Authorization": aiohttp.encode_basic_auth("api", probe_key)} if probe_key else self._auth
         )
         self._domain_path = quote(self.domain, safe="")
+        self._checking_sender = False  # probe(): whether ping() asks with api_key or probe_api_key
 
     async def send(self, message: Outbound) -> Receipt:
-        recipients = message.envelope.recipients
-        mime, tags = message.mime, mailgun_tags(message.tags)
+        recipients, unsendable = _wire_recipients(message.envelope.recipients)
+        if not recipients:
+            listed = ", ".join(f"{r} ({why})" for r, why in unsendable.items())
+            raise self.permanent(f"no recipient Mailgun can take: {listed}")
+        # The tag headers become o:tag and leave the MIME, so that recipients never see them
+        # and Mailgun never counts a tag twice (as Symfony's mailgun-mailer does).
+        mime = drop_headers(message.mime, TAG_HEADERS)
+        fields = [("o:tag", tag) for tag in self.usable_tags(message)]
+        fields += [*self.settings.options(), (f"v:{QUEUE_ID_VARIABLE}", message.id)]
         ids = []
         for start in range(0, len(recipients), MAX_RECIPIENTS):
             chunk = recipients[start : start + MAX_RECIPIENTS]
-            form = _form(chunk, mime, tags)
+            form = _form(chunk, mime, fields)
             answer = await self.request(
-                "POST", f"/v3/{self._domain_path}/messages.mime", data=form, headers=self._auth
+                "POST", f"/v3/{self._domain_path}/messages.mime", body=form(), headers=self._auth
             )
             try:
                 ids.append(self.read_send(answer))
@@ -123,7 +197,22 @@ class MailgunProvider(HttpProvider):
                 if not start:
                     raise
                 raise _after_partial_send(exc, start, len(chunk), ids) from exc
-        return Receipt(provider=self.name, provider_id=", ".join(ids))
+        return Receipt(
+            provider=self.name,
+            provider_id=", ".join(ids),
+            rejected=unsendable,
+        )
+
+    def usable_tags(self, message: Outbound) -> list[str]:
+        """The message's tags that Mailgun takes, at most 10; the rest dropped with a log line."""
+        usable: list[str] = []
+        for tag in message.tags:
+            problem = mailgun_tag_problem(tag) or ("more than 10 tags" if len(usable) == MAX_TAGS else "")
+            if problem:
+                log.warning("provider=%s id=%s tag %r dropped: %s", self.name, message.id, tag, problem)
+            else:
+                usable.append(tag)
+        return usable
 
     def read_send(self, answer: HttpAnswer) -> str:
         """The Mailgun message id from a send answer, or the right DeliveryError."""
@@ -144,6 +233,9 @@ class MailgunProvider(HttpProvider):
     def refusal(self, answer: HttpAnswer, text: str) -> DeliveryError:
         status = answer.status
         if status == 400:
+            if any(m in text.lower() for m in _UPLOAD_FAULT):
+                # The request arrived broken (cut, or garbled on the way): send it again.
+                return self.temporary(f"Mailgun could not read the upload: {text}", status=status)
             if _ACCOUNT_PROBLEM in text or any(m in text.lower() for m in _ADAPTER_BUG):
                 return self.unavailable(f"Mailgun refused the request: {text}", status=status)
             return self.permanent(f"Mailgun refused the message: {text}", status=status)
@@ -187,12 +279,40 @@ class MailgunProvider(HttpProvider):
         text = super().redact(text)
         return text.replace(self._probe_secret, "***") if self._probe_secret else text
 
+    async def probe(self) -> ProbeResult:
+        """The domain check, ``GET /v4/domains/{domain}``, with the key that sends. With
+        ``probe_api_key`` set, that key checks the domain first, and a sending key refused by
+        the domain check (as every domain sending key is: those may only POST messages) is
+        reported as *unverified*: no read-only call can tell it from a revoked one."""
+        if not self._probe_secret:
+            return await super().probe()
+        domain = await super().probe()  # ping() uses the probe key while _checking_sender is off
+        if not domain.ok:
+            return domain
+        self._checking_sender = True
+        try:
+            sender = await super().probe()
+        finally:
+            self._checking_sender = False
+        if sender.ok:
+            return sender
+        if "401" not in sender.detail:
+            return sender
+        return ProbeResult(
+            True,
+            f"{domain.detail} (checked with probe_api_key); api_key cannot be checked without "
+            "sending: the domain check refuses it, as it refuses every domain sending key, so a "
+            "revoked sending key shows only when a send fails",
+            verified=False,
+        )
+
     async def ping(self) -> HttpAnswer:
-        return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=self._probe_auth)
+        auth = self._auth if self._checking_sender else self._probe_auth
+        return await self.request("GET", f"/v4/domains/{self._domain_path}", headers=auth)
 
     def read_ping(self, answer: HttpAnswer) -> ProbeResult:
         if answer.status == 401:
-            if self._probe_secret:
+            if self._probe_secret and not self._checking_sender:
                 return ProbeResult(False, "bad credentials (401): check probe_api_key")
             return ProbeResult(
                 False,
@@ -213,18 +333,35 @@ class MailgunProvider(HttpProvider):
         return ProbeResult(False, f"domain {self.domain} cannot send: state {state!r}{flags}")
 
 
-def mailgun_tags(tags: Sequence[str]) -> list[str]:
-    """Tags Mailgun takes: ASCII, at most 128 characters, at most 10 per message."""
-    usable = [t for t in tags if t.isascii() and len(t) <= MAX_TAG_LENGTH]
-    return usable[:MAX_TAGS]
+def mailgun_tag_problem(tag: str) -> str:
+    """Why Mailgun would not take ``tag`` (empty when it would): "Tags are case insensitive and
+    should be ascii only. Maximum tag length is 128 characters" (mailgun/documentation,
+    source/user_manual.rst)."""
+    if not (tag.isascii() and tag.isprintable()):
+        return "not printable ASCII"
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"longer than {MAX_TAG_LENGTH} characters"
+    return ""
 
 
-def _form(recipients: Sequence[str], mime: bytes, tags: Sequence[str]) -> aiohttp.FormData:
+def _wire_recipients(recipients: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The envelope as Mailgun's ``to`` takes it, domains in IDNA form (a UTF-8 local part goes
+    as it is: Mailgun delivers to EAI addresses), and the recipients that cannot go."""
+    wire, unsendable = [], {}
+    for rcpt in recipients:
+        try:
+            wire.append(ascii_domain(rcpt))
+        except ValueError:
+            unsendable[rcpt] = "the domain has no IDNA form"
+    return wire, unsendable
+
+
+def _form(recipients: Sequence[str], mime: bytes, fields: Sequence[tuple[str, str]]) -> aiohttp.FormData:
     form = aiohttp.FormData()
     for rcpt in recipients:
         form.add_field("to", rcpt)
-    for tag in tags:
-        form.add_field("o:tag", tag)
+    for name, value in fields:
+        form.add_field(name, value)
     # A file object, not bytes: aiohttp streams it (and warns about raw bytes over 1 MiB).
     form.add_field("message", io.BytesIO(mime), filename="message.mime", content_type="message/rfc822")
     return form

@@ -33,12 +33,15 @@ from dataclasses import dataclass
 from email import encoders, policy
 from email.generator import BytesGenerator
 from email.parser import BytesParser
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from ratatoskr.errors import DeliveryError
-from ratatoskr.mime import split_head
-from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
-from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
+from aiohttp.payload import BytesIOPayload
+
+from ratatoskr.errors import ConfigError, DeliveryError
+from ratatoskr.mime import TAG_HEADERS, drop_headers, header_values, split_head
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
+from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, ascii_domain, retry_after
+from ratatoskr.table import Table
 
 log = logging.getLogger("ratatoskr.providers.mandrill")
 
@@ -65,19 +68,56 @@ UNUSABLE = {
     "PaymentRequired": "the account needs a paid plan or a positive balance",
     "Unknown_Subaccount": "the subaccount does not exist",
 }
+# Reasons no other provider may override: the suppression list, a rule, an invalid address.
+FINAL_REASONS = SUPPRESSION_REASONS | {"invalid"}
+# Errors a message's own header can cause, and that header (lowercased): then they are the
+# message's outcome, not the provider's health.
+MESSAGE_CAUSED = {"Unknown_Subaccount": "x-mc-subaccount", "PaymentRequired": "x-mc-sendat"}
+MAX_TAG_LENGTH = 50
+#: The ``X-MC-Metadata`` key that carries the queue id, for matching Mandrill's events.
+QUEUE_ID_METADATA = "queue_id"
 _RAW_POLICY = policy.compat32.clone(linesep="\r\n", max_line_length=0)  # 0: never refold headers
-_MC_TAGS = re.compile(rb"(?im)^x-mc-tags[ \t]*:")
+_MC_HEADER = re.compile(rb"(?im)^(x-mc-[a-z0-9-]+)[ \t]*:")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MandrillSettings(HttpSettings):
-    """``kind = "mandrill"``: the common HTTP keys (``api_key``, ``base_url``) only."""
+    """``kind = "mandrill"``: the common HTTP keys, and options Mandrill's users expect per
+    provider (each also settable per message with its ``X-MC-*`` header, which wins):
+
+    * ``subaccount``: sent as ``X-MC-Subaccount`` (it must exist at Mandrill);
+    * ``preserve_recipients``: ``X-MC-PreserveRecipients``; true (the default here, unlike
+      Mandrill's account default) lets every recipient see the To and Cc list, so reply-all works;
+    * ``ip_pool``, ``return_path_domain``: send-raw's own fields of those names.
+    """
 
     kind: ClassVar[str] = "mandrill"
     default_url: ClassVar[str] = "https://mandrillapp.com/api/1.0"
+    subaccount: str = ""
+    preserve_recipients: bool = True
+    ip_pool: str = ""
+    return_path_domain: str = ""
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        d = cls.default
+        return cls(
+            **common,
+            **cls.http_keys(t),
+            subaccount=_header_safe(t, "subaccount", t.get("subaccount", str, d("subaccount"))),
+            preserve_recipients=t.get("preserve_recipients", bool, d("preserve_recipients")),
+            ip_pool=t.get("ip_pool", str, d("ip_pool")),
+            return_path_domain=t.get("return_path_domain", str, d("return_path_domain")),
+        )
 
     def build(self) -> MandrillProvider:
         return MandrillProvider(self)
+
+
+def _header_safe(t: Table, name: str, value: str) -> str:
+    if not value.isascii() or not value.isprintable():
+        raise ConfigError(t.key(name), "must be printable ASCII (it travels in a header)")
+    return value
 
 
 class MandrillProvider(HttpProvider):
@@ -86,37 +126,78 @@ class MandrillProvider(HttpProvider):
     settings: MandrillSettings
 
     async def send(self, message: Outbound) -> Receipt:
-        recipients = list(message.envelope.recipients)
+        wire, unsendable = mandrill_recipients(message.envelope.recipients)
+        if not wire:
+            listed = ", ".join(f"{r} ({why})" for r, why in unsendable.items())
+            raise self.permanent(f"Mandrill cannot take any recipient: {listed}")
         try:
-            raw_message = json_text(with_tags(message.mime, message.tags))
+            raw_message = json_text(self.prepared(message))
         except ValueError as exc:
             raise self.permanent(str(exc)) from exc
         except (LookupError, RecursionError) as exc:
             # An unknown charset or a MIME tree too deep to walk: this message, not Mandrill.
             raise self.permanent(f"cannot re-encode the message: {type(exc).__name__}") from exc
-        payload = {"key": self._secret, "raw_message": raw_message, "to": recipients, "async": False}
+        payload: dict[str, Any] = {"key": self._secret, "raw_message": raw_message, "to": list(wire)}
+        payload["async"] = False
+        for name in ("ip_pool", "return_path_domain"):
+            if value := getattr(self.settings, name):
+                payload[name] = value
         # Serialized here and sent as a stream: aiohttp's json= would hold (and warn about) a
         # multi-megabyte body as raw bytes.
-        body = io.BytesIO(json.dumps(payload).encode())
-        answer = await self.request(
-            "POST", "/messages/send-raw.json", data=body, headers={"Content-Type": "application/json"}
-        )
+        body = BytesIOPayload(io.BytesIO(json.dumps(payload).encode()), content_type="application/json")
+        answer = await self.request("POST", "/messages/send-raw.json", body=body)
         result = answer.json()
         if answer.status == 200 and isinstance(result, list):
-            return self.read_results(result, recipients)
+            return self.read_results(result, wire, unsendable)
         if answer.status == 200 and not _is_error(result):
             reason = f"200 without per-recipient results ({answer.text(80)!r}): check base_url"
             raise self.unavailable(reason, status=200)
-        raise self.refusal(answer)
+        raise self.refusal(answer, own_headers(message.mime))
 
-    def refusal(self, answer: HttpAnswer) -> DeliveryError:
+    def prepared(self, message: Outbound) -> bytes:
+        """The MIME as Mandrill gets it: the tag headers turned into one ``X-MC-Tags`` of the
+        tags Mandrill takes (the rest dropped with a log line), and the provider's options and
+        the queue id (``X-MC-Metadata``) added where the message does not set them itself."""
+        mime = message.mime
+        present = own_headers(mime)
+        added = []
+        if tags := self.usable_tags(message):
+            added.append(("X-MC-Tags", ", ".join(tags)))
+        if "x-mc-preserverecipients" not in present:
+            added.append(
+                ("X-MC-PreserveRecipients", "true" if self.settings.preserve_recipients else "false")
+            )
+        if self.settings.subaccount and "x-mc-subaccount" not in present:
+            added.append(("X-MC-Subaccount", self.settings.subaccount))
+        metadata = _with_queue_id(header_values(mime, "X-MC-Metadata"), message.id)
+        if metadata is not None:
+            added.append(("X-MC-Metadata", metadata))
+            mime = drop_headers(mime, ["X-MC-Metadata"])
+        head = "".join(f"{name}: {value}\r\n" for name, value in added).encode("utf-8")
+        return head + drop_headers(mime, TAG_HEADERS)
+
+    def usable_tags(self, message: Outbound) -> list[str]:
+        usable = []
+        for tag in message.tags:
+            if problem := mandrill_tag_problem(tag):
+                log.warning("provider=%s id=%s tag %r dropped: %s", self.name, message.id, tag, problem)
+            else:
+                usable.append(tag)
+        return usable
+
+    def refusal(self, answer: HttpAnswer, headers: frozenset[str] = frozenset()) -> DeliveryError:
         """Classify an error answer by its ``name``:
         ``{"status": "error", "code": -1, "name": "Invalid_Key", "message": "Invalid API key"}``
-        comes as 401 today and came as 500 before 2023."""
+        comes as 401 today and came as 500 before 2023. ``headers`` are the message's own
+        (lowercased) header names: an error its ``X-MC-*`` headers caused is the message's."""
         body = answer.json()
         name = str(body.get("name", "")) if _is_error(body) else ""
         text = str(body.get("message", ""))[:300] if _is_error(body) else answer.text() or "empty body"
         status = answer.status
+        if (cause := MESSAGE_CAUSED.get(name)) and cause in headers:
+            # The message's own header named the subaccount, or asked for a paid feature
+            # (X-MC-SendAt): another message, or another provider, is fine.
+            return self.permanent(f"{name}: {text} (caused by the message's {cause} header)", status=status)
         if name in UNUSABLE:
             return self.unavailable(f"{name}: {text} ({UNUSABLE[name]})", status=status)
         if name == "ValidationError":
@@ -129,55 +210,70 @@ class MandrillProvider(HttpProvider):
         # names we do not know: the message is fine, try again.
         return self.temporary(f"{name or f'HTTP {status}'}: {text}", status=status)
 
-    def read_results(self, results: Sequence[Any], recipients: Sequence[str]) -> Receipt:
-        """One entry per recipient, in no promised order or case:
+    def read_results(
+        self, results: Sequence[Any], wire: Mapping[str, str], unsendable: Mapping[str, str]
+    ) -> Receipt:
+        """One entry per recipient, in no promised order, the address as Mandrill normalizes
+        it (lowercased, the domain in IDNA form):
         ``[{"email": "a@x", "status": "sent"|"queued"|"scheduled"|"rejected"|"invalid",
         "reject_reason": …, "queued_reason": …, "_id": …}, …]``; ``_id`` may be missing on
-        refusals. A recipient with no entry is neither confirmed nor refused: logged only."""
-        by_email = {str(r.get("email", "")).lower(): r for r in results if isinstance(r, dict)}
+        refusals. ``wire`` maps each address as sent to the envelope's. A recipient with no
+        entry is neither confirmed nor refused: logged only."""
+        by_email = {normalized(str(r.get("email", ""))): r for r in results if isinstance(r, dict)}
         ids: list[str] = []
         refused: dict[str, str] = {}
-        for rcpt in recipients:
-            result = by_email.get(rcpt.lower())
+        reasons: dict[str, str] = {}
+        for sent_as, rcpt in wire.items():
+            result = by_email.get(normalized(sent_as))
             if result is None:
                 log.warning("provider=%s no result for recipient %s", self.name, rcpt)
                 continue
-            status = result.get("status")
-            if status in REFUSED:
+            if result.get("status") in REFUSED:
                 refused[rcpt] = _refusal_text(result)
+                reasons[rcpt] = str(result.get("reject_reason") or result.get("status"))
                 continue
             ids.append(str(result.get("_id") or ""))
             self._note_odd(rcpt, result)
         if not ids and not refused:
-            raise self.unavailable("200 without a result for any recipient", status=200)
-        if not ids:
-            raise self.all_refused(refused, by_email)
-        provider_id = ", ".join(dict.fromkeys(i for i in ids if i))
-        reason = {r: by_email[r.lower()].get("reject_reason") for r in refused}
+            if not by_email:
+                raise self.unavailable("200 without a result for any recipient", status=200)
+            # Mandrill answered for the call, only not in a form we can match: it has the
+            # message. Failing over would send it twice.
+            log.warning("provider=%s results match no recipient: %s", self.name, sorted(by_email))
+            ids = [str(r.get("_id") or "") for r in by_email.values()]
+        if not ids and not unsendable:
+            return self.all_refused(refused, reasons)
         return Receipt(
             provider=self.name,
-            provider_id=provider_id,
-            rejected=refused,
-            retry_later=tuple(r for r in refused if reason[r] == "soft-bounce"),
-            retry_elsewhere=tuple(r for r in refused if reason[r] in ACCOUNT_REASONS),
+            provider_id=", ".join(dict.fromkeys(i for i in ids if i)),
+            rejected={**refused, **unsendable},
+            retry_later=tuple(r for r in refused if reasons[r] == "soft-bounce"),
+            retry_elsewhere=(*(r for r in refused if reasons[r] in ACCOUNT_REASONS), *unsendable),
         )
 
-    def all_refused(self, refused: Mapping[str, str], by_email: Mapping[str, Any]) -> DeliveryError:
+    def all_refused(self, refused: Mapping[str, str], reasons: Mapping[str, str]) -> Receipt:
         """Every recipient refused: HTTP 200 all the same. Whose fault it is decides the class."""
-        reasons = {by_email[r.lower()].get("reject_reason") for r in refused}
+        kinds = set(reasons.values())
         listed = ", ".join(f"{r} ({why})" for r, why in refused.items())
-        if reasons & ACCOUNT_REASONS:
+        if kinds & ACCOUNT_REASONS:
             # "unsigned": the sending domain lacks SPF/DKIM at Mandrill; every message would fail.
-            return self.unavailable(
+            raise self.unavailable(
                 f"Mandrill refused every recipient for an account reason: {listed} "
                 "(check the sending domain's verification, the sender, or test mode)"
             )
-        if reasons == {"soft-bounce"}:
-            return self.temporary(f"Mandrill refused every recipient for now: {listed}")
-        # Suppression-list refusals must not be routed round through another provider
-        # (providers.md §2.9: "failing over would bypass the suppression").
-        final = reasons <= SUPPRESSION_REASONS
-        return self.permanent(f"Mandrill refused every recipient: {listed}", final=final)
+        if kinds == {"soft-bounce"}:
+            raise self.temporary(f"Mandrill refused every recipient for now: {listed}")
+        if kinds <= FINAL_REASONS:
+            # Suppression-list refusals and invalid addresses must not be routed round through
+            # another provider (providers.md §2.9: "failing over would bypass the suppression").
+            raise self.permanent(f"Mandrill refused every recipient: {listed}", final=True)
+        # A mix (say hard-bounce and soft-bounce): each recipient gets its own outcome, as when
+        # some were accepted; nothing goes to another provider behind the suppression list.
+        return Receipt(
+            provider=self.name,
+            rejected=dict(refused),
+            retry_later=tuple(r for r in refused if reasons[r] == "soft-bounce"),
+        )
 
     def _note_odd(self, rcpt: str, result: Mapping[str, Any]) -> None:
         status, queued = result.get("status"), result.get("queued_reason")
@@ -211,19 +307,65 @@ def _refusal_text(result: Mapping[str, Any]) -> str:
     return f"{result.get('status')}: {reason}" if reason else str(result.get("status"))
 
 
-def mandrill_tags(tags: Sequence[str]) -> list[str]:
-    """Tags Mandrill takes: a leading '_' is an error, more than 50 characters too long; kept
-    to printable ASCII so the header needs no encoding."""
-    return [t for t in tags if t.isascii() and t.isprintable() and not t.startswith("_") and len(t) <= 50]
+def mandrill_tag_problem(tag: str) -> str:
+    """Why Mandrill would not take ``tag`` (empty when it would): "Tags should be 50 characters
+    or less. Any tags starting with an underscore are reserved for internal use and will cause
+    errors" (MessagesSendRequest, mailchimp-client-lib-codegen spec/transactional.openapi.json).
+    Kept to printable ASCII without commas, so the ``X-MC-Tags`` list needs no encoding."""
+    if tag.startswith("_"):
+        return "a leading underscore is reserved by Mandrill"
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"longer than {MAX_TAG_LENGTH} characters"
+    if not (tag.isascii() and tag.isprintable()) or "," in tag:
+        return "not printable ASCII without commas"
+    return ""
 
 
-def with_tags(mime: bytes, tags: Sequence[str]) -> bytes:
-    """``mime`` with an ``X-MC-Tags`` header for ``tags``, unless it already has one."""
-    usable = mandrill_tags(tags)
+def mandrill_recipients(recipients: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({address as sent: envelope address}, {envelope address: why not})``. The API's ``to``
+    items are ``format: email`` (RFC 5321, ASCII): domains go in IDNA form, and a UTF-8 local
+    part cannot go at all (another provider may take it)."""
+    wire: dict[str, str] = {}
+    unsendable: dict[str, str] = {}
+    for rcpt in recipients:
+        local = rcpt.rpartition("@")[0]
+        if not local.isascii():
+            unsendable[rcpt] = "Mandrill takes no UTF-8 local part (its API's addresses are ASCII)"
+            continue
+        try:
+            wire[ascii_domain(rcpt)] = rcpt
+        except ValueError:
+            unsendable[rcpt] = "the domain has no IDNA form"
+    return wire, unsendable
+
+
+def normalized(address: str) -> str:
+    """An address as Mandrill reports it: lowercased, the domain in IDNA form."""
+    try:
+        return ascii_domain(address).lower()
+    except ValueError:
+        return address.lower()
+
+
+def own_headers(mime: bytes) -> frozenset[str]:
+    """The lowercased names of the ``X-MC-*`` headers the message sets itself."""
     head, _ = split_head(mime)
-    if not usable or _MC_TAGS.search(head):
-        return mime
-    return b"X-MC-Tags: " + ", ".join(usable).encode("ascii") + b"\r\n" + mime
+    return frozenset(m.group(1).lower().decode() for m in _MC_HEADER.finditer(head))
+
+
+def _with_queue_id(values: Sequence[str], queue_id: str) -> str | None:
+    """The ``X-MC-Metadata`` value carrying ``queue_id``: the message's own object with it
+    added, or a new one. None when the message's header is not a JSON object (left alone)."""
+    metadata: Any = {}
+    if values:
+        try:
+            metadata = json.loads(values[-1])
+        except ValueError:
+            return None
+    if not isinstance(metadata, dict):
+        return None
+    metadata.setdefault(QUEUE_ID_METADATA, queue_id)
+    return json.dumps(metadata, ensure_ascii=True, separators=(",", ":"))
 
 
 def json_text(mime: bytes) -> str:

@@ -24,7 +24,6 @@ the server's API tokens, so none of it is shown except ``DeliveryType`` and the 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ratatoskr.providers._structured import (
     Unrepresentable,
     attachment_name,
     b64,
+    json_body,
     off_loop,
     send_calls,
     split_calls,
@@ -127,8 +127,8 @@ class PostmarkProvider(HttpProvider):
         return await self.request(
             "POST",
             "/email",
-            data=io.BytesIO(body),
-            headers={**self._auth(), "Content-Type": "application/json"},
+            body=json_body(body),
+            headers=self._auth(),
         )
 
     def _auth(self) -> dict[str, str]:

@@ -27,7 +27,6 @@ sending key gets 401 ``restricted_api_key``: proof the key is valid (§4.9).
 
 from __future__ import annotations
 
-import io
 import json
 import mimetypes
 import re
@@ -42,6 +41,7 @@ from ratatoskr.providers._structured import (
     Unrepresentable,
     attachment_name,
     b64,
+    json_body,
     off_loop,
     repeated,
     send_calls,
@@ -112,7 +112,7 @@ class ResendProvider(HttpProvider):
 
     async def _post(self, body: bytes, idempotency_key: str) -> HttpAnswer:
         headers = {**self._auth(), "Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        return await self.request("POST", "/emails", data=io.BytesIO(body), headers=headers)
+        return await self.request("POST", "/emails", body=json_body(body), headers=headers)
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._secret}"}

@@ -22,7 +22,6 @@ key's own scopes and sends nothing; healthy means ``mail.send`` is among them.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ratatoskr.providers._structured import (
     Unrepresentable,
     attachment_name,
     b64,
+    json_body,
     off_loop,
     repeated,
     take_apart,
@@ -101,8 +101,8 @@ class SendGridProvider(HttpProvider):
         answer = await self.request(
             "POST",
             "/v3/mail/send",
-            data=io.BytesIO(body),  # a stream: aiohttp warns about multi-megabyte bytes
-            headers={**self._auth(), "Content-Type": "application/json"},
+            body=json_body(body),
+            headers=self._auth(),
         )
         if answer.status == 202:
             return Receipt(provider=self.name, provider_id=answer.headers.get("X-Message-Id", ""))

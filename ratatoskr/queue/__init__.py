@@ -1,1 +1,57 @@
-"""The durable queue: every accepted message lives here until a provider has taken it."""
+"""The durable queue: every accepted message lives here until a provider has taken it.
+
+Callers use the :class:`Queue` protocol and the values next to it, and get a backend from
+:func:`queue_for`; none of them knows which backend it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ratatoskr.config import SpoolConfig
+from ratatoskr.queue.base import Queue, RawParts
+from ratatoskr.queue.values import (
+    NO_PROVIDER,
+    WAITING,
+    Attempt,
+    Outcome,
+    QueueStats,
+    Recovery,
+    State,
+    StoredMessage,
+    new_id,
+)
+
+__all__ = [
+    "NO_PROVIDER",
+    "WAITING",
+    "Attempt",
+    "Outcome",
+    "Queue",
+    "QueueStats",
+    "RawParts",
+    "Recovery",
+    "State",
+    "StoredMessage",
+    "new_id",
+    "queue_for",
+]
+
+
+def queue_for(spool: SpoolConfig, *, lifetime: float, clock: Callable[[], float] = time.time) -> Queue:
+    """The queue backend ``[spool]`` names, not yet opened (``await queue.open()``).
+
+    ``lifetime`` is how long a message may wait before it is dead (``[delivery]
+    max_queue_lifetime``); ``clock`` gives every time the queue records.
+    """
+    # Imported here: a backend's driver is loaded only by the deployments that use it.
+    if spool.url is not None:
+        from ratatoskr.queue.postgres import PostgresQueue
+
+        spool.path.mkdir(parents=True, exist_ok=True)  # still holds SMTP's spill files
+
+        return PostgresQueue(spool.url, lifetime=lifetime, clock=clock, lease=spool.lease)
+    from ratatoskr.queue.sqlite import SqliteQueue
+
+    return SqliteQueue(spool.path, lifetime=lifetime, clock=clock)

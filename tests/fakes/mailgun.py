@@ -24,12 +24,14 @@ Besides the shared switches (:mod:`tests.fakes.base`)::
 from __future__ import annotations
 
 import base64
+import io
 import time
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from multidict import MultiDict
 
 from tests.fakes.base import FakeServer, respond
 from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
@@ -143,6 +145,8 @@ class FakeMailgun(FakeServer):
 
     async def _read_form(self, request: web.Request) -> Any:
         try:
+            if request.content_type == "multipart/form-data":
+                return await read_multipart(request, limit=self.max_body)
             return await request.post()
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "request size exceeds 52.4MiB limit")
@@ -227,6 +231,27 @@ class FakeMailgun(FakeServer):
         if domain is None:
             return _error(404, "Domain not found")
         return respond(200, {"domain": dict(domain), "receiving_dns_records": [], "sending_dns_records": []})
+
+
+async def read_multipart(request: web.Request, *, limit: int) -> MultiDict[Any]:
+    """The form, read part by part into memory (file parts as FileFields over BytesIO), so that
+    an upload cut half-way leaves no temporary file behind as ``request.post()`` would."""
+    form: MultiDict[Any] = MultiDict()
+    total = 0
+    async for part in await request.multipart():
+        if not isinstance(part, BodyPartReader):
+            raise ValueError("nested multipart")
+        data = await part.read()
+        total += len(data)
+        if total > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+        name = part.name or ""
+        if part.filename is None:
+            form.add(name, data.decode(part.get_charset("utf-8")))
+        else:
+            content_type = part.headers.get("Content-Type", "application/octet-stream")
+            form.add(name, web.FileField(name, part.filename, io.BytesIO(data), content_type, part.headers))
+    return form
 
 
 def build_mime(form: Any) -> EmailMessage:

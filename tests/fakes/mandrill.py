@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from typing import Any, ClassVar
 
+import idna
 from aiohttp import web
 
+from ratatoskr.mime import drop_headers, header_values
 from tests.fakes.base import FakeServer, respond
 from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
 
@@ -90,6 +93,9 @@ class FakeMandrill(FakeServer):
         self.status_mode = status_mode
         self.recipient_status: dict[str, tuple[str, str | None]] = {}
         self.ids_on_refusals = False  # "_id … can be missing for invalid/rejected recipients"
+        self.subaccounts: set[str] = {"transactional"}  # X-MC-Subaccount must name one of these
+        self.positive_balance = False  # X-MC-SendAt / send_at need it: PaymentRequired otherwise
+        self.account_preserves_recipients = False  # the account's "expose recipients" setting
 
     @property
     def url(self) -> str:
@@ -111,13 +117,13 @@ class FakeMandrill(FakeServer):
             )
 
     def reject(self, address: str, reason: str = "hard-bounce") -> None:
-        self.recipient_status[address.lower()] = ("rejected", reason)
+        self.recipient_status[normalized(address)] = ("rejected", reason)
 
     def mark_invalid(self, address: str) -> None:
-        self.recipient_status[address.lower()] = ("invalid", None)
+        self.recipient_status[normalized(address)] = ("invalid", None)
 
     def queue(self, address: str, reason: str = "hourly-quota-exhausted") -> None:
-        self.recipient_status[address.lower()] = ("queued", reason)
+        self.recipient_status[normalized(address)] = ("queued", reason)
 
     def error_response(self, name: str, message: str = "") -> web.Response:
         status = MODERN_STATUS.get(name, 500) if self.status_mode == "modern" else 500
@@ -189,14 +195,40 @@ class FakeMandrill(FakeServer):
         if not isinstance(raw_message, str) or not raw_message:
             raise invalid('{"raw_message":"Sorry, this field can\'t be left blank."}')
         raw = raw_message.encode("utf-8")
-        parsed = parse_mime(raw)
         to = body.get("to")
         if to is None:
+            parsed = parse_mime(raw)
             to = addr_specs([str(v) for name in ("To", "Cc") for v in parsed.get_all(name, [])])
         if not isinstance(to, list) or not all(isinstance(a, str) for a in to):
             raise invalid('{"to":"Please enter an array"}')
-        tags = [t.strip() for t in str(parsed.get("X-MC-Tags", "")).split(",") if t.strip()]
-        return self._accept(body, to, parsed, raw, tags)
+        for address in to:
+            if not _EMAIL.match(address):  # MessagesSendRawRequest: items "format": "email"
+                raise invalid(f'{{"to":"An email address must contain a single @: {address}"}}')
+        options = self._mc_headers(raw, body)
+        # Mandrill reads its X-MC-* headers and does not deliver them.
+        delivered = drop_headers(raw, [name for name in _mc_names(raw)])
+        return self._accept(body, to, parse_mime(delivered), delivered, options.pop("tags"), options=options)
+
+    def _mc_headers(self, raw: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """What the message's X-MC-* headers ask for, checked as Mandrill checks them."""
+        tags = [t.strip() for v in header_values(raw, "X-MC-Tags") for t in v.split(",") if t.strip()]
+        for tag in tags:
+            if len(tag) > 50:
+                raise invalid(f'{{"tags":"tag {tag!r} is longer than 50 characters"}}')  # [U] wording
+        subaccount = (header_values(raw, "X-MC-Subaccount") or [None])[-1]
+        if subaccount is not None and subaccount not in self.subaccounts:
+            raise MandrillError("Unknown_Subaccount", f"No subaccount exists with the id '{subaccount}'")
+        if (header_values(raw, "X-MC-SendAt") or body.get("send_at")) and not self.positive_balance:
+            raise MandrillError("PaymentRequired")
+        preserve = (header_values(raw, "X-MC-PreserveRecipients") or [""])[-1].lower()
+        metadata = (header_values(raw, "X-MC-Metadata") or [None])[-1]
+        return {
+            "tags": tags,
+            "subaccount": subaccount,
+            # The account setting decides when the header is absent: false unless changed.
+            "preserve_recipients": preserve == "true" if preserve else self.account_preserves_recipients,
+            "metadata": json.loads(metadata) if metadata else {},
+        }
 
     def _send(self, body: dict[str, Any]) -> web.Response:
         message = body.get("message")
@@ -214,20 +246,29 @@ class FakeMandrill(FakeServer):
         return self._accept(body, [e["email"] for e in to], build_mime(message), None, tags)
 
     def _accept(
-        self, body: dict[str, Any], to: list[str], parsed: EmailMessage, raw: bytes | None, tags: list[str]
+        self,
+        body: dict[str, Any],
+        to: list[str],
+        parsed: EmailMessage,
+        raw: bytes | None,
+        tags: list[str],
+        *,
+        options: dict[str, Any] | None = None,
     ) -> web.Response:
         if any(t.startswith("_") for t in tags):
             raise invalid('{"tags":"tags may not start with an underscore"}')
         envelope = list(dict.fromkeys(to))
         queued = bool(body.get("async")) or len(envelope) > 10  # "more than 10 recipients → async"
         message_id = self.next_id()
-        addresses = sorted({a.lower() for a in envelope})
+        addresses = sorted({normalized(a) for a in envelope})
         results = [self._result(a, queued, f"{message_id}-{n}") for n, a in enumerate(addresses)]
         refused = {r["email"]: _refusal(r) for r in results if r["status"] in ("rejected", "invalid")}
         fields = text_fields(body, skip=("key", "raw_message", "to", "message"))
-        self.record(
-            Delivery(message_id, envelope, parsed, raw, tags=list(tags), fields=fields, refused=refused)
+        delivery = Delivery(
+            message_id, envelope, parsed, raw, tags=list(tags), fields=fields, refused=refused
         )
+        delivery.options = options or {}
+        self.record(delivery)
         return web.json_response(results)
 
     def _result(self, address: str, queued: bool, result_id: str) -> dict[str, Any]:
@@ -249,6 +290,23 @@ class FakeMandrill(FakeServer):
         if "@" not in address or address.endswith("@localhost"):
             return "invalid", None
         return ("queued", "multiple-recipients") if queued else ("sent", None)
+
+
+_EMAIL = re.compile(r"^[\x21-\x7e]+@[A-Za-z0-9.-]+$")  # RFC 5321 ASCII, what "format": "email" means
+
+
+def normalized(address: str) -> str:
+    """How Mandrill reports a recipient: lowercased, the domain in IDNA form [U: the case and
+    the form are not documented; this is the strictest reading]."""
+    local, _, domain = address.rpartition("@")
+    if not domain.isascii():
+        domain = idna.encode(domain, uts46=True).decode("ascii")
+    return f"{local}@{domain}".lower()
+
+
+def _mc_names(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return sorted({m.decode() for m in re.findall(rb"(?im)^(x-mc-[a-z0-9-]+)[ \t]*:", head)})
 
 
 def invalid(detail: str) -> MandrillError:

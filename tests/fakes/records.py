@@ -50,6 +50,7 @@ class Delivery:
     tags: list[str] = field(default_factory=list)
     fields: dict[str, list[str]] = field(default_factory=dict)  # other request fields, as text
     refused: dict[str, str] = field(default_factory=dict)  # lowercased address -> status/reason
+    options: dict[str, Any] = field(default_factory=dict)  # what provider-specific headers asked for
 
     @property
     def accepted(self) -> list[str]:

@@ -1,0 +1,176 @@
+"""The queue seam: what ingest, delivery, the HTTP API and the CLI may ask of any queue backend.
+
+A backend (SQLite today, PostgreSQL for cluster mode) implements :class:`Queue`; callers get
+one from :func:`ratatoskr.queue.queue_for` and never learn which it is. Every method is a
+coroutine; the CLI runs the admin calls with ``asyncio.run``.
+
+Life of a message, in the states of :class:`~ratatoskr.queue.values.State`::
+
+    put ──▶ queued ──claim──▶ inflight ──complete──▶ (gone)
+               ▲                 │ defer ──▶ deferred (due at next_attempt_at) ──due──▶ claim
+               │                 │ bury / expire ──▶ dead (kept; retry revives)
+               │                 │ release ──▶ back to queued/deferred, untouched
+               └── recover (start-up): inflight ▶ waiting again; too many crashes ▶ dead
+
+Rules every backend keeps (``tests/test_queue_contract.py`` checks them):
+
+* **Committed before return.** A method that changes the queue returns only once the change is
+  durable (SQLite: the COMMIT is fsynced; PostgreSQL: the transaction committed). If it raises
+  :class:`~ratatoskr.errors.QueueUnavailable`, the change did not happen, or may have: every
+  write is safe to repeat (``put`` with ``if_absent``, transitions by id).
+* **Atomic per call.** Each call is one transaction: a claim marks all it returns or none, a
+  transition changes state, schedule and history together.
+* **Claimed means owned.** ``claim`` returns messages the caller now owns: no other claim (from
+  this handle or, in a cluster, any other node) returns them until the owner completes, defers,
+  buries or releases them, or a later :meth:`Queue.recover` takes them back. Transitions name
+  the message they apply to and apply only while it is in flight; they return False, changing
+  nothing, when it is not (deleted by an operator meanwhile, or, in a cluster, taken back from
+  a node that lost its lease). Callers treat False as "no longer mine", never as an error.
+* **Times are the queue's clock** (injected for tests; wall time otherwise), in seconds since
+  the epoch.
+* Nothing is deleted on an error path: a message leaves only by ``complete`` or ``delete``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+from ratatoskr.message import Envelope
+from ratatoskr.queue.values import Attempt, QueueStats, Recovery, StoredMessage
+
+#: What ``put`` accepts as the message bytes: one buffer, or pieces written one after another.
+RawParts = bytes | bytearray | Sequence[bytes | bytearray]
+
+
+class Queue(Protocol):
+    """A durable queue of messages (see the module docstring for the rules all methods keep)."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self, *, create: bool = True) -> None:
+        """Connect, and create the queue's storage on first use. With ``create=False`` (the
+        ``queue …`` commands), raise :class:`~ratatoskr.errors.QueueUnavailable` naming the
+        place when no queue exists there. Raises QueueUnavailable when it cannot be opened."""
+        ...
+
+    async def close(self) -> None:
+        """Finish what was submitted, then disconnect. Closing twice, or unopened, is fine.
+        After it every method raises :class:`~ratatoskr.errors.QueueUnavailable`."""
+        ...
+
+    # -- the delivery path ---------------------------------------------------------------------
+
+    async def put(
+        self,
+        qid: str,
+        envelope: Envelope,
+        raw: RawParts,
+        meta: dict[str, Any],
+        *,
+        history: Sequence[Attempt] = (),
+        not_before: float | None = None,
+        expires_at: float | None = None,
+        if_absent: bool = False,
+    ) -> str:
+        """Store a new message as queued and return ``qid`` once it is committed: the
+        acknowledgement (250/202) may follow. Due at ``not_before`` (default now); dead once
+        ``expires_at`` passes (default now + the queue's lifetime). An id already present is
+        an error, except with ``if_absent``: then the stored message is kept as it is and
+        nothing changes (a recording that is being repeated)."""
+        ...
+
+    async def claim(
+        self,
+        limit: int,
+        *,
+        exclude: Collection[str] = (),
+        due: float | None = None,
+        max_bytes: int | None = None,
+    ) -> list[StoredMessage]:
+        """Atomically mark in flight and return (with their bytes) up to ``limit`` waiting
+        messages due by ``due`` (default now; ``float("inf")`` for any), ordered by
+        (next_attempt_at, id), leaving out the ids in ``exclude``. The running total of their
+        sizes stops the list once ``max_bytes`` is reached: a message is taken while the ones
+        before it hold less than ``max_bytes``, so the first is always taken. The caller owns
+        what is returned (see "Claimed means owned")."""
+        ...
+
+    async def complete(self, qid: str) -> bool:
+        """Delivered: remove the in-flight message. False (nothing changed) if it is not in
+        flight."""
+        ...
+
+    async def defer(
+        self, qid: str, *, next_attempt_at: float, error: str, attempts: Sequence[Attempt]
+    ) -> bool:
+        """Make the in-flight message wait until ``next_attempt_at``, with ``error`` as its last
+        error and ``attempts`` appended to its history. It counts as one more attempt when
+        ``attempts`` is not empty (a round in which no provider could be asked does not count).
+        False (nothing changed) if it is not in flight."""
+        ...
+
+    async def bury(self, qid: str, *, error: str, attempts: Sequence[Attempt] = ()) -> bool:
+        """Give up on the in-flight message: dead, kept for an operator, with ``error`` and
+        ``attempts`` recorded as :meth:`defer` does. False (nothing changed) if it is not in
+        flight."""
+        ...
+
+    async def release(self, qid: str) -> bool:
+        """Hand the in-flight message back untouched (it was never tried, e.g. at shutdown):
+        deferred if it had attempts before, else queued, its schedule unchanged. False if it is
+        not in flight."""
+        ...
+
+    async def expire(self, reason: str) -> list[StoredMessage]:
+        """Atomically make dead, with ``reason`` as last error, every waiting message whose
+        ``expires_at`` has passed, whether due or not; return them as they now are, with only
+        the head of their bytes (the first 64 KiB, enough for a bounce)."""
+        ...
+
+    async def recover(self, max_recoveries: int) -> Recovery:
+        """At start-up, take back the messages a previous run left in flight (SQLite: all of
+        them, one daemon owns the file; in a cluster: those whose owner is gone). Each one's
+        ``recoveries`` goes up by one; one that has now been in flight during more than
+        ``max_recoveries`` crashes is probably what crashes us and is made dead ("quarantined"
+        in its last error), the others wait again, due now."""
+        ...
+
+    async def reschedule_deferred(self, not_after: float) -> int:
+        """Make every deferred message due later than ``not_after`` due at ``not_after`` (a
+        provider is back: nobody should wait out a long backoff); return how many moved."""
+        ...
+
+    # -- observation ---------------------------------------------------------------------------
+
+    async def stats(self) -> QueueStats:
+        """Messages per state and the age of the oldest message not dead, read consistently."""
+        ...
+
+    async def writable(self) -> bool:
+        """True when a write to the queue could commit right now (a full disk or a lost
+        database says False); never raises."""
+        ...
+
+    # -- the admin side (``ratatoskr queue …``), safe while daemons run ------------------------
+
+    async def list(self) -> list[StoredMessage]:
+        """Every message in the queue, in id (arrival) order, without bytes (``raw`` empty)."""
+        ...
+
+    async def show(self, qid: str) -> StoredMessage | None:
+        """One message with its bytes, or None when there is no such id."""
+        ...
+
+    async def retry(self, qid: str | None) -> int:
+        """Make one waiting or dead message (or, with None, every one) due now; return how
+        many. A dead one comes back queued with a fresh lifetime and an
+        :meth:`Attempt.revived <ratatoskr.queue.values.Attempt.revived>` mark appended, after
+        which earlier permanent refusals no longer rule providers out. In-flight messages are
+        left alone."""
+        ...
+
+    async def delete(self, qid: str) -> int:
+        """Remove a message in any state; return how many were removed (0 or 1). Its owner, if
+        it is in flight, then finds its transitions return False."""
+        ...

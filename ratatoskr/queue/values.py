@@ -1,0 +1,161 @@
+"""What every queue backend stores and hands out: messages, their states, their attempt history.
+
+Nothing here knows a storage engine. The attempt history is typed (:class:`Attempt`,
+:class:`Outcome`) everywhere in the program; :meth:`Attempt.as_json` and
+:meth:`Attempt.from_json` are the one place it becomes JSON, used by a backend where it stores
+the history and by ``queue show`` where it prints it. The JSON keys and their order are the
+ones queues have always held, so an existing queue reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from ratatoskr.message import Envelope
+
+
+class State(StrEnum):
+    """Where a message is in its life; the values are what backends store and ``queue`` prints."""
+
+    QUEUED = "queued"  #: waiting for its first attempt (or revived by `queue retry`)
+    INFLIGHT = "inflight"  #: claimed by a delivery worker right now
+    DEFERRED = "deferred"  #: an attempt failed temporarily; due again at next_attempt_at
+    DEAD = "dead"  #: given up on; kept for an operator
+
+
+#: The states a message waits in until it is due; ``claim`` takes from these.
+WAITING = (State.QUEUED, State.DEFERRED)
+
+
+class Outcome(StrEnum):
+    """What one attempt came to. The values are stored in the history (and shown by
+    ``queue show``); :attr:`metric` is the coarser ``outcome`` label of
+    ``ratatoskr_deliveries_total``."""
+
+    SENT = "sent"  #: the provider took the message
+    AMBIGUOUS = "ambiguous"  #: the request left, no answer came: it may have arrived
+    RATE_LIMITED = "rate_limited"  #: the provider throttles us
+    UNAVAILABLE = "unavailable"  #: the provider is unusable for every message (credentials…)
+    TEMPORARY = "temporary"  #: try again later
+    PERMANENT = "permanent"  #: this provider will never take this message as it is
+    ERROR = "error"  #: an unexpected exception (a bug), held against neither message nor provider
+    REVIVED = "revived"  #: not an attempt: an operator's `queue retry` brought a dead message back
+
+    @property
+    def metric(self) -> str:
+        """The ``outcome`` label for ``ratatoskr_deliveries_total``."""
+        if self is Outcome.SENT:
+            return "sent"
+        if self is Outcome.PERMANENT:
+            return "permanent_failure"
+        return "temporary_failure"
+
+
+#: A stand-in provider name for history entries no provider made (a revival, an internal error).
+NO_PROVIDER = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One entry of a message's history: one try at one provider (or an operator's mark)."""
+
+    at: float  #: when, in seconds since the epoch (rounded to ms)
+    provider: str
+    outcome: Outcome
+    seconds: float | None = None  #: how long the provider took, when it was asked
+    detail: str | None = None  #: the provider's reason, for a failure
+    status: int | None = None  #: the provider's HTTP status, when it gave one
+    provider_id: str | None = None  #: the provider's id for the message, once sent
+    rejected: Mapping[str, str] | None = None  #: recipients refused while the rest were taken
+    final: bool = False  #: a refusal no other provider may override (a suppression list)
+
+    def as_json(self) -> dict[str, Any]:
+        """The stored form: unset fields left out, keys in the order queues have always had."""
+        out: dict[str, Any] = {"at": self.at, "provider": self.provider, "outcome": self.outcome.value}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.status is not None:
+            out["status"] = self.status
+        if self.provider_id is not None:
+            out["provider_id"] = self.provider_id
+        if self.rejected is not None:
+            out["rejected"] = dict(self.rejected)
+        if self.final:
+            out["final"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Attempt:
+        return cls(
+            at=data.get("at", 0.0),
+            provider=data.get("provider", NO_PROVIDER),
+            outcome=Outcome(data["outcome"]),
+            seconds=data.get("seconds"),
+            detail=data.get("detail"),
+            status=data.get("status"),
+            provider_id=data.get("provider_id"),
+            rejected=data.get("rejected"),
+            final=bool(data.get("final", False)),
+        )
+
+    @classmethod
+    def revived(cls, at: float) -> Attempt:
+        """The mark ``queue retry`` leaves on a dead message it brings back."""
+        return cls(at=round(at, 3), provider=NO_PROVIDER, outcome=Outcome.REVIVED)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as the queue holds it. ``raw`` is empty where a listing leaves the body out,
+    and only the head (the first 64 KiB) for messages :meth:`Queue.expire` returns."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    meta: dict[str, Any]
+    created_at: float
+    expires_at: float
+    next_attempt_at: float
+    attempts: int = 0  #: rounds in which at least one provider was asked
+    recoveries: int = 0  #: start-ups that found it in flight
+    history: tuple[Attempt, ...] = field(default_factory=tuple)
+    last_error: str = ""
+    raw: bytes = b""
+
+
+class QueueStats(NamedTuple):
+    """Messages per state (every :class:`State` is a key) and the age in seconds of the oldest
+    message not dead (0 when there is none), by the queue's clock."""
+
+    counts: dict[str, int]
+    oldest_age: float
+
+
+class Recovery(NamedTuple):
+    """What :meth:`Queue.recover` did: messages put back to wait, and those quarantined as dead."""
+
+    requeued: int
+    buried: int
+
+
+_last_micros = 0
+_id_lock = threading.Lock()
+
+
+def new_id() -> str:
+    """A queue id: microseconds since the epoch (strictly increasing in this process, so ids
+    sort by arrival), then randomness against other processes."""
+    global _last_micros
+    with _id_lock:
+        _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
+        micros = _last_micros
+    # Not secret, just distinct across processes; os.urandom cost a syscall per message.
+    return f"{micros:013X}{random.getrandbits(24):06X}"

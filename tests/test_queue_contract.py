@@ -1,0 +1,445 @@
+"""The queue contract: what every backend behind :class:`ratatoskr.queue.Queue` must do.
+
+Each test runs once per backend in ``BACKENDS``. A backend entry is an async context manager
+that makes fresh, empty storage and yields the ``[spool]`` config naming it; the tests open
+handles on it through :func:`ratatoskr.queue.queue_for`, as the daemon and the CLI do, and a
+second handle on the same config is how "after a restart" and "from another process" look.
+A new backend adds its entry here and must pass every test unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ratatoskr.config import SpoolConfig
+from ratatoskr.errors import QueueUnavailable
+from ratatoskr.message import Envelope
+from ratatoskr.queue import Attempt, Outcome, Queue, State, new_id, queue_for
+from tests.conftest import FakeClock
+from tests.postgres import database, schema_url
+
+ENV = Envelope(sender="ada@example.com", recipients=("bob@example.net", "hidden@example.org"))
+BODY = b"Subject: x\r\n\r\nhi\r\n"
+LIFETIME = 3600.0
+START = 1_000_000.0
+
+
+@contextlib.asynccontextmanager
+async def sqlite_storage(tmp_path: Path) -> AsyncIterator[SpoolConfig]:
+    yield SpoolConfig(path=tmp_path / "queue")
+
+
+@contextlib.asynccontextmanager
+async def postgres_storage(tmp_path: Path) -> AsyncIterator[SpoolConfig]:
+    async with database() as url, schema_url(url) as scoped:
+        yield SpoolConfig(path=tmp_path / "local", url=scoped)
+
+
+BACKENDS = {"sqlite": sqlite_storage, "postgres": postgres_storage}
+
+Opener = Callable[..., Awaitable[Queue]]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SpoolConfig]:
+    async with BACKENDS[request.param](tmp_path) as spool:
+        yield spool
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+async def open_queue(storage: SpoolConfig, clock: FakeClock) -> AsyncIterator[Opener]:
+    """Open another handle on the test's storage (closed at the end of the test)."""
+    opened: list[Queue] = []
+
+    async def open_(*, lifetime: float = LIFETIME, on_clock: FakeClock | None = None) -> Queue:
+        queue = queue_for(storage, lifetime=lifetime, clock=on_clock or clock)
+        await queue.open()
+        opened.append(queue)
+        return queue
+
+    yield open_
+    for queue in reversed(opened):
+        await queue.close()
+
+
+@pytest.fixture
+async def queue(open_queue: Opener) -> Queue:
+    return await open_queue()
+
+
+async def put(queue: Queue, body: Any = BODY, **kwargs: Any) -> str:
+    return await queue.put(new_id(), ENV, body, {"message_id": "<m@x>"}, **kwargs)
+
+
+def attempt(provider: str = "a", outcome: Outcome = Outcome.TEMPORARY, **fields: Any) -> Attempt:
+    return Attempt(at=START, provider=provider, outcome=outcome, **fields)
+
+
+async def counts(queue: Queue) -> dict[str, int]:
+    return (await queue.stats()).counts
+
+
+# -- put and durability ------------------------------------------------------------------------
+
+
+async def test_a_committed_message_is_there_for_the_next_handle(queue, open_queue, clock):
+    history = [attempt("a", Outcome.PERMANENT, seconds=0.25, detail="no", status=550)]
+    qid = await queue.put(
+        "Q1", ENV, BODY, {"message_id": "<m@x>", "size": 18}, history=history, not_before=START + 5
+    )
+    assert qid == "Q1"
+    await queue.close()  # as at a restart
+    again = await open_queue()
+    stored = await again.show("Q1")
+    assert stored is not None
+    assert (stored.state, stored.envelope, stored.raw) == (State.QUEUED, ENV, BODY)
+    assert stored.meta == {"message_id": "<m@x>", "size": 18}
+    assert stored.history == tuple(history)
+    assert (stored.created_at, stored.next_attempt_at) == (START, START + 5)
+    assert stored.expires_at == START + LIFETIME
+    assert (stored.attempts, stored.recoveries, stored.last_error) == (0, 0, "")
+
+
+async def test_history_keeps_every_attempt_field(queue):
+    every = Attempt(
+        at=START + 0.125,
+        provider="mailgun",
+        outcome=Outcome.SENT,
+        seconds=1.5,
+        detail="some refused",
+        status=200,
+        provider_id="<id@mg>",
+        rejected={"x@example.com": "suppressed"},
+        final=True,
+    )
+    qid = await put(queue, history=[every, attempt(outcome=Outcome.AMBIGUOUS)])
+    stored = await queue.show(qid)
+    assert stored is not None
+    assert stored.history == (every, attempt(outcome=Outcome.AMBIGUOUS))
+
+
+async def test_an_explicit_lifetime_is_kept(queue):
+    qid = await put(queue, expires_at=START + 10)
+    stored = await queue.show(qid)
+    assert stored is not None and stored.expires_at == START + 10
+
+
+async def test_put_if_absent_keeps_the_first_and_says_yes(queue):
+    assert await queue.put("X-B", ENV, b"first", {}, if_absent=True) == "X-B"
+    assert await queue.put("X-B", ENV, b"second", {"other": 1}, if_absent=True) == "X-B"
+    [claimed] = await queue.claim(5)
+    assert (claimed.raw, claimed.meta) == (b"first", {})
+
+
+async def test_a_second_put_of_an_id_is_refused_and_changes_nothing(queue):
+    await queue.put("DUP", ENV, b"first", {})
+    with pytest.raises(QueueUnavailable):
+        await queue.put("DUP", ENV, b"second", {})
+    stored = await queue.show("DUP")
+    assert stored is not None and stored.raw == b"first"
+
+
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024 + 7])
+async def test_bytes_come_back_exactly_whatever_the_size(queue, size):
+    body = bytes(i % 251 for i in range(size))
+    pieces = [bytearray(body[: size // 3]), body[size // 3 : size // 2], body[size // 2 :]]
+    whole, split = await put(queue, body), await put(queue, pieces)
+    claimed = {m.id: m.raw for m in await queue.claim(2)}
+    assert claimed == {whole: body, split: body}
+
+
+# -- claim -------------------------------------------------------------------------------------
+
+
+async def test_claim_takes_the_oldest_due_first_within_the_limit(queue, clock):
+    late = await put(queue, not_before=START - 1)
+    ids = [await put(queue) for _ in range(4)]
+    early = await put(queue, not_before=START - 100)
+    first = await queue.claim(2)
+    rest = await queue.claim(10)
+    assert [m.id for m in first + rest] == [early, late, *ids]
+    assert all(m.state is State.INFLIGHT for m in first + rest)
+
+
+async def test_a_claimed_message_is_not_claimed_again(queue, open_queue):
+    qid = await put(queue)
+    [claimed] = await queue.claim(10)
+    assert claimed.id == qid
+    assert await queue.claim(10) == []
+    other = await open_queue()
+    assert await other.claim(10) == []
+    assert (await counts(queue))["inflight"] == 1
+
+
+async def test_claim_waits_for_due_unless_told_otherwise(queue, clock):
+    later = await put(queue, not_before=START + 60)
+    assert await queue.claim(10) == []
+    [trial] = await queue.claim(1, due=float("inf"))
+    assert trial.id == later
+    await queue.release(later)
+    clock.advance(60)
+    assert [m.id for m in await queue.claim(10)] == [later]
+
+
+async def test_claim_leaves_out_the_excluded(queue):
+    a, b, c = await put(queue), await put(queue), await put(queue)
+    assert [m.id for m in await queue.claim(10, exclude={a, c})] == [b]
+    assert [m.id for m in await queue.claim(10, exclude=[])] == [a, c]
+
+
+async def test_claim_stops_at_the_byte_budget_but_always_takes_one(queue):
+    ids = [await put(queue, b"x" * 1000) for _ in range(5)]
+    first = await queue.claim(10, max_bytes=2500)
+    assert [m.id for m in first] == ids[:3]  # 0, 1000, 2000 bytes before each: under 2500
+    one = await queue.claim(10, max_bytes=10)
+    assert [m.id for m in one] == ids[3:4]
+
+
+async def test_the_byte_budget_counts_only_what_the_limit_lets_in(queue):
+    big = await put(queue, b"x" * 5000)
+    small = await put(queue, b"y")
+    assert [m.id for m in await queue.claim(1, max_bytes=100)] == [big]
+    assert [m.id for m in await queue.claim(1, max_bytes=100)] == [small]
+
+
+# -- transitions -------------------------------------------------------------------------------
+
+
+async def test_complete_removes_the_message(queue):
+    qid = await put(queue)
+    await queue.claim(1)
+    assert await queue.complete(qid) is True
+    assert await queue.show(qid) is None
+    assert sum((await counts(queue)).values()) == 0
+
+
+async def test_defer_waits_records_the_attempts_and_counts_one_try(queue, clock):
+    qid = await put(queue)
+    await queue.claim(1)
+    tries = [attempt("a", Outcome.AMBIGUOUS), attempt("b", Outcome.TEMPORARY, detail="503")]
+    assert await queue.defer(qid, next_attempt_at=START + 60, error="b: 503", attempts=tries) is True
+    assert await queue.claim(1) == []
+    clock.advance(61)
+    [again] = await queue.claim(1)
+    assert (again.state, again.attempts, again.last_error) == (State.INFLIGHT, 1, "b: 503")
+    assert again.history == tuple(tries)
+    assert again.next_attempt_at == START + 60
+
+
+async def test_a_round_without_attempts_does_not_count(queue, clock):
+    qid = await put(queue)
+    await queue.claim(1)
+    await queue.defer(qid, next_attempt_at=START, error="no provider", attempts=[])
+    stored = await queue.show(qid)
+    assert stored is not None
+    assert (stored.state, stored.attempts, stored.history) == (State.DEFERRED, 0, ())
+
+
+async def test_bury_keeps_the_message_dead_and_unclaimable(queue):
+    qid = await put(queue)
+    await queue.claim(1)
+    assert await queue.bury(qid, error="refused", attempts=[attempt(outcome=Outcome.PERMANENT)]) is True
+    assert await queue.claim(10, due=float("inf")) == []
+    stored = await queue.show(qid)
+    assert stored is not None
+    assert (stored.state, stored.last_error, stored.attempts) == (State.DEAD, "refused", 1)
+    assert await counts(queue) == {"queued": 0, "inflight": 0, "deferred": 0, "dead": 1}
+
+
+async def test_release_hands_back_untouched(queue, clock):
+    fresh, tried = await put(queue), await put(queue)
+    await queue.claim(2)
+    await queue.defer(tried, next_attempt_at=START + 30, error="503", attempts=[attempt()])
+    clock.advance(30)
+    await queue.claim(2)
+    assert await queue.release(fresh) is True
+    assert await queue.release(tried) is True
+    by_id = {m.id: m for m in await queue.list()}
+    assert by_id[fresh].state is State.QUEUED and by_id[fresh].attempts == 0
+    assert by_id[tried].state is State.DEFERRED and by_id[tried].attempts == 1
+    assert by_id[tried].next_attempt_at == START + 30 and by_id[tried].last_error == "503"
+
+
+async def test_transitions_apply_only_to_a_message_in_flight(queue):
+    waiting = await put(queue)
+    assert await queue.complete(waiting) is False
+    assert await queue.defer(waiting, next_attempt_at=START + 9, error="x", attempts=[attempt()]) is False
+    assert await queue.bury(waiting, error="x") is False
+    assert await queue.release(waiting) is False
+    stored = await queue.show(waiting)
+    assert stored is not None
+    assert (stored.state, stored.attempts, stored.history, stored.last_error) == (State.QUEUED, 0, (), "")
+    assert await queue.complete("no-such-id") is False
+
+
+async def test_an_operator_delete_wins_over_the_owner(queue):
+    qid = await put(queue)
+    await queue.claim(1)
+    assert await queue.delete(qid) == 1
+    assert await queue.defer(qid, next_attempt_at=START, error="x", attempts=[attempt()]) is False
+    assert await queue.complete(qid) is False
+    assert await queue.show(qid) is None
+
+
+async def test_reschedule_brings_only_later_deferred_messages_forward(queue, clock):
+    soon, late, fresh = await put(queue), await put(queue), await put(queue, not_before=START + 5000)
+    await queue.claim(2)
+    await queue.defer(soon, next_attempt_at=START + 10, error="x", attempts=[attempt()])
+    await queue.defer(late, next_attempt_at=START + 3000, error="x", attempts=[attempt()])
+    assert await queue.reschedule_deferred(START + 20) == 1
+    by_id = {m.id: m.next_attempt_at for m in await queue.list()}
+    assert by_id == {soon: START + 10, late: START + 20, fresh: START + 5000}
+
+
+# -- expiry and recovery -----------------------------------------------------------------------
+
+
+async def test_expire_buries_waiting_messages_out_of_lifetime_and_returns_their_head(queue, clock):
+    big = b"Subject: big\r\n\r\n" + b"z" * 200_000
+    old_big = await put(queue, big, expires_at=START + 10, not_before=START + 999)
+    in_flight = await put(queue, expires_at=START + 10)
+    young = await put(queue)
+    await queue.claim(1, exclude={old_big})
+    clock.advance(10)
+    [expired] = await queue.expire("lifetime over")
+    assert expired.id == old_big and expired.state is State.DEAD
+    assert expired.last_error == "lifetime over"
+    assert expired.raw == big[:65536]
+    assert await queue.expire("again") == []
+    states = {m.id: m.state for m in await queue.list()}
+    assert states == {old_big: State.DEAD, in_flight: State.INFLIGHT, young: State.QUEUED}
+
+
+async def test_recover_requeues_in_flight_and_quarantines_repeat_offenders(open_queue, clock):
+    first = await open_queue()
+    qid = await put(first)
+    for crash, expected in enumerate([(0, 0), (1, 0), (1, 0), (0, 1)]):
+        queue = await open_queue()
+        recovery = await queue.recover(max_recoveries=2)
+        assert (recovery.requeued, recovery.buried) == expected, f"start-up {crash}"
+        await queue.claim(10)  # in flight when "crashing"
+        await queue.close()
+    stored = await (await open_queue()).show(qid)
+    assert stored is not None
+    assert (stored.state, stored.recoveries) == (State.DEAD, 3)
+    assert "quarantined" in stored.last_error
+
+
+async def test_recovered_messages_wait_due_now_in_their_state(queue, open_queue, clock):
+    fresh, tried = await put(queue), await put(queue)
+    await queue.claim(2)
+    await queue.defer(tried, next_attempt_at=START + 500, error="x", attempts=[attempt()])
+    clock.advance(500)
+    await queue.claim(2)
+    await queue.close()  # "crashed" with both in flight
+    clock.advance(7)
+    again = await open_queue()
+    assert await again.recover(max_recoveries=5) == (2, 0)
+    by_id = {m.id: m for m in await again.list()}
+    assert (by_id[fresh].state, by_id[tried].state) == (State.QUEUED, State.DEFERRED)
+    assert {m.next_attempt_at for m in by_id.values()} == {START + 507}
+    assert {m.recoveries for m in by_id.values()} == {1}
+
+
+# -- the admin side ----------------------------------------------------------------------------
+
+
+async def test_list_is_in_arrival_order_without_bytes_and_show_has_them(queue):
+    ids = [await put(queue) for _ in range(3)]
+    listed = await queue.list()
+    assert [m.id for m in listed] == ids
+    assert all(m.raw == b"" and m.envelope == ENV for m in listed)
+    shown = await queue.show(ids[1])
+    assert shown is not None and shown.raw == BODY
+    assert await queue.show("nonexistent") is None
+
+
+async def test_retry_revives_dead_with_the_mark_and_a_fresh_lifetime(queue, clock):
+    qid = await put(queue)
+    await queue.claim(1)
+    await queue.bury(qid, error="refused", attempts=[attempt("a", Outcome.PERMANENT)])
+    clock.advance(100)
+    assert await queue.retry(qid) == 1
+    stored = await queue.show(qid)
+    assert stored is not None
+    assert stored.state is State.QUEUED
+    assert stored.history == (attempt("a", Outcome.PERMANENT), Attempt.revived(START + 100))
+    assert (stored.next_attempt_at, stored.expires_at) == (START + 100, START + 100 + LIFETIME)
+    assert [m.id for m in await queue.claim(1)] == [qid]
+
+
+async def test_retry_makes_waiting_messages_due_and_leaves_in_flight_alone(queue, clock):
+    deferred, in_flight, later = await put(queue), await put(queue), await put(queue, not_before=START + 50)
+    await queue.claim(2)
+    await queue.defer(deferred, next_attempt_at=START + 900, error="x", attempts=[attempt()])
+    assert await queue.retry(in_flight) == 0
+    assert await queue.retry("nonexistent") == 0
+    assert await queue.retry(None) == 2
+    by_id = {m.id: m for m in await queue.list()}
+    assert by_id[deferred].next_attempt_at == by_id[later].next_attempt_at == START
+    assert by_id[deferred].state is State.DEFERRED and by_id[deferred].history == (attempt(),)
+    assert by_id[in_flight].state is State.INFLIGHT
+
+
+async def test_delete_removes_in_any_state_once(queue):
+    qid = await put(queue)
+    assert await queue.delete(qid) == 1
+    assert await queue.delete(qid) == 0
+    assert await queue.show(qid) is None
+
+
+async def test_stats_count_every_state_and_age_the_oldest_undelivered(queue, clock):
+    assert await queue.stats() == ({"queued": 0, "inflight": 0, "deferred": 0, "dead": 0}, 0.0)
+    dead = await put(queue)
+    await queue.claim(1)
+    await queue.bury(dead, error="x")
+    clock.advance(10)
+    await put(queue)
+    await put(queue)
+    clock.advance(5)
+    await put(queue)
+    await queue.claim(1)
+    stats = await queue.stats()
+    assert stats.counts == {"queued": 2, "inflight": 1, "deferred": 0, "dead": 1}
+    assert stats.oldest_age == 5.0  # the dead one is not waiting for anything
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+async def test_the_admin_side_can_refuse_to_create_a_queue(storage, clock):
+    queue = queue_for(storage, lifetime=LIFETIME, clock=clock)
+    with pytest.raises(QueueUnavailable):
+        await queue.open(create=False)
+    await queue.open()
+    await put(queue)
+    await queue.close()
+    again = queue_for(storage, lifetime=LIFETIME, clock=clock)
+    await again.open(create=False)
+    try:
+        assert len(await again.list()) == 1
+    finally:
+        await again.close()
+
+
+async def test_a_closed_queue_is_unavailable_and_not_writable(queue):
+    assert await queue.writable() is True
+    await queue.close()
+    await queue.close()  # twice is fine
+    assert await queue.writable() is False
+    with pytest.raises(QueueUnavailable):
+        await put(queue)
+    with pytest.raises(QueueUnavailable):
+        await queue.claim(1)
+    with pytest.raises(QueueUnavailable):
+        await queue.list()
