@@ -196,3 +196,12 @@ async def test_a_later_call_failing_reports_only_its_recipients(make, fake):
     assert receipt.provider_id == fake.messages[0].id and len(fake.messages) == 1
     assert receipt.retry_later == bcc[49:] and set(receipt.rejected) == set(bcc[49:])
     assert "call 2 of 3" in receipt.rejected[bcc[49]]
+
+
+async def test_the_copy_for_refused_recipients_can_be_sent_here_again(make, fake):
+    """The copy queued after a failed later call shows To: Bob but is only for the others:
+    blind, so each of them gets a copy addressed to itself, and Bob none."""
+    receipt = await make().send(outbound(RAW, (CAROL, "dan@example.org")))
+    assert [m.envelope for m in fake.messages] == [[CAROL], ["dan@example.org"]]
+    assert all(m.header("To") == m.envelope[0] for m in fake.messages)
+    assert receipt.provider_id == ", ".join(m.id for m in fake.messages)

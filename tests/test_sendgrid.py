@@ -182,3 +182,11 @@ async def test_probe_needs_the_mail_send_scope(make, fake):
     result = await make().probe()
     assert not result.ok and "bad credentials" in result.detail and fake.api_key not in result.detail
     assert all(c.route == "probe" for c in fake.calls) and fake.messages == []
+
+
+async def test_blind_mail_is_one_call_with_a_personalization_each(make, fake):
+    """Only Bcc recipients: one request, each recipient its own message addressed to itself."""
+    raw = RAW.replace(b"To: Bob <bob@example.net>", b"To: undisclosed-recipients:;")
+    await make().send(outbound(raw, (BOB, HIDDEN)))
+    assert len(fake.calls) == 1
+    assert [(m.envelope, m.header("To")) for m in fake.messages] == [([BOB], BOB), ([HIDDEN], HIDDEN)]

@@ -74,12 +74,16 @@ def test_a_shown_address_that_is_not_a_recipient_is_refused():
         take_apart(outbound(message(Cc="list@example.org"), (BOB,)))
 
 
-def test_only_bcc_recipients_is_refused():
-    """Without a To/Cc recipient the APIs have nobody to put in their required to."""
+@pytest.mark.parametrize("to", ["undisclosed-recipients:;", "Bob <bob@example.net>"])
+def test_blind_mail_gives_each_recipient_a_copy_addressed_to_itself(to):
+    """No shown address is a recipient (Bcc-only mail, or the copy queued for the recipients a
+    provider refused): one call per recipient, each shown only itself."""
     msg = message()
-    msg.replace_header("To", "undisclosed-recipients:;")
-    with pytest.raises(Unrepresentable, match="only Bcc"):
-        take_apart(outbound(msg, (HIDDEN,)))
+    msg.replace_header("To", to)
+    fields = take_apart(outbound(msg, (HIDDEN, CAROL)))
+    assert fields.blind and fields.bcc == (HIDDEN, CAROL)
+    calls = split_calls(fields, 50)
+    assert [([a.addr for a in c.to], c.cc, c.bcc) for c in calls] == [([HIDDEN], (), ()), ([CAROL], (), ())]
 
 
 @pytest.mark.parametrize(

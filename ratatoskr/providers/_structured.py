@@ -16,9 +16,10 @@ instead of a silently different one:
 * a delivery report (``multipart/report``) or a body in several parts (text after an
   attachment), or an alternative other than text and HTML (``text/calendar``): flattened, it
   would mean something else;
-* a To or Cc address that is not an envelope recipient: the APIs deliver to every To/Cc, so the
-  header cannot be shown without sending to it; and no To/Cc recipient at all (only Bcc): the
-  APIs need one;
+* a To or Cc address that is not an envelope recipient while others are: the APIs deliver to
+  every To/Cc, so the header cannot be shown without sending to it. When *no* shown address is
+  a recipient (Bcc-only mail, a list expansion, a copy queued for refused recipients), each
+  recipient instead gets a copy addressed to itself;
 * more than one From address, or undecodable text.
 
 The envelope decides who receives: To/Cc come from the headers (for display) and must be
@@ -128,6 +129,11 @@ class Fields:
     parts: tuple[Part, ...]
     headers: tuple[tuple[str, str], ...]  # custom headers in order, values as written
     tags: tuple[str, ...]
+
+    @property
+    def blind(self) -> bool:
+        """No recipient is shown in To/Cc: each gets a copy addressed to itself."""
+        return not self.to and not self.cc
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -246,26 +252,32 @@ def _addresses(root: EmailMessage, name: str) -> tuple[Address, ...]:
 def _recipients(
     root: EmailMessage, envelope: tuple[str, ...]
 ) -> tuple[tuple[Address, ...], tuple[Address, ...], tuple[str, ...]]:
-    """To and Cc for display (each one a recipient, once), and the rest of the envelope as Bcc."""
+    """To and Cc for display (each one a recipient, once), and the rest of the envelope as Bcc.
+
+    When no shown address is a recipient at all (Bcc-only mail, a list expansion, the copy
+    queued for recipients a provider refused) the message is *blind*: To and Cc come back empty
+    and every recipient as Bcc, and each then gets a copy addressed to itself
+    (:func:`split_calls`). Some shown addresses recipients and some not cannot be shown."""
     wanted = {r.lower(): r for r in envelope}
-    shown: set[str] = set()
+    addresses = {h: _addresses(root, h) for h in ("To", "Cc")}
+    if not any(a.addr.lower() in wanted for shown in addresses.values() for a in shown):
+        return (), (), tuple(wanted.values())
+    seen: set[str] = set()
     lists: list[tuple[Address, ...]] = []
-    for header in ("To", "Cc"):
+    for header, shown in addresses.items():
         kept = []
-        for address in _addresses(root, header):
+        for address in shown:
             key = address.addr.lower()
             if key not in wanted:
                 raise Unrepresentable(
                     f"{header} shows {address.addr}, who is not a recipient of this message: "
                     "the API would deliver to every To/Cc address"
                 )
-            if key not in shown:
-                shown.add(key)
+            if key not in seen:
+                seen.add(key)
                 kept.append(address)
         lists.append(tuple(kept))
-    if not shown:
-        raise Unrepresentable("no To or Cc recipient (only Bcc): the API needs a To address")
-    bcc = tuple(r for key, r in wanted.items() if key not in shown)
+    bcc = tuple(r for key, r in wanted.items() if key not in seen)
     return lists[0], lists[1], bcc
 
 
@@ -297,11 +309,17 @@ def split_calls(fields: Fields, limit: int) -> list[Fields]:
     shown = len(fields.to) + len(fields.cc)
     if shown > limit:
         raise Unrepresentable(f"{shown} To/Cc addresses: the API shows at most {limit} in one message")
+    if fields.blind:
+        return [addressed_to(fields, rcpt) for rcpt in fields.bcc]
     room = limit - shown
     calls = [replace(fields, bcc=fields.bcc[:room])]
-    for rcpt in fields.bcc[room:]:
-        calls.append(replace(fields, to=(Address(rcpt),), cc=(), bcc=()))
+    calls += [addressed_to(fields, rcpt) for rcpt in fields.bcc[room:]]
     return calls
+
+
+def addressed_to(fields: Fields, rcpt: str) -> Fields:
+    """``fields`` for one recipient alone, shown as its To."""
+    return replace(fields, to=(Address(rcpt),), cc=(), bcc=())
 
 
 def attachment_name(part: Part) -> str:

@@ -127,13 +127,8 @@ class SendGridProvider(HttpProvider):
         """The mail/send body for ``fields``; :class:`Unrepresentable` for what SendGrid refuses."""
         if len(fields.recipients) > MAX_RECIPIENTS:
             raise Unrepresentable(f"{len(fields.recipients)} recipients, SendGrid takes at most 1000")
-        personalization: dict[str, Any] = {"to": [_address(a) for a in fields.to]}
-        if fields.cc:
-            personalization["cc"] = [_address(a) for a in fields.cc]
-        if fields.bcc:
-            personalization["bcc"] = [{"email": r} for r in fields.bcc]
         payload: dict[str, Any] = {
-            "personalizations": [personalization],
+            "personalizations": _personalizations(fields),
             "from": _address(fields.from_),
             # "subject: min length 1" (400 otherwise): a lone space shows as an empty subject.
             "subject": fields.subject or " ",
@@ -218,6 +213,19 @@ class SendGridProvider(HttpProvider):
         if "mail.send" not in scopes:
             return ProbeResult(False, "the key lacks the mail.send scope")
         return ProbeResult(True, "key has the mail.send scope")
+
+
+def _personalizations(fields: Fields) -> list[dict[str, Any]]:
+    """One personalization: To/Cc shown, Bcc hidden. A blind message (no recipient shown) gets
+    one per recipient, each its own message addressed to itself, all in one call."""
+    if fields.blind:
+        return [{"to": [{"email": r}]} for r in fields.bcc]
+    personalization: dict[str, Any] = {"to": [_address(a) for a in fields.to]}
+    if fields.cc:
+        personalization["cc"] = [_address(a) for a in fields.cc]
+    if fields.bcc:
+        personalization["bcc"] = [{"email": r} for r in fields.bcc]
+    return [personalization]
 
 
 def _address(address: Address) -> dict[str, str]:

@@ -10,7 +10,8 @@ Point a ``sendgrid`` provider at ``base_url = fake.url`` with ``api_key = fake.a
   base64 with a filename and no ``;``/``,``/CRLF in names, types or Content-IDs, inline ones with
   a ``content_id``, header values strings and no reserved header, categories (≤10, ≤255, ASCII),
   custom_args strings ≤10,000 bytes, not both reply_to and reply_to_list.
-* Accepted: 202, empty body, ``X-Message-Id``; every to/cc/bcc is recorded as delivered.
+* Accepted: 202, empty body, ``X-Message-Id``; each personalization is recorded as a message of
+  its own, delivered to its to/cc/bcc.
   ``mail_settings.sandbox_mode.enable`` → 200 and nothing recorded.
 * Tracking as the account default: unless a send switches it off, the recorded HTML has its
   links rewritten and an open pixel, as SendGrid would do (``delivery.fields["tracking"]``).
@@ -160,12 +161,13 @@ class FakeSendGrid(FakeServer):
             return respond(403, errors((SENDER_IDENTITY, "from")))
         message_id = secrets.token_urlsafe(16)
         if not body.get("mail_settings", {}).get("sandbox_mode", {}).get("enable"):
-            self.record(self._delivery(message_id, body))
+            # Each personalization is a message of its own (SendGrid's ids get a suffix).
+            for n, p in enumerate(body["personalizations"]):
+                self.record(self._delivery(message_id if n == 0 else f"{message_id}.{n}", body, p))
         status = 200 if body.get("mail_settings", {}).get("sandbox_mode", {}).get("enable") else 202
         return web.Response(status=status, headers={"X-Message-Id": message_id})
 
-    def _delivery(self, message_id: str, body: dict[str, Any]) -> Delivery:
-        [p] = body["personalizations"]  # the adapter sends one; more would be several messages
+    def _delivery(self, message_id: str, body: dict[str, Any], p: dict[str, Any]) -> Delivery:
         shown = lambda key: [_show(a) for a in p.get(key, [])]  # noqa: E731
         tracking = body.get("tracking_settings", {})
         clicks = tracking.get("click_tracking", {}).get("enable", True)
