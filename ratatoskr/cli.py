@@ -6,19 +6,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from ratatoskr import __version__
+from ratatoskr import __version__, circuits, queue_output
 from ratatoskr import config as config_mod
 from ratatoskr.auth import hash_password
 from ratatoskr.config import Config
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.providers import build_providers
-from ratatoskr.queue import Queue, StoredMessage, queue_for
+from ratatoskr.queue import Queue, queue_for
+from ratatoskr.queue.sqlite import DB_NAME
 
 OK, TROUBLE, USAGE = 0, 1, 2
+# serve: the listeners from the command line, else from these, else from the config.
+LISTEN_ENV = {"smtp": "RATATOSKR_SMTP_LISTEN", "http": "RATATOSKR_HTTP_LISTEN"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,47 +39,94 @@ def _parser() -> argparse.ArgumentParser:
         help=f"TOML config (default: ${config_mod.ENV_VAR}, else development defaults)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
-    check = sub.add_parser("check", parents=[common], help="validate the config and show what would run")
+    listeners = argparse.ArgumentParser(add_help=False)
+    for name in ("smtp", "http"):
+        listeners.add_argument(
+            f"--{name}-listen",
+            metavar="HOST:PORT",
+            help=f"{name.upper()} listener instead of [{name}] listen (also ${LISTEN_ENV[name]})",
+        )
+    sub.add_parser("serve", parents=[common, listeners], help="run the daemon in the foreground")
+    check = sub.add_parser(
+        "check", parents=[common, listeners], help="validate the config and show what would run"
+    )
     check.add_argument("--probe", action="store_true", help="also check each provider's credentials")
     queue = sub.add_parser("queue", parents=[common], help="inspect and act on the queue")
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
-    qsub.add_parser("list", parents=[common], help="list queued, deferred and dead messages")
+    listing = qsub.add_parser(
+        "list", parents=[common], help="list queued, in-flight, deferred and dead messages"
+    )
+    listing.add_argument("--state", choices=queue_output.STATES, help="only messages in this state")
+    listing.add_argument("--sender", metavar="ADDR", help="only from this address (or @domain)")
+    listing.add_argument("--recipient", metavar="ADDR", help="only to this address (or @domain)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per message per line")
     show = qsub.add_parser("show", parents=[common], help="show one message and its attempts")
     show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="the message as one JSON object")
     retry = qsub.add_parser("retry", parents=[common], help="make a message (or all) due now")
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?")
     target.add_argument("--all", action="store_true")
     delete = qsub.add_parser("delete", parents=[common], help="remove a message from the queue")
     delete.add_argument("id")
-    sub.add_parser("hash-password", help="read a password on stdin, print its hash for [smtp.users]")
+    hashing = sub.add_parser(
+        "hash-password", help="read a password on stdin, print its hash for [smtp.users]"
+    )
+    hashing.add_argument(
+        "user", nargs="?", help='print the whole line to paste under [smtp.users]: USER = "scrypt$..."'
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
-        return _hash_password()
+        return _hash_password(args.user)
+    path = getattr(args, "config", None)
+    if args.command == "queue":
+        return _queue(path, args)
     try:
-        config = config_mod.load(getattr(args, "config", None))
+        overrides = _listen_overrides(args)
+        config = config_mod.load(path, overrides=overrides)
     except ConfigError as exc:
         print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        if args.command == "check" and "environment variable" in str(exc):
+            # An admin shell lacks what systemd gives the service ($CREDENTIALS_DIRECTORY).
+            print(
+                "ratatoskr: check needs the environment the service runs with; "
+                "`ratatoskr queue ...` needs only [spool]",
+                file=sys.stderr,
+            )
         return USAGE
     if args.command == "serve":
-        return _serve(config, getattr(args, "config", None))
-    if args.command == "check":
-        return _check(config, probe=args.probe)
-    return _queue(config, args)
+        return _serve(config, path, overrides)
+    return _check(config, probe=args.probe)
 
 
-def _serve(config: Config, path: str | None) -> int:
+def _listen_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--smtp-listen``/``--http-listen`` (else ``$RATATOSKR_SMTP_LISTEN``/``..._HTTP_...``) as
+    config keys, so the config's own checks (no open relay) apply to them too."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, env in LISTEN_ENV.items():
+        option = f"--{name}-listen"
+        value = getattr(args, f"{name}_listen", None)
+        source = option
+        if value is None and os.environ.get(env):
+            value, source = os.environ[env], f"${env}"
+        if value is not None:
+            config_mod.parse_listen(source, value)  # a bad value is named as given
+            overrides[name] = {"listen": value}
+    return overrides
+
+
+def _serve(config: Config, path: str | None, overrides: dict[str, dict[str, Any]]) -> int:
     from ratatoskr import daemon, logs
 
     logs.setup(config.log.level, fmt=config.log.format, secrets=config.secrets())
     try:
-        # SIGHUP reloads from the same place: --config, else $RATATOSKR_CFG, else the defaults.
-        return daemon.serve(config, loader=lambda: config_mod.load(path))
+        # SIGHUP reloads from the same place: --config, else $RATATOSKR_CFG, else the defaults
+        # (with the same listeners from the command line).
+        return daemon.serve(config, loader=lambda: config_mod.load(path, overrides=overrides))
     except QueueUnavailable as exc:
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
@@ -84,7 +138,7 @@ def _serve(config: Config, path: str | None) -> int:
         return TROUBLE
 
 
-def _hash_password() -> int:
+def _hash_password(user: str | None) -> int:
     password = sys.stdin.read()
     if password.endswith("\n"):
         password = password[:-1]
@@ -93,7 +147,13 @@ def _hash_password() -> int:
     if not password:
         print("ratatoskr: empty password on stdin", file=sys.stderr)
         return USAGE
-    print(hash_password(password))
+    hashed = hash_password(password)
+    if user is None:
+        print(hashed)
+    else:
+        # A TOML key: bare when it can be, quoted otherwise (json's quoting is TOML's basic string).
+        key = user if re.fullmatch(r"[A-Za-z0-9_-]+", user) else json.dumps(user)
+        print(f"{key} = {json.dumps(hashed)}")
     return OK
 
 
@@ -173,44 +233,82 @@ async def _probe_all(config: Config) -> int:
     return failing
 
 
-def _queue(config: Config, args: argparse.Namespace) -> int:
-    return asyncio.run(_queue_command(config, args))
-
-
-async def _queue_command(config: Config, args: argparse.Namespace) -> int:
-    admin = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime)
+def _queue(path: str | None, args: argparse.Namespace) -> int:
+    """``queue …``: reads only ``[spool]`` and never creates a queue where none is."""
     try:
-        await admin.open()
+        settings = config_mod.load_queue_settings(path)
+    except ConfigError as exc:
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
+    folder = settings.spool.path
+    if settings.spool.url is None and not (folder / DB_NAME).is_file():
+        where = folder if folder.is_absolute() else f"{folder} (that is {Path.cwd() / folder})"
+        print(
+            f"ratatoskr: no queue at {where}: [spool] path from {settings.source}",
+            file=sys.stderr,
+        )
+        return TROUBLE
+    return asyncio.run(_queue_command(settings, args))
+
+
+async def _queue_command(settings: config_mod.QueueSettings, args: argparse.Namespace) -> int:
+    lifetime = settings.lifetime or config_mod.DeliveryConfig().max_queue_lifetime
+    admin = queue_for(settings.spool, lifetime=lifetime)
+    try:
+        await admin.open(create=False)
     except QueueUnavailable as exc:  # says what and where
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    # Circuits are published next to a SQLite queue by the daemon on this machine.
+    states = circuits.read(settings.spool.path)
     try:
-        return await _queue_action(admin, args)
+        return await _queue_action(admin, args, states, lifetime_known=settings.lifetime is not None)
     finally:
         await admin.close()
 
 
-async def _queue_action(admin: Queue, args: argparse.Namespace) -> int:
+async def _queue_action(
+    admin: Queue,
+    args: argparse.Namespace,
+    states: list[circuits.ProviderCircuit] | None,
+    *,
+    lifetime_known: bool,
+) -> int:
+    now = time.time()
     if args.action == "list":
-        messages = await admin.list()
-        for m in messages:
-            print(_list_line(m))
-        counts, _ = await admin.stats()
-        print(f"-- {len(messages)} messages: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        messages = [
+            m
+            for m in await admin.list()
+            if queue_output.matches(m, state=args.state, sender=args.sender, recipient=args.recipient)
+        ]
+        if args.json:
+            for m in messages:
+                print(queue_output.json_line(m, states))
+        else:
+            print("\n".join(queue_output.table(list(messages), states, now=now)))
         return OK
     if args.action == "show":
         message = await admin.show(args.id)
         if message is None:
             print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
-        print(_show(message))
+        if args.json:
+            print(queue_output.json_line(message, states, full=True))
+        else:
+            print("\n".join(queue_output.show(message, states, now=now)))
         return OK
     if args.action == "retry":
+        if not lifetime_known:
+            print(
+                "ratatoskr: [delivery] max_queue_lifetime not readable here; "
+                "revived messages get the default lifetime",
+                file=sys.stderr,
+            )
         count = await admin.retry(None if args.all else args.id)
         if not count and not args.all:
             print(f"ratatoskr: no waiting or dead message {args.id} in the queue", file=sys.stderr)
             return TROUBLE
-        print(f"{count} messages due now")
+        print(_retried(count, states))
         return OK
     count = await admin.delete(args.id)
     if not count:
@@ -220,30 +318,13 @@ async def _queue_action(admin: Queue, args: argparse.Namespace) -> int:
     return OK
 
 
-def _list_line(m: StoredMessage) -> str:
-    age = time.time() - m.created_at
-    recipients = ",".join(m.envelope.recipients[:3]) + ("…" if len(m.envelope.recipients) > 3 else "")
-    error = f"  {m.last_error[:120]}" if m.last_error else ""
-    return (
-        f"{m.id}  {m.state.value:<8}  {age:8.0f}s  {m.attempts:>3} tries  "
-        f"<{m.envelope.sender}> → {recipients}{error}"
-    )
-
-
-def _show(m: StoredMessage) -> str:
-    head = m.raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    info = {
-        "id": m.id,
-        "state": m.state.value,
-        "created_at": m.created_at,
-        "expires_at": m.expires_at,
-        "next_attempt_at": m.next_attempt_at,
-        "attempts": m.attempts,
-        "recoveries": m.recoveries,
-        "sender": m.envelope.sender,
-        "recipients": list(m.envelope.recipients),
-        "meta": m.meta,
-        "last_error": m.last_error,
-        "history": [attempt.as_json() for attempt in m.history],
-    }
-    return json.dumps(info, indent=2, ensure_ascii=False) + "\n\n" + head
+def _retried(count: int, states: list[circuits.ProviderCircuit] | None) -> str:
+    line = f"{queue_output.plural(count, 'message')} due now"
+    if count and circuits.all_open(states):
+        trial = min(c.trial_at for c in states or ())
+        when = time.strftime("%H:%M:%S", time.localtime(trial))
+        line += (
+            f"; every provider's circuit is open, so delivery waits for the next trial "
+            f"(at {when}), then goes on once a provider takes traffic"
+        )
+    return line

@@ -29,6 +29,7 @@ from ratatoskr.table import Secret
 from ratatoskr.table import Table as _Table
 
 ENV_VAR = "RATATOSKR_CFG"
+DEFAULTS_SOURCE = "built-in development defaults"
 
 T = TypeVar("T")
 
@@ -146,7 +147,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     providers: tuple[ProviderSettings, ...] = (OutboxSettings(name="outbox"),)
     log: LogConfig = LogConfig()
-    source: str = "built-in development defaults"
+    source: str = DEFAULTS_SOURCE
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log redaction filter."""
@@ -400,17 +401,63 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     return config
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults."""
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load from ``path``, else from ``$RATATOSKR_CFG``, else the development defaults.
+
+    ``overrides`` (``{"smtp": {"listen": "127.0.0.1:2626"}}``, from ``serve --smtp-listen``)
+    replace keys before parsing, so every check (an open relay on a public address) applies.
+    """
+    data, source = _read(path)
+    if data is None and not overrides:
+        return Config()
+    data = dict(data or {})
+    for section, keys in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **keys}
+    return parse(data, source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """What the ``queue`` commands need: ``[spool]``, and the lifetime a revived message gets
+    (None when ``[delivery]`` cannot be read here, e.g. an unset ``${ENV}``)."""
+
+    spool: SpoolConfig
+    lifetime: float | None
+    source: str
+
+
+def load_queue_settings(path: str | os.PathLike[str] | None = None) -> QueueSettings:
+    """Only ``[spool]`` (and the lifetime) from the same place :func:`load` reads: an admin
+    shell without the service's secrets (``${CREDENTIALS_DIRECTORY}``) can still work the queue.
+    """
+    data, source = _read(path)
+    if data is None:
+        return QueueSettings(SpoolConfig(), DeliveryConfig().max_queue_lifetime, source)
+    spool = _section(_Table("", data), "spool", _spool)
+    try:
+        delivery = _Table("delivery", data.get("delivery", {}))
+        lifetime: float | None = delivery.positive(
+            "max_queue_lifetime", float, DeliveryConfig().max_queue_lifetime
+        )
+    except ConfigError:
+        lifetime = None
+    return QueueSettings(spool, lifetime, source)
+
+
+def _read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any] | None, str]:
+    """The TOML document named by ``path`` or ``$RATATOSKR_CFG``; None for the defaults."""
     if path is None:
         path = os.environ.get(ENV_VAR) or None
     if path is None:
-        return Config()
+        return None, DEFAULTS_SOURCE
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f), str(path)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    return parse(data, source=str(path))

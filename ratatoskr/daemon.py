@@ -23,11 +23,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ratatoskr import __version__, logs, tls
+from ratatoskr import __version__, circuits, logs, tls
 from ratatoskr.api.app import Services, build_app
 from ratatoskr.auth import Accounts, FailureDelay, SmtpLogins
 from ratatoskr.config import Config, Listen
 from ratatoskr.delivery.dispatcher import Dispatcher
+from ratatoskr.delivery.outcomes import Outcomes
 from ratatoskr.errors import ConfigError
 from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
@@ -61,15 +62,16 @@ class Daemon:
         self.metrics = Metrics()
         # Named after the [spool] section; any backend behind the Queue protocol.
         self.spool = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime, clock=clock)
-        self.providers = build_providers(config.providers)
+        outcomes = Outcomes(self.spool, config.delivery, clock=clock, hostname=config.smtp.hostname)
         self.dispatcher = Dispatcher(
             self.spool,
-            self.providers,
+            build_providers(config.providers),
             config.delivery,
             self.metrics,
+            outcomes=outcomes,
             clock=clock,
             poll_interval=poll_interval,
-            hostname=config.smtp.hostname,
+            on_health_change=self.publish_circuits,
         )
         self.ingest = Ingest(
             self.spool, self.metrics, hostname=config.smtp.hostname, on_queued=self.dispatcher.wake
@@ -91,6 +93,11 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog_task: asyncio.Task[None] | None = None
 
+    @property
+    def providers(self) -> Sequence[Provider]:
+        """The providers delivering now (the dispatcher's pool owns them)."""
+        return self.dispatcher.pool.providers
+
     async def start(self) -> None:
         await self.spool.open()
         requeued, buried = await self.spool.recover(self.config.delivery.max_recoveries)
@@ -99,6 +106,7 @@ class Daemon:
         for provider in self.providers:
             await provider.start()
         self.dispatcher.start()
+        self.publish_circuits()
         await self._start_http()
         await self._start_smtp()
         smtp = self.config.smtp
@@ -116,6 +124,16 @@ class Daemon:
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
             self._watchdog_task = asyncio.create_task(self._ping_watchdog(self.watchdog))
+
+    def publish_circuits(self) -> None:
+        """Tell ``ratatoskr queue …`` which providers take traffic (:mod:`ratatoskr.circuits`)."""
+        circuits.publish(
+            self.config.spool.path,
+            [
+                circuits.ProviderCircuit(h.name, h.up, h.state(), h.ready_at(), h.last_error)
+                for h in self.dispatcher.pool.health.values()
+            ],
+        )
 
     async def _start_smtp(self) -> None:
         smtp = self.config.smtp
@@ -231,7 +249,6 @@ class Daemon:
     def _apply(self, new: Config, providers: list[Provider]) -> None:
         old_providers = self.providers
         in_flight = self.dispatcher.replace_providers(providers)
-        self.providers = providers
         self._spawn(_close_after(in_flight, old_providers))
         self.logins.accounts = Accounts(new.smtp.users, new.smtp.senders)
         ignored = needs_restart(self.config, new)
@@ -239,6 +256,7 @@ class Daemon:
         if self.tls_context is not None and new.smtp.tls_cert is not None:
             smtp = dataclasses.replace(smtp, tls_cert=new.smtp.tls_cert, tls_key=new.smtp.tls_key)
         self.config = dataclasses.replace(self.config, providers=new.providers, smtp=smtp)
+        self.publish_circuits()
         log.info(
             "reloaded %s: providers %s, %d SMTP users",
             new.source,
@@ -264,6 +282,7 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         for provider in self.providers:
             await provider.close()
+        circuits.withdraw(self.config.spool.path)
         await self.spool.close()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()  # pinged to the end: a drain may take a while

@@ -20,13 +20,25 @@ log = logging.getLogger("ratatoskr.ingest")
 _THREAD_THRESHOLD = 512 * 1024
 
 
+_LOGGED_RECIPIENTS = 20
+
+
+def _shown_recipients(recipients: tuple[str, ...]) -> str:
+    """``<a@x>,<b@y>``; past twenty, a count of the rest (the log line stays a line)."""
+    shown = ",".join(f"<{r}>" for r in recipients[:_LOGGED_RECIPIENTS])
+    more = len(recipients) - _LOGGED_RECIPIENTS
+    return shown + (f",(+{more} more)" if more > 0 else "")
+
+
 def trace_header(*, hostname: str, helo: str, peer: str, protocol: str, queue_id: str) -> str:
     """The ``Received:`` line we put on top (RFC 5321 §4.4); no ``for`` clause, which could name
     a Bcc recipient."""
     date = email.utils.formatdate(localtime=True)
-    helo_part = f"{helo} " if helo else ""
+    # RFC 5321 §4.4: "from" needs a name; without a HELO (HTTP) the address literal is it.
+    literal = f"[IPv6:{peer}]" if ":" in peer else f"[{peer or '127.0.0.1'}]"
+    name = helo or literal
     return (
-        f"Received: from {helo_part}([{peer}])\r\n"
+        f"Received: from {name} ({literal})\r\n"
         f"\tby {hostname} (ratatoskr) with {protocol} id {queue_id};\r\n"
         f"\t{date}\r\n"
     )
@@ -71,8 +83,10 @@ class Ingest:
         helo: str,
         peer: str,
         protocol: str,
+        user: str = "",
     ) -> str:
-        """Queue one message and return its id once it is on disk.
+        """Queue one message and return its id once it is on disk. ``user`` is the SMTP login
+        it came with, for the log.
 
         Raises :class:`MessageRejected` (never take it) or :class:`QueueUnavailable` (not now).
         """
@@ -87,10 +101,9 @@ class Ingest:
                 )
             else:
                 parts, summary = prepare_parts(raw, trace=trace, queue_id=qid, hostname=self.hostname)
-        except MessageRejected as exc:
+        except MessageRejected:
             self.metrics.rejected(ingress, "content")
-            log.info("rejected ingress=%s peer=%s reason=%s", ingress, peer, exc)
-            raise
+            raise  # the caller logs the refusal, with the reply it gives
         meta = {
             "message_id": summary.message_id,
             "subject": summary.subject[:200],
@@ -101,11 +114,14 @@ class Ingest:
         await self.queue.put(qid, envelope, parts, meta)
         self.metrics.received(ingress)
         log.info(
-            "queued id=%s message_id=%s ingress=%s from=<%s> recipients=%d size=%d",
+            "queued id=%s message_id=%s ingress=%s client=[%s]%s from=<%s> to=%s recipients=%d size=%d",
             qid,
             summary.message_id,
             ingress,
+            peer,
+            f" sasl_username={user}" if user else "",
             envelope.sender,
+            _shown_recipients(envelope.recipients),
             len(envelope.recipients),
             meta["size"],
         )

@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("sent", "temporary_failure", "permanent_failure")
-QUEUE_STATES = ("queued", "deferred", "dead")
+QUEUE_STATES = ("queued", "inflight", "deferred", "dead")
 
 
 class Metrics:
@@ -104,11 +104,18 @@ class Metrics:
     def failover(self, from_provider: str, to_provider: str) -> None:
         self.failovers.labels(from_provider=from_provider, to_provider=to_provider).inc()
 
+    def register_failovers(self, names: list[str]) -> None:
+        """A zero for every ordered pair of providers, so the failovers panel shows 0, not "No
+        data", until the first failover."""
+        for from_provider in names:
+            for to_provider in names:
+                if from_provider != to_provider:
+                    self.failovers.labels(from_provider=from_provider, to_provider=to_provider)
+
     def set_queue(self, counts: dict[str, int], oldest_age: float) -> None:
-        inflight = counts.get("inflight", 0)
-        self.queue_messages.labels(state="queued").set(counts.get("queued", 0) + inflight)
-        self.queue_messages.labels(state="deferred").set(counts.get("deferred", 0))
-        self.queue_messages.labels(state="dead").set(counts.get("dead", 0))
+        """Each state as ``queue list`` shows it; ``queued`` no longer includes in-flight ones."""
+        for state in QUEUE_STATES:
+            self.queue_messages.labels(state=state).set(counts.get(state, 0))
         self.queue_oldest_age.set(oldest_age)
 
     def exposition(self) -> bytes:

@@ -63,13 +63,13 @@ def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path):
         )
         assert qid in listing.stdout
 
-        shown = cli("queue", "show", qid, "--config", str(config))
+        shown = cli("queue", "show", qid, "--json", "--config", str(config))
         assert shown.returncode == 0
-        info = json.loads(shown.stdout.split("\n\n", 1)[0])
+        info = json.loads(shown.stdout)
         assert info["recipients"] == ["bob@example.net", "hidden@example.org"]
         assert info["history"][0]["provider"] == "local"
         assert info["history"][0]["outcome"] == "temporary"
-        assert "Subject: queued" in shown.stdout
+        assert "Subject: queued" in cli("queue", "show", qid, "--config", str(config)).stdout
 
         missing = cli("queue", "show", "NOPE", "--config", str(config))
         assert missing.returncode == 1 and "NOPE" in missing.stderr

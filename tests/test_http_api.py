@@ -465,6 +465,7 @@ async def test_openapi_document_describes_the_api(
         "/metrics",
         "/healthz",
         "/readyz",
+        "/readyz/accept",
     }
     send = document["paths"]["/v1/messages"]["post"]
     assert set(send["responses"]) == {"202", "400", "401", "413", "503"}

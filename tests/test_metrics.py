@@ -152,7 +152,10 @@ async def test_received_and_delivered_counts_follow_both_ingresses(
     for _ in range(3):
         assert (await api.send())[0] == 202
 
-    scrape = await api.until("5 deliveries", lambda s: sent(s) == 5)
+    # The provider has a message before the queue lets go of it: wait for both.
+    scrape = await api.until(
+        "5 deliveries, recorded", lambda s: sent(s) == 5 and s.total("ratatoskr_queue_messages") == 0
+    )
     assert scrape.value("ratatoskr_messages_received_total", ingress="smtp") == 2
     assert scrape.value("ratatoskr_messages_received_total", ingress="http") == 3
     outcomes = {
@@ -162,7 +165,7 @@ async def test_received_and_delivered_counts_follow_both_ingresses(
     assert outcomes == {"sent": 5, "temporary_failure": 0, "permanent_failure": 0}
     assert scrape.value("ratatoskr_delivery_duration_seconds_count", provider="outbox") == 5
     assert scrape.total("ratatoskr_failovers_total") == 0
-    for state in ("queued", "deferred", "dead"):
+    for state in ("queued", "inflight", "deferred", "dead"):
         assert scrape.value("ratatoskr_queue_messages", state=state) == 0
     assert scrape.value("ratatoskr_queue_oldest_age_seconds") == 0
 

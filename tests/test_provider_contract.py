@@ -149,6 +149,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         h = FakeHarness(fake)
         yield h
         await h.close()
+    assert not fake.violations, fake.violations
 
 
 _ids = iter(range(1, 1_000_000))

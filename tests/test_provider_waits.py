@@ -54,7 +54,7 @@ async def test_an_upload_longer_than_timeout_is_delivered(fake: FakeServer, heav
         finally:
             await provider.close()
         took = time.monotonic() - started
-    assert took > 2 * timeout, f"the upload took only {took:.1f} s: the test proves nothing"
+    assert took > timeout, f"the upload took only {took:.1f} s: the test proves nothing"
     assert hashlib.sha256(fake.last_mime()).digest() == hashlib.sha256(raw).digest()
 
 

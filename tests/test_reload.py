@@ -35,7 +35,7 @@ async def test_reload_swaps_api_key_and_keeps_the_delivery_in_flight(running_dae
     """A delivery caught mid-request by the reload finishes with the old provider (not closed
     under it); the next one uses the new key. Health carries over for the same name."""
     daemon = await running_daemon(providers=[fake_mailgun.provider_entry()])
-    health = daemon.dispatcher.health["mailgun"]
+    health = daemon.dispatcher.pool.health["mailgun"]
     gate = fake_mailgun.stall(times=1)
     await smtp_send(daemon.smtp_port, MESSAGE)
     await wait_until(lambda: fake_mailgun.calls, what="a delivery in flight")
@@ -43,7 +43,7 @@ async def test_reload_swaps_api_key_and_keeps_the_delivery_in_flight(running_dae
     daemon.loader = lambda: build_config(tmp_path, providers=[fake_mailgun.provider_entry(api_key=NEW_KEY)])
     assert await daemon.reload()
     assert daemon.config.providers[0].api_key.reveal() == NEW_KEY
-    assert daemon.dispatcher.health["mailgun"] is health
+    assert daemon.dispatcher.pool.health["mailgun"] is health
 
     gate.set()
     await fake_mailgun.wait_for(1)
@@ -62,12 +62,12 @@ async def test_reload_changes_the_provider_list(running_daemon, tmp_path):
         return {"name": name, "kind": "outbox", "path": str(tmp_path / name)}
 
     daemon = await running_daemon(providers=[outbox("a"), outbox("b")])
-    kept = daemon.dispatcher.health["b"]
+    kept = daemon.dispatcher.pool.health["b"]
     daemon.loader = lambda: build_config(tmp_path, providers=[outbox("b"), outbox("c")])
     assert await daemon.reload()
-    assert [p.name for p in daemon.dispatcher.providers] == ["b", "c"]
-    assert set(daemon.dispatcher.health) == {"b", "c"}
-    assert daemon.dispatcher.health["b"] is kept
+    assert [p.name for p in daemon.dispatcher.pool.providers] == ["b", "c"]
+    assert set(daemon.dispatcher.pool.health) == {"b", "c"}
+    assert daemon.dispatcher.pool.health["b"] is kept
     await smtp_send(daemon.smtp_port, MESSAGE)
     await wait_until(lambda: list((tmp_path / "b").glob("*.eml")), what="delivery by b")
 

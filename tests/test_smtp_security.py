@@ -172,7 +172,9 @@ async def test_trusted_loopback_offers_auth_without_tls(running_daemon):
 
 
 async def test_auth_without_users_is_not_enabled(running_daemon):
-    daemon = await running_daemon()
+    """require_auth without users: nobody could log in, so AUTH is not offered. (Without
+    require_auth, loopback takes any credentials: tests/test_operator_smtp.py.)"""
+    daemon = await running_daemon(smtp={"listen": "127.0.0.1:0", "require_auth": True})
     async with RawSmtp(daemon.smtp_port) as s:
         _, features = await s.cmd("EHLO client.test")
         assert not any(f.startswith("AUTH") for f in features.splitlines())

@@ -87,8 +87,22 @@ async def post_message(request: web.Request) -> web.Response:
     except Refused as refused:
         if refused.reason is not None:
             services.metrics.rejected("http", refused.reason)
+        _log_refusal(request, refused)
         return refused.response()
     return web.json_response({"id": qid}, status=202)
+
+
+def _log_refusal(request: web.Request, refused: Refused) -> None:
+    """One line per refused request, like Postfix's ``NOQUEUE: reject`` (the body is not logged:
+    it may hold anything; the fields named in the answer are)."""
+    fields = ",".join(d.get("field", "") for d in refused.body.get("details", []) if d.get("field"))
+    log.info(
+        "NOQUEUE: reject: HTTP from [%s]: %d %s%s",
+        request.remote or "",
+        refused.status,
+        refused.body.get("error", ""),
+        f"; fields={fields}" if fields else "",
+    )
 
 
 def _check_token(request: web.Request, config: HttpConfig) -> None:
@@ -201,16 +215,32 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     writable = await services.queue.writable()
-    providers = {
-        name: {"state": health.state(), "up": health.up, "last_error": health.last_error}
-        for name, health in services.dispatcher.health.items()
-    }
-    taking = any(h.up or h.trial_due() for h in services.dispatcher.health.values())
-    ready = writable and taking and services.ingest.accepting
+    delivery = services.dispatcher.readiness()
+    ready = writable and delivery.delivering and services.ingest.accepting
     body = {
         "status": "ready" if ready else "not ready",
         "queue_writable": writable,
-        "providers": providers,
+        "providers": {
+            name: {"state": p.state, "up": p.up, "last_error": p.last_error}
+            for name, p in delivery.providers.items()
+        },
+        "time": time.time(),
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def readyz_accept(request: web.Request) -> web.Response:
+    """Admission: this node can queue mail (writable, not draining), whatever the providers do.
+    A load balancer's check; /readyz ("can deliver") would turn a provider outage into an
+    ingress outage."""
+    services = request.app[SERVICES]
+    writable = await services.queue.writable()
+    accepting = services.ingest.accepting
+    ready = writable and accepting
+    body = {
+        "status": "accepting" if ready else "not accepting",
+        "queue_writable": writable,
+        "draining": not accepting,
         "time": time.time(),
     }
     return web.json_response(body, status=200 if ready else 503)
@@ -227,4 +257,5 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz/accept", readyz_accept)
     return app

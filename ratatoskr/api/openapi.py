@@ -71,6 +71,15 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Admission": {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["accepting", "not accepting"]},
+            "queue_writable": {"type": "boolean"},
+            "draining": {"type": "boolean"},
+            "time": {"type": "number"},
+        },
+    },
     "Readiness": {
         "type": "object",
         "properties": {
@@ -131,6 +140,11 @@ def document(message_schema: dict[str, Any], *, auth_required: bool) -> dict[str
             "Readiness",
             _json("#/components/schemas/Readiness", "Queue writable and a provider takes traffic."),
             {"503": _json("#/components/schemas/Readiness", "Not ready; see each provider's state.")},
+        ),
+        "/readyz/accept": _get(
+            "Admission: this node can queue mail (for a load balancer), whatever the providers do",
+            _json("#/components/schemas/Admission", "Queue writable and not draining."),
+            {"503": _json("#/components/schemas/Admission", "Cannot queue: queue not writable or draining.")},
         ),
     }
     components: dict[str, Any] = {"schemas": {"Message": message, **_SCHEMAS}}

@@ -15,10 +15,12 @@ One round for one message walks the providers in configured order:
   sent) is skipped the same way, but not counted as a delivery nor held against its health;
 * an unexpected exception → recorded, and not held against the provider's health.
 
-What the round's result means for the queue is :mod:`ratatoskr.delivery.outcomes`. A provider's recovery
-brings deferred messages forward, so nobody waits out a long backoff after an outage ends.
-While every provider is out, one trial message at a time goes to a provider whose cool-down
-is over. Deliveries in flight hold at most ``MAX_INFLIGHT_BYTES`` of message bytes.
+A round's result flows one way: the dispatcher decides the verdict
+(:func:`~ratatoskr.delivery.decision.decide`), :class:`~ratatoskr.delivery.outcomes.Outcomes`
+applies it, the queue stores it. A provider's recovery brings deferred messages forward, so
+nobody waits out a long backoff after an outage ends. While every provider is out, one trial
+message at a time goes to a provider whose cool-down is over. Deliveries in flight hold at
+most ``MAX_INFLIGHT_BYTES`` of message bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from ratatoskr.config import DeliveryConfig
+from ratatoskr.delivery.decision import Deferred, Round, Verdict, decide, refused_by
 from ratatoskr.delivery.health import ProviderHealth
-from ratatoskr.delivery.outcomes import Outcomes, Round, refused_by
+from ratatoskr.delivery.outcomes import Outcomes
+from ratatoskr.delivery.pool import ProviderPool, Readiness
 from ratatoskr.errors import (
     AmbiguousFailure,
     CannotCarry,
@@ -53,6 +57,11 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 
 
 class Dispatcher:
+    """Runs delivery: claims due messages from the queue (within ``workers`` and
+    ``MAX_INFLIGHT_BYTES``), walks each over the providers of its :class:`ProviderPool`, decides
+    the verdict and hands it to ``outcomes``. Claims only between :meth:`start` and
+    :meth:`stop`; every message it claimed ends applied or released."""
+
     def __init__(
         self,
         queue: Queue,
@@ -60,34 +69,29 @@ class Dispatcher:
         config: DeliveryConfig,
         metrics: Metrics,
         *,
+        outcomes: Outcomes,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
-        hostname: str = "localhost",
+        on_health_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_health_change`` is called after any provider starts or stops taking traffic."""
         self.queue = queue
-        self.outcomes = Outcomes(
-            queue,
-            config,
-            clock=clock,
-            hostname=hostname,
-            provider_names=lambda: [p.name for p in self.providers],
-            wake=self.wake,
-        )
-        self.providers = list(providers)
+        self.on_health_change = on_health_change
+        self.outcomes = outcomes
         self.config = config
         self.metrics = metrics
         self.clock = clock
         self.poll_interval = poll_interval
-        self.health = {p.name: self._health_for(p) for p in self.providers}
+        self.pool = ProviderPool(providers, self._health_for)
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._task_bytes: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._trial: str | None = None
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
-        for p in self.providers:
-            metrics.register_provider(p.name)
+        for name in self.pool.names():
+            metrics.register_provider(name)
+        metrics.register_failovers(list(self.pool.names()))
 
     def _health_for(self, provider: Provider) -> ProviderHealth:
         own = provider.settings  # None: as [delivery] says
@@ -115,17 +119,10 @@ class Dispatcher:
     def replace_providers(self, providers: Sequence[Provider]) -> list[asyncio.Task[None]]:
         """Deliver with ``providers`` from now on (config reload); a provider whose name stays
         keeps its health. Returns the deliveries in flight, after which the old providers may
-        be closed.
-
-        The list is replaced in place, so a round in flight walks on over the new providers and
-        never looks up the health of a removed one.
-        """
-        kept = self.health
-        self.health = {p.name: kept.get(p.name) or self._health_for(p) for p in providers}
-        self.providers[:] = providers
-        for p in providers:
-            if p.name not in kept:
-                self.metrics.register_provider(p.name)
+        be closed."""
+        for name in self.pool.replace(providers):
+            self.metrics.register_provider(name)
+        self.metrics.register_failovers(list(self.pool.names()))
         self.wake()
         return list(self._tasks.values())
 
@@ -146,11 +143,16 @@ class Dispatcher:
             return len(still)
         return 0
 
+    def readiness(self) -> Readiness:
+        """Whether delivery can make progress now, and each provider's state, for ``/readyz``."""
+        return self.pool.readiness()
+
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self.outcomes.sweep_expired()
+                if await self.outcomes.sweep_expired():
+                    self.wake()
                 claimed = await self._claim()
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
@@ -173,17 +175,17 @@ class Dispatcher:
     def _finished(self, qid: str, _task: object = None) -> None:
         self._tasks.pop(qid, None)
         self._task_bytes.pop(qid, None)
-        if self._trial == qid:
+        if self.pool.trial == qid:
             # Not at once: a trial that could not reach its provider (the message was refused
             # there before) would otherwise be claimed again in a hot loop.
-            self._trial = None
+            self.pool.trial = None
             return
         self._wake.set()
 
     def _idle_wait(self) -> float:
         now = self.clock()
-        soonest = min((h.ready_at() for h in self.health.values()), default=now)
-        if soonest > now:
+        soonest = self.pool.soonest_ready()
+        if soonest is not None and soonest > now:
             return max(0.01, min(self.poll_interval, soonest - now))
         return self.poll_interval
 
@@ -192,22 +194,24 @@ class Dispatcher:
         budget = MAX_INFLIGHT_BYTES - sum(self._task_bytes.values())
         if free <= 0 or budget <= 0:
             return []
-        healths = [h for h in self.health.values() if h.available()]
+        healths = self.pool.available()
         if any(h.up for h in healths):
-            return await self.queue.claim(free, exclude=self._tasks, max_bytes=budget)
-        if healths and self._trial is None:
+            return await self.queue.claim(free, exclude=self._tasks.keys(), max_bytes=budget)
+        if healths and self.pool.trial is None:
             # Every provider is out; one whose cool-down ended gets the oldest waiting message
             # as its trial, even one whose own backoff is not over yet. One trial at a time:
             # the provider only takes it when the delivery task runs.
-            trial = await self.queue.claim(1, exclude=self._tasks, due=float("inf"))
-            self._trial = trial[0].id if trial else None
+            trial = await self.queue.claim(1, exclude=self._tasks.keys(), due=float("inf"))
+            self.pool.trial = trial[0].id if trial else None
             return trial
         return []
 
     def _health_changed(self, health: ProviderHealth, up: bool, reason: str) -> None:
         self.metrics.set_provider_up(health.name, up)
+        self.on_health_change()
         if up:
-            log.warning("provider %s is taking traffic again (%s)", health.name, reason)
+            # Good news: INFO, so an alert on WARNING and above sees only the trouble.
+            log.info("provider %s is taking traffic again (%s)", health.name, reason)
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(self._bring_forward())
             self._background.add(task)
@@ -232,7 +236,10 @@ class Dispatcher:
         finished = False
         try:
             result = await self._round(outbound, stored)
-            finished = await self._record_when_possible(stored, result)
+            verdict = decide(
+                stored, result, providers=self.pool.names(), now=self.clock(), config=self.config
+            )
+            finished = await self._apply_when_possible(stored, verdict)
         except Exception as exc:
             log.exception("id=%s delivery failed unexpectedly; deferring", stored.id)
             finished = await self._defer_after_bug(stored, exc)
@@ -243,13 +250,14 @@ class Dispatcher:
                 except QueueUnavailable:
                     pass
 
-    async def _record_when_possible(self, stored: StoredMessage, result: Round) -> bool:
-        """Record the outcome, trying again while the queue cannot commit (a full disk): given
+    async def _apply_when_possible(self, stored: StoredMessage, verdict: Verdict) -> bool:
+        """Apply the verdict, trying again while the queue cannot commit (a full disk): given
         up, the message would sit in flight until a restart. False if the daemon stops first."""
         logged = False
         while True:
             try:
-                await self.outcomes.record(stored, result)
+                if await self.outcomes.apply(stored, verdict):
+                    self.wake()  # copies or notices were queued
                 return True
             except QueueUnavailable as exc:
                 if not logged:
@@ -262,13 +270,9 @@ class Dispatcher:
     async def _defer_after_bug(self, stored: StoredMessage, exc: Exception) -> bool:
         reason = f"internal error: {type(exc).__name__}"
         attempt = Attempt(round(self.clock(), 3), NO_PROVIDER, Outcome.ERROR, detail=reason)
+        delay = self.config.retry_max
         try:
-            await self.queue.defer(
-                stored.id,
-                next_attempt_at=self.clock() + self.config.retry_max,
-                error=reason,
-                attempts=[attempt],
-            )
+            await self.outcomes.apply(stored, Deferred(self.clock() + delay, delay, reason, (attempt,)))
         except QueueUnavailable:
             return False
         return True
@@ -277,8 +281,8 @@ class Dispatcher:
         refused = refused_by(stored.history)
         result = Round(attempts=[])
         previous: str | None = None
-        for provider in list(self.providers):  # a reload may replace the list meanwhile
-            health = self.health.get(provider.name)
+        for provider in self.pool.providers:  # a reload replaces the list, never changes it
+            health = self.pool.health.get(provider.name)
             if provider.name in refused or health is None:
                 continue
             if not health.acquire():

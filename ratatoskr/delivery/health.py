@@ -33,6 +33,14 @@ _DEFAULT_RATE_LIMIT_PAUSE = 60.0
 
 
 class ProviderHealth:
+    """Whether one provider takes traffic (see the module docstring for the state machine).
+
+    The dispatcher asks :meth:`acquire` before each send and reports what came of it with
+    exactly one of :meth:`record_success`, :meth:`record_failure`, :meth:`record_rate_limit`
+    or :meth:`release`. Time is ``clock``'s; nothing here sleeps or schedules: a pause or
+    cool-down ends when a later call notices it has.
+    """
+
     def __init__(
         self,
         name: str,

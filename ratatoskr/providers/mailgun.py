@@ -8,15 +8,17 @@ without a filename are dropped, RFC 2231 filenames are lost, non-ASCII display n
 punctuation come out mangled, and inline parts are renamed after their filename.
 
 What is sent: ``to`` once per envelope recipient (Bcc included; Mailgun routes only on ``to``,
-never on the headers), the MIME with the Bcc header already stripped as a *file* part named
-``message.mime`` (a plain field gets "'message' parameter is not a file"), and ``o:tag`` for up
-to 10 tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags``. Envelopes above 1000 recipients go in
+never on the headers; domains in IDNA form), the MIME with the Bcc header already stripped as a
+*file* part named ``message.mime`` (a plain field gets "'message' parameter is not a file"),
+``o:tag`` for up to 10 tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags`` (those headers then
+leave the MIME), the configured ``o:`` options and ``v:queue_id``. Envelopes above 1000 recipients go in
 several calls, because Mailgun refuses more ("Too many recipients, max is 1000"). If a later
 call fails after an earlier one was accepted, the failure is raised (the message is retried, and
 the first recipients may get a duplicate): losing mail is worse than a duplicate.
 
 Auth is HTTP Basic ``api:<key>``. The probe, ``GET /v4/domains/{domain}``, needs the account
-key; a domain sending key can send but gets 401 there.
+key; a domain sending key can send but gets 401 there (see :meth:`MailgunProvider.probe`).
+docs/providers/mailgun.md has the whole table of answers; tests/schemas the request.
 """
 
 from __future__ import annotations

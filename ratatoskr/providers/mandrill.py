@@ -16,10 +16,12 @@ make Mandrill send UTF-8 bytes under a Latin-1 label, i.e. garbage. Non-UTF-8 by
 *headers* cannot be carried, so such a message is refused (PermanentFailure) and another
 provider gets its chance.
 
-Tags: when the message has tags (``X-Tag``/``X-Mailgun-Tag``) but no ``X-MC-Tags`` header, an
-``X-MC-Tags`` header is added, which Mandrill reads. Errors are classified by their ``name``, never
-by status: Mailchimp moved most errors from HTTP 500 to 400/401/402/404 during 2023, and both
-forms are still seen.
+Mandrill's own headers go in front of the MIME (Mandrill reads them and does not deliver
+them): one ``X-MC-Tags`` for every tag header (which leave the MIME), ``X-MC-PreserveRecipients``
+and ``X-MC-Subaccount`` from the settings, ``X-MC-Metadata`` with the queue id. Errors are
+classified by their ``name``, never by status: Mailchimp moved most errors from HTTP 500 to
+400/401/402/404 during 2023, and both forms are still seen. docs/providers/mandrill.md has the
+whole table of answers; tests/schemas the request.
 """
 
 from __future__ import annotations

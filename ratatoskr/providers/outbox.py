@@ -3,6 +3,9 @@
 Next to it, ``<queue id>.json`` records the envelope (sender, recipients, Bcc included), because
 the ``.eml`` itself carries no Bcc header. Both files are written to a temporary name, fsynced and
 renamed, so a reader never sees half a message.
+
+``max_messages`` (0: keep all) bounds the folder for a development machine that runs for weeks:
+after each write, the oldest messages beyond that many are removed (queue ids sort by arrival).
 """
 
 from __future__ import annotations
@@ -14,27 +17,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
 
-from ratatoskr.errors import TemporaryFailure
+from ratatoskr.errors import ConfigError, TemporaryFailure
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, ProviderSettings, Receipt
 from ratatoskr.table import Table
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxSettings(ProviderSettings):
-    """``kind = "outbox"``: ``path``, the folder the messages are written to."""
+    """``kind = "outbox"``: ``path``, the folder the messages are written to; ``max_messages``,
+    how many of the newest to keep (0: all)."""
 
     kind: ClassVar[str] = "outbox"
     path: Path = Path("./outbox")
+    max_messages: int = 0
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
-        return cls(**common, path=Path(t.get("path", str, str(cls.default("path")))))
+        max_messages = t.get("max_messages", int, 0)
+        if max_messages < 0:
+            raise ConfigError(t.key("max_messages"), f"must be 0 (keep all) or more, got {max_messages}")
+        return cls(
+            **common,
+            path=Path(t.get("path", str, str(cls.default("path")))),
+            max_messages=max_messages,
+        )
 
     def build(self) -> OutboxProvider:
         return OutboxProvider(self)
 
     def describe(self) -> str:
-        return str(self.path)
+        return str(self.path) + (f", keeps the newest {self.max_messages}" if self.max_messages else "")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -55,6 +67,7 @@ class OutboxProvider:
         self.name = settings.name
         self.settings = settings
         self.path = settings.path
+        self.max_messages = settings.max_messages
 
     async def start(self) -> None:
         pass
@@ -81,6 +94,17 @@ class OutboxProvider:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        if self.max_messages:
+            self._prune()
+
+    def _prune(self) -> None:
+        kept = sorted(self.path.glob("*.eml"), key=lambda p: p.name)
+        for old in kept[: max(0, len(kept) - self.max_messages)]:
+            for path in (old, old.with_suffix(".json")):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass  # two deliveries pruning at once
 
     async def probe(self) -> ProbeResult:
         try:

@@ -17,13 +17,24 @@ DATA loop with the chunked reader in :mod:`ratatoskr.smtp.data`, and applies the
   ``max_recipients`` is not an error (the client is meant to send it again later, RFC 5321
   §4.5.3.1.10) until a session has had 1000 of them (Postfix's ``smtpd_recipient_overshoot_limit``);
 * the idle timeout restarts on every command and on every chunk of DATA, so a slow upload of a
-  big message is not cut off while bytes are still arriving.
+  big message is not cut off while bytes are still arriving;
+* development mode: on a trusted loopback listener with no ``[smtp.users]`` and auth not
+  required, AUTH is offered and any credentials are accepted (and logged as unchecked), so an
+  app that has SMTP credentials configured works against ``make run``; the session then has
+  no more rights than one that never authenticated.
+
+Every reply after EHLO carries an enhanced status code (:mod:`ratatoskr.smtp.enhanced`), and
+every refusal (4xx/5xx) is logged once, Postfix style::
+
+    NOQUEUE: reject: RCPT from [127.0.0.1]: 553 5.1.3 Error: bad recipient address: ...;
+    from=<ada@example.com> to=<bob@> proto=ESMTP helo=<app.example.com>
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
 import logging
 import ssl
@@ -43,6 +54,7 @@ from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope, check_addr_spec
 from ratatoskr.smtp import replies
 from ratatoskr.smtp.data import ByteBudget, DataTooLarge, SpillFailed, read_data
+from ratatoskr.smtp.enhanced import with_code
 from ratatoskr.smtp.limits import ConnectionLimiter
 
 log = logging.getLogger("ratatoskr.smtp")
@@ -56,6 +68,11 @@ LARGE_MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 _JUNK_LIMIT = 100
 _CALL_LIMITS = {cmd: _JUNK_LIMIT for cmd in ("NOOP", "RSET", "VRFY", "EXPN", "HELP")} | {"*": sys.maxsize}
 _RECIPIENT_OVERSHOOT = 1000
+# Extensions aiosmtpd lists in EHLO without advertising them; it reads commands from a buffered
+# stream, so pipelined commands (RFC 2920) are answered in order, and our DATA reader hands the
+# bytes after the terminator back to it.
+_EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
+_LOGGED_RECIPIENTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +152,20 @@ class RelaySMTP(SMTP):
         self._admitted = False
         self._errors = 0
         self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
+        self._greeted = False  # the greeting and the HELO/EHLO reply carry no enhanced code
+        self._in_hello = False
+        self.unchecked_login = False  # development mode accepted this session's AUTH unchecked
+        self._command = ("", "")  # the command being answered and its argument, for the log
+        self._smtp_methods = {name: self._tracked(name, m) for name, m in self._smtp_methods.items()}
+
+    def _tracked(self, name: str, method: Any) -> Any:
+        # functools.wraps keeps the @syntax attributes aiosmtpd's HELP and checks read.
+        @functools.wraps(method)
+        async def run(arg: str | None) -> None:
+            self._command = (name, arg or "")
+            await method(arg)
+
+        return run
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -186,14 +217,78 @@ class RelaySMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # we hung up (too many errors, timeout): say nothing more
-        await super().push(status)
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if not self._greeted or self._in_hello:
+            self._greeted = True
+        elif not text.startswith("3"):
+            text = with_code(text)
+        await super().push(text)
+        if text.startswith(("4", "5")):
+            self._log_refusal(text)
         if text == replies.TOO_MANY_RECIPIENTS and self._overshoot < _RECIPIENT_OVERSHOOT:
             self._overshoot += 1
         elif text.startswith(("4", "5")):
             await self._count_error()
         elif text.startswith(replies.QUEUED[:9]):
             self._errors = self._overshoot = 0  # like Postfix: count only while no mail gets through
+
+    def _log_refusal(self, reply: str) -> None:
+        assert self.session is not None
+        command, arg = self._command
+        envelope = self.envelope
+        sender = envelope.mail_from if envelope is not None else None
+        recipients = list(envelope.rcpt_tos) if envelope is not None else []
+        if command == "MAIL":
+            sender = _angle_address(arg)
+        elif command == "RCPT":
+            recipients = [_angle_address(arg)]
+        parts = [f"NOQUEUE: reject: {command or 'CONNECT'} from [{self.client}]: {reply}"]
+        if sender is not None:
+            parts.append(f"from=<{sender.strip('<>')}>")
+        if recipients:
+            shown = ",".join(f"<{r}>" for r in recipients[:_LOGGED_RECIPIENTS])
+            more = len(recipients) - _LOGGED_RECIPIENTS
+            parts.append(f"to={shown}" + (f" (+{more} more)" if more > 0 else ""))
+        parts.append(f"proto={'ESMTP' if self.session.extended_smtp else 'SMTP'}")
+        if self.session.host_name:
+            parts.append(f"helo=<{self.session.host_name}>")
+        if self.session.authenticated:
+            parts.append(f"sasl_username={self.session.auth_data}")
+        log.info("%s; %s", parts[0], " ".join(parts[1:]))
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_hello = bool(hostname)  # "501 Syntax: EHLO hostname" does get its code
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_hello = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_hello = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_hello = False
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        # aiosmtpd lists every command it implements; list only what this session may use.
+        if arg:
+            await super().smtp_HELP(arg)
+            return
+        hidden = set()
+        if not self.auth_offered:
+            hidden.add("AUTH")
+        if self.tls_context is None or self.encrypted:
+            hidden.add("STARTTLS")
+        commands = sorted(
+            name
+            for name, method in self._smtp_methods.items()
+            if name not in hidden and self._syntax_available(method)
+        )
+        await self.push("250 Supported commands: " + " ".join(commands))
 
     async def _count_error(self) -> None:
         self._errors += 1
@@ -209,12 +304,24 @@ class RelaySMTP(SMTP):
         return self.session is not None and self.session.ssl is not None
 
     @property
+    def development_auth(self) -> bool:
+        """Whether AUTH takes any credentials: a trusted loopback listener, no users, auth not
+        required. Nothing is granted by it that the session did not have without AUTH."""
+        return (
+            self.policy.auth_without_tls and not self.policy.auth_required and not self.logins.accounts.users
+        )
+
+    @property
     def auth_offered(self) -> bool:
         """Whether EHLO advertises AUTH now."""
+        if self.development_auth:
+            return True
         return bool(self.logins.accounts.users) and (self.policy.auth_without_tls or self.encrypted)
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         assert self.session is not None
+        if caller_method == "HELP":
+            return False  # it tells no more than EHLO does, and it lists what logging in needs
         if self.policy.auth_required and not self.session.authenticated:
             await self.push(replies.AUTH_REQUIRED)
             return True
@@ -224,7 +331,7 @@ class RelaySMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
         if self.session.host_name and self.session.extended_smtp and not self.session.authenticated:
-            if not self.logins.accounts.users:
+            if not self.logins.accounts.users and not self.development_auth:
                 await self.push(replies.AUTH_NOT_ENABLED)
                 return
             if not (self.policy.auth_without_tls or self.encrypted):
@@ -243,6 +350,15 @@ class RelaySMTP(SMTP):
             return result  # aiosmtpd already answered (bad base64, "*" abort, ...)
         credentials = cast(LoginPassword, result.auth_data)
         login = credentials.login.decode("utf-8", "replace")
+        if self.development_auth:
+            self.unchecked_login = True
+            log.warning(
+                "%s: AUTH as %r accepted without checking: development mode (no [smtp.users], "
+                "loopback listener, auth not required); add users to check credentials",
+                self.client,
+                login,
+            )
+            return AuthResult(success=True, message=replies.AUTH_OK, auth_data=login)
         if await self.logins.check(login, credentials.password, self.client):
             log.info("%s authenticated as %r", self.client, login)
             return AuthResult(success=True, message=replies.AUTH_OK, auth_data=login)
@@ -291,8 +407,8 @@ class RelaySMTP(SMTP):
         finally:
             if reserved:
                 await self.data_budget.release(reserved)
+        await self.push(status)  # before the reset, so a refusal's log line has the envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push(status)
 
 
 class RelayHandler:
@@ -318,10 +434,10 @@ class RelayHandler:
         session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
         if not server.auth_offered:
             responses = [r for r in responses if not r.startswith("250-AUTH ")]
-        return responses
+        return [*responses[:-1], *_EXTRA_EHLO, responses[-1]]
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
+        self, server: RelaySMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
     ) -> str:
         if address != "<>":
             try:
@@ -329,10 +445,10 @@ class RelayHandler:
             except InvalidAddress as exc:
                 self.rejected("bad_sender")
                 return replies.BAD_SENDER.format(reason=exc)
-        user = session.auth_data if session.authenticated else None
+        # A development-mode login was never checked: it has the rights of no login.
+        user = session.auth_data if session.authenticated and not server.unchecked_login else None
         if not self.logins.accounts.may_send_as(user, "" if address == "<>" else address):
             self.rejected("sender_not_owned")
-            log.warning("user %r may not send as <%s>", user, address)
             return replies.SENDER_NOT_OWNED.format(user=user)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -371,6 +487,7 @@ class RelayHandler:
                 helo=session.host_name or "",
                 peer=peer,
                 protocol=protocol,
+                user=str(session.auth_data) if session.authenticated else "",
             )
         except MessageRejected as exc:
             return replies.MESSAGE_REJECTED.format(reason=exc)
@@ -387,6 +504,14 @@ class RelayHandler:
         # telling the client to give up on mail we might well accept on the next try.
         log.error("SMTP handler failed: %s", error, exc_info=error)
         return replies.INTERNAL_ERROR
+
+
+def _angle_address(arg: str) -> str:
+    """The address in a MAIL/RCPT argument (``FROM:<a@b> SIZE=10`` → ``a@b``)."""
+    start, end = arg.find("<"), arg.find(">")
+    if start >= 0 and end > start:
+        return arg[start + 1 : end]
+    return arg.partition(":")[2].strip().split(" ")[0]
 
 
 def _is_disk_full(exc: BaseException) -> bool:

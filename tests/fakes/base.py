@@ -41,7 +41,7 @@ from aiohttp.test_utils import TestServer
 
 from ratatoskr import config
 from ratatoskr.providers import ProviderSettings
-from tests.fakes.records import Call, Delivery
+from tests.fakes.records import Call, Delivery, schema_problems
 
 Handler = Callable[[web.Request], Any]
 
@@ -91,6 +91,9 @@ class FakeServer:
         self.revoked = False  # see revoke_key()
         self._server: TestServer | None = None
         self._counter = 0
+        #: Requests the fake accepted although they break the provider's request schema
+        #: (tests/schemas); the fixtures fail the test when any is left at the end.
+        self.violations: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -250,6 +253,10 @@ class FakeServer:
     def record(self, delivery: Delivery) -> Delivery:
         self.messages.append(delivery)
         return delivery
+
+    def check_schema(self, name: str, document: Any) -> None:
+        """Validate one captured request against ``tests/schemas/<name>.schema.json``."""
+        self.violations += [f"{name}: {p}" for p in schema_problems(name, document)]
 
     async def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Delivery]:
         """Resolve once ``count`` messages have been accepted; return all of them so far."""

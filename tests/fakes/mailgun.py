@@ -37,6 +37,8 @@ from tests.fakes.base import FakeServer, respond
 from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
 
 MAX_RECIPIENTS = 1000
+MAX_TAGS = 10
+MAX_TAG_LENGTH = 128
 OPTIONS_BUDGET = 16 * 1024
 # Mailgun's own words: "request size exceeds 52.4MiB limit".
 MAX_REQUEST = int(52.4 * 1024 * 1024)
@@ -57,6 +59,8 @@ class FakeMailgun(FakeServer):
         self.domains: dict[str, dict[str, Any]] = {
             domain: {"name": domain, "state": "active", "is_disabled": False, "type": "custom"}
         }
+        # Domain sending keys: "only allows POST /messages and /messages.mime" (api-intro.rst).
+        self.sending_keys: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -73,6 +77,13 @@ class FakeMailgun(FakeServer):
         return {**entry, **overrides}
 
     # -- switches -------------------------------------------------------------------------------
+
+    def upload_fault(
+        self, text: str = "unable to parse request: unexpected EOF", *, times: int | None = 1
+    ) -> None:
+        """Answer as Mailgun does to an upload that arrived broken (its error table lists
+        "unexpected EOF" and "invalid URL escape" beside "malformed multipart")."""
+        self.fail(400, {"message": text}, times=times, route="send")
 
     def break_as(self, failure: str) -> None:
         if failure == "server_error":
@@ -120,16 +131,18 @@ class FakeMailgun(FakeServer):
     async def _magnificent(self, request: web.Request) -> web.Response:
         return web.Response(text=self.GARBAGE)
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.Request, *, sending: bool = False) -> bool:
+        """The account key opens everything; a domain sending key only the send routes."""
         scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
         try:
             login, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except ValueError:
             return False
-        return scheme == "Basic" and not self.revoked and login == "api" and password == self.api_key
+        keys = {self.api_key} | (self.sending_keys if sending else set())
+        return scheme == "Basic" and not self.revoked and login == "api" and password in keys
 
     def _refuse_caller(self, request: web.Request) -> web.Response | None:
-        if not self._authorized(request):
+        if not self._authorized(request, sending=True):
             return web.Response(status=401, text="Forbidden")  # the bare text, not JSON
         domain = request.match_info["domain"]
         if domain not in self.domains:
@@ -173,6 +186,7 @@ class FakeMailgun(FakeServer):
         envelope, problem = self._check(form, ("to",))
         if problem:
             return _error(400, problem)
+        self.check_schema("mailgun-messages-mime", form_document(form))
         raw = message.file.read()
         return self._queued(request, envelope, parse_mime(raw), raw, form)
 
@@ -213,7 +227,7 @@ class FakeMailgun(FakeServer):
         for key, _ in options:
             if key.startswith("h:") and not key[2:].isascii():
                 return [], f"Header name must be pure ASCII: {key[2:]}"
-        return envelope, ""
+        return envelope, _tag_problem(form.getall("o:tag", []))
 
     def _queued(
         self, request: web.Request, envelope: list[str], parsed: EmailMessage, raw: bytes | None, form: Any
@@ -252,6 +266,35 @@ async def read_multipart(request: web.Request, *, limit: int) -> MultiDict[Any]:
             content_type = part.headers.get("Content-Type", "application/octet-stream")
             form.add(name, web.FileField(name, part.filename, io.BytesIO(data), content_type, part.headers))
     return form
+
+
+def _tag_problem(tags: list[str]) -> str:
+    """What Mailgun says of tags it will not take: "Tags are case insensitive and should be
+    ascii only. Maximum tag length is 128 characters" (user_manual.rst); 10 per message
+    (mailgun-go's MaxNumberOfTags). [U] The texts are ours: Mailgun's wording is not documented."""
+    if len(tags) > MAX_TAGS:
+        return f"Too many tags, max is {MAX_TAGS}"
+    for tag in tags:
+        if "\r" in tag or "\n" in tag or not tag.isascii() or not tag.isprintable():
+            return f"Tag {tag!r} must be printable ASCII"
+        if len(tag) > MAX_TAG_LENGTH:
+            return f"Tag {tag[:20]!r}... is longer than {MAX_TAG_LENGTH} characters"
+    return ""
+
+
+def form_document(form: Any) -> dict[str, Any]:
+    """A captured form as the JSON object tests/schemas/mailgun-messages-mime.schema.json
+    describes: repeatable fields as lists, file parts as "<file>"."""
+    document: dict[str, Any] = {}
+    for key, value in form.items():
+        text = "<file>" if isinstance(value, web.FileField) else value
+        if key in ("to", "o:tag"):
+            document.setdefault(key, []).append(text)
+        elif key in document:
+            document[key] = [document[key], text]  # a single field given twice: not a string
+        else:
+            document[key] = text
+    return document
 
 
 def build_mime(form: Any) -> EmailMessage:

@@ -39,9 +39,8 @@ from typing import Any, ClassVar
 import idna
 from aiohttp import web
 
-from ratatoskr.mime import drop_headers, header_values
 from tests.fakes.base import FakeServer, respond
-from tests.fakes.records import Delivery, addr_specs, parse_mime, text_fields
+from tests.fakes.records import Delivery, addr_specs, header_fields, parse_mime, text_fields, without_fields
 
 MODERN_STATUS = {
     "ValidationError": 400,
@@ -201,27 +200,33 @@ class FakeMandrill(FakeServer):
             to = addr_specs([str(v) for name in ("To", "Cc") for v in parsed.get_all(name, [])])
         if not isinstance(to, list) or not all(isinstance(a, str) for a in to):
             raise invalid('{"to":"Please enter an array"}')
+        self.check_schema("mandrill-send-raw", body)
         for address in to:
             if not _EMAIL.match(address):  # MessagesSendRawRequest: items "format": "email"
                 raise invalid(f'{{"to":"An email address must contain a single @: {address}"}}')
-        options = self._mc_headers(raw, body)
+        headers = header_fields(raw)
+        options = self._mc_headers(headers, body)
         # Mandrill reads its X-MC-* headers and does not deliver them.
-        delivered = drop_headers(raw, [name for name in _mc_names(raw)])
+        delivered = without_fields(raw, {n.lower() for n, _ in headers if n.lower().startswith("x-mc-")})
         return self._accept(body, to, parse_mime(delivered), delivered, options.pop("tags"), options=options)
 
-    def _mc_headers(self, raw: bytes, body: dict[str, Any]) -> dict[str, Any]:
+    def _mc_headers(self, headers: list[tuple[str, str]], body: dict[str, Any]) -> dict[str, Any]:
         """What the message's X-MC-* headers ask for, checked as Mandrill checks them."""
-        tags = [t.strip() for v in header_values(raw, "X-MC-Tags") for t in v.split(",") if t.strip()]
+
+        def values(name: str) -> list[str]:
+            return [v for n, v in headers if n.lower() == name.lower()]
+
+        tags = [t.strip() for v in values("X-MC-Tags") for t in v.split(",") if t.strip()]
         for tag in tags:
             if len(tag) > 50:
                 raise invalid(f'{{"tags":"tag {tag!r} is longer than 50 characters"}}')  # [U] wording
-        subaccount = (header_values(raw, "X-MC-Subaccount") or [None])[-1]
+        subaccount = (values("X-MC-Subaccount") or [None])[-1]
         if subaccount is not None and subaccount not in self.subaccounts:
             raise MandrillError("Unknown_Subaccount", f"No subaccount exists with the id '{subaccount}'")
-        if (header_values(raw, "X-MC-SendAt") or body.get("send_at")) and not self.positive_balance:
+        if (values("X-MC-SendAt") or body.get("send_at")) and not self.positive_balance:
             raise MandrillError("PaymentRequired")
-        preserve = (header_values(raw, "X-MC-PreserveRecipients") or [""])[-1].lower()
-        metadata = (header_values(raw, "X-MC-Metadata") or [None])[-1]
+        preserve = (values("X-MC-PreserveRecipients") or [""])[-1].lower()
+        metadata = (values("X-MC-Metadata") or [None])[-1]
         return {
             "tags": tags,
             "subaccount": subaccount,
@@ -302,11 +307,6 @@ def normalized(address: str) -> str:
     if not domain.isascii():
         domain = idna.encode(domain, uts46=True).decode("ascii")
     return f"{local}@{domain}".lower()
-
-
-def _mc_names(raw: bytes) -> list[str]:
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    return sorted({m.decode() for m in re.findall(rb"(?im)^(x-mc-[a-z0-9-]+)[ \t]*:", head)})
 
 
 def invalid(detail: str) -> MandrillError:

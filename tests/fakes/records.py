@@ -4,6 +4,7 @@ fakes share."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -12,9 +13,11 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import getaddresses
+from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
+from jsonschema import Draft202012Validator
 
 
 @dataclass
@@ -79,6 +82,47 @@ class Delivery:
                 )
             )
         return found
+
+
+SCHEMAS = Path(__file__).parent.parent / "schemas"
+
+
+@functools.cache
+def _validator(name: str) -> Draft202012Validator:
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def schema_problems(name: str, document: Any) -> list[str]:
+    """Where ``document`` breaks ``tests/schemas/<name>.schema.json`` (empty: it keeps it)."""
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in _validator(name).iter_errors(document)
+    ]
+
+
+def header_fields(raw: bytes) -> list[tuple[str, str]]:
+    """``(name, value)`` of each header field, values unfolded and decoded (the fakes' own
+    reading, independent of ratatoskr's)."""
+    head = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    return [(name, str(value)) for name, value in head.items()]
+
+
+def without_fields(raw: bytes, names: set[str]) -> bytes:
+    """``raw`` without the header fields named in ``names`` (lowercase), all else untouched."""
+    cut = raw.find(b"\r\n\r\n")
+    head, body = (raw, b"") if cut < 0 else (raw[: cut + 2], raw[cut + 2 :])
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower().decode("ascii", "replace") in names
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + body
 
 
 def parse_mime(raw: bytes) -> EmailMessage:
