@@ -39,7 +39,8 @@ def test_full_example_file_parses(monkeypatch):
         (
             {"providers": [{"kind": "sendgird"}]},
             "providers[0].kind",
-            "unknown kind 'sendgird' (expected mailgun, mandrill, outbox, ses, sparkpost)",
+            "unknown kind 'sendgird'"
+            " (expected mailgun, mandrill, outbox, postmark, resend, sendgrid, ses, sparkpost)",
         ),
         ({"providers": [{"name": "x"}]}, "providers[0].kind", "missing"),
         ({"providers": [{"kind": "mailgun", "domain": "mg.example.com"}]}, "providers[0].api_key", "missing"),
@@ -175,7 +176,7 @@ def test_invalid_config_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "ratatoskr: invalid config: providers[0].kind: unknown kind 'sendgird'"
-        " (expected mailgun, mandrill, outbox, ses, sparkpost)"
+        " (expected mailgun, mandrill, outbox, postmark, resend, sendgrid, ses, sparkpost)"
     ]
     result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
