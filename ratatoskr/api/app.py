@@ -24,6 +24,7 @@ from ratatoskr.auth import token_allowed
 from ratatoskr.config import HttpConfig
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import MessageRejected, QueueUnavailable
+from ratatoskr.history import message_json
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
@@ -177,6 +178,31 @@ async def _queue(request: web.Request, ingest: Ingest, raw: bytes, env: Envelope
         raise Refused(503, "queue_unavailable", error) from None
 
 
+# -- GET /v1/messages/{id} ---------------------------------------------------------------------
+
+
+async def get_message(request: web.Request) -> web.Response:
+    """A message's history (never its body): queued, in flight, dead or delivered, until the
+    history's retention ends. Token-protected like ``POST /v1/messages``: it names senders
+    and recipients."""
+    services = request.app[SERVICES]
+    qid = request.match_info["qid"]
+    try:
+        _check_token(request, services.config)
+        stored = await services.queue.show(qid)
+        events = await services.queue.events(qid) if stored is not None else []
+    except Refused as refused:
+        return refused.response()
+    except QueueUnavailable as exc:
+        log.error("queue unavailable, answering 503: %s", exc)
+        return web.json_response({"error": "queue unavailable, try again later"}, status=503)
+    if stored is None:
+        return web.json_response(
+            {"error": f"no message {qid} (never seen, or past its history's retention)"}, status=404
+        )
+    return web.json_response(message_json(stored, events))
+
+
 # -- documents ---------------------------------------------------------------------------------
 
 
@@ -252,6 +278,7 @@ def build_app(services: Services) -> web.Application:
     document = openapi.document(schema.schema(), auth_required=bool(services.config.api_tokens))
     app[OPENAPI] = json.dumps(document, indent=2).encode()
     app.router.add_post("/v1/messages", post_message)
+    app.router.add_get("/v1/messages/{qid}", get_message)
     app.router.add_get("/v1/schema", get_schema)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", metrics)
