@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ratatoskr.events.types import TERMINAL, EventType
 from ratatoskr.queue import Attempt, DeliveryEvent, Outcome, StoredMessage
+
+# The event types that say where a recipient's mail is (engagement events say nothing of it).
+_PROGRESS = frozenset({EventType.QUEUED, EventType.SENT, EventType.DEFERRED, *TERMINAL})
 
 
 def rfc3339(at: float) -> str:
@@ -21,6 +25,21 @@ def rfc3339(at: float) -> str:
 def sent_attempt(history: Sequence[Attempt]) -> Attempt | None:
     """The attempt at which a provider took the message (the last one, after a revival)."""
     return next((a for a in reversed(history) if a.outcome is Outcome.SENT), None)
+
+
+def recipient_states(events: Sequence[DeliveryEvent]) -> dict[str, str]:
+    """Each recipient's latest state by the events' own times, moving only forward: once
+    delivered, bounced, rejected or failed, a late ``queued``, ``sent`` or ``deferred`` (a
+    provider's retried batch, a skewed clock) does not take it back."""
+    states: dict[str, str] = {}
+    for event in sorted(events, key=lambda e: e.at):
+        if not event.recipient or event.type not in _PROGRESS:
+            continue
+        current = states.get(event.recipient)
+        if current in TERMINAL and event.type not in TERMINAL:
+            continue
+        states[event.recipient] = event.type
+    return states
 
 
 def event_json(event: DeliveryEvent) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ratatoskr.circuits import ProviderCircuit, all_open
-from ratatoskr.history import event_json, sent_attempt
+from ratatoskr.history import event_json, recipient_states, sent_attempt
 from ratatoskr.message import Envelope
 from ratatoskr.queue import DeliveryEvent
 
@@ -208,6 +208,7 @@ def as_json(
         info["provider"] = sent.provider if sent else None
         info["provider_message_id"] = sent.provider_id if sent else None
         info["events"] = [event_json(e) for e in events]
+        info["recipient_states"] = recipient_states(events)
     return info
 
 
@@ -259,6 +260,9 @@ def show(
         )
     if info["provider_message_id"]:
         lines.append(f"  provider:   {info['provider']}, message id {info['provider_message_id']}")
+    if info["recipient_states"]:
+        states = ", ".join(f"{r} {s}" for r, s in info["recipient_states"].items())
+        lines.append(f"  by events: {states}")
     for event in info["events"]:
         detail = event["detail"]
         why = " ".join(str(detail[k]) for k in ("bounce_class", "reason") if detail.get(k))

@@ -16,7 +16,8 @@ import aiohttp
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.webhooks import MailgunHooks, MandrillHooks
-from tests.test_history import get_json, post_message, until_delivered
+from tests.process import write_config
+from tests.test_history import get_json, post_message, queue_cli, until_delivered
 
 MG_KEY = "mg-signing-key-4b1d8e2f0a"
 MD_KEY = "md-webhook-key-7c3e9a1b5d"
@@ -40,7 +41,7 @@ async def start(running_daemon: Any, *providers: dict[str, Any], **sections: Any
 
 
 async def test_mailgun_reports_delivered_and_bounced_and_the_history_shows_it(
-    running_daemon, fake_mailgun: FakeMailgun
+    running_daemon, fake_mailgun: FakeMailgun, tmp_path
 ):
     daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
     qid = await post_message(daemon.http_port, headers=AUTH)
@@ -70,6 +71,13 @@ async def test_mailgun_reports_delivered_and_bounced_and_the_history_shows_it(
         and detail["code"] == 550
         and history["events"][1]["provider"] == "mailgun"
     )
+    config = write_config(tmp_path / "q.toml", {"spool": {"path": str(tmp_path / "var")}}, [])
+    code, out = await queue_cli(config, "show", qid, "--json")
+    shown = json.loads(out)
+    assert code == 0 and [e["type"] for e in shown["events"]] == ["delivered", "bounced"]
+    assert shown["recipient_states"] == {"bob@example.net": "delivered", "hidden@example.org": "bounced"}
+    code, out = await queue_cli(config, "show", qid)
+    assert code == 0 and "mailgun: bounced hidden@example.org hard bounce" in out
     text = await metrics(daemon.http_port)
     assert 'ratatoskr_events_total{provider="mailgun",type="bounced"} 1.0' in text
     assert 'ratatoskr_events_total{provider="mailgun",type="delivered"} 1.0' in text
@@ -201,3 +209,20 @@ async def test_a_hard_bounce_event_sends_a_notice_to_the_sender_when_enabled(
         and b"bob@example.net" not in report.split(b"message/delivery-status")[1]
     )
     assert len(fake_mailgun.messages) == 2
+
+
+def test_webhook_keys_are_secrets_redacted_from_logs(make_config):
+    config = make_config(
+        providers=[
+            {
+                "name": "mg",
+                "kind": "mailgun",
+                "api_key": "k1",
+                "domain": "mg.x",
+                "webhook_signing_key": MG_KEY,
+            },
+            {"name": "md", "kind": "mandrill", "api_key": "k2", "webhook_key": MD_KEY, "webhook_url": MD_URL},
+        ]
+    )
+    assert {MG_KEY, MD_KEY} <= set(config.secrets())
+    assert MG_KEY not in repr(config) and MD_KEY not in repr(config)
