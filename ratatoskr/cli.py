@@ -295,12 +295,13 @@ async def _queue_action(
     if args.action == "show":
         message = await admin.show(args.id)
         if message is None:
-            print(f"ratatoskr: no message {args.id} in the queue", file=sys.stderr)
+            print(f"ratatoskr: no message {args.id} in the queue or its history", file=sys.stderr)
             return TROUBLE
+        events = await admin.events(message.id)
         if args.json:
-            print(queue_output.json_line(message, states, full=True))
+            print(queue_output.json_line(message, states, full=True, events=events))
         else:
-            print("\n".join(queue_output.show(message, states, now=now)))
+            print("\n".join(queue_output.show(message, states, now=now, events=events)))
         return OK
     if args.action == "retry":
         if not lifetime_known:

@@ -146,6 +146,7 @@ class DeliveryConfig:
     shutdown_timeout: float = 20.0
     max_recoveries: int = 5
     bounce: bool = False
+    history_retention: float = 604_800.0  #: seconds a delivered message's history is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +362,7 @@ def _delivery(t: _Table) -> DeliveryConfig:
         shutdown_timeout=t.positive("shutdown_timeout", float, d.shutdown_timeout),
         max_recoveries=t.positive("max_recoveries", int, d.max_recoveries),
         bounce=t.get("bounce", bool, d.bounce),
+        history_retention=t.positive("history_retention", float, d.history_retention),
     )
     if config.retry_max < config.retry_initial:
         raise ConfigError(t.key("retry_max"), "must not be smaller than retry_initial")

@@ -30,6 +30,8 @@ from ratatoskr.config import Config, Listen
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.delivery.outcomes import Outcomes
 from ratatoskr.errors import ConfigError
+from ratatoskr.events.receiver import EventReceiver
+from ratatoskr.events.types import EventType
 from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
@@ -84,6 +86,18 @@ class Daemon:
             on_queued=self.dispatcher.wake,
             max_header_size=config.smtp.max_header_size,
         )
+        self.events = EventReceiver(
+            config.providers,
+            self.spool,
+            self.metrics,
+            retention=config.delivery.history_retention,
+            bounce=config.delivery.bounce,
+            hostname=config.smtp.hostname,
+            clock=clock,
+            on_queued=self.dispatcher.wake,
+        )
+        for settings in config.providers:
+            self.metrics.register_events(settings.name, (t.value for t in EventType))
         smtp = config.smtp
         self.logins = SmtpLogins(Accounts(smtp.users, smtp.senders), FailureDelay(smtp.auth_failure_delay))
         self.limiter = ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client)
@@ -199,6 +213,7 @@ class Daemon:
             metrics=self.metrics,
             max_message_size=self.config.smtp.max_message_size,
             max_recipients=self.config.smtp.max_recipients,
+            events=self.events,
         )
         self.http_runner = web.AppRunner(build_app(services), access_log=None)
         await self.http_runner.setup()
@@ -274,6 +289,7 @@ class Daemon:
         in_flight = self.dispatcher.replace_providers(providers)
         self._spawn(_close_after(in_flight, old_providers))
         self.logins.accounts = Accounts(new.smtp.users, new.smtp.senders)
+        self.events.replace_providers(new.providers)
         ignored = needs_restart(self.config, new)
         smtp = dataclasses.replace(self.config.smtp, users=new.smtp.users, senders=new.smtp.senders)
         if self.tls_context is not None and new.smtp.tls_cert is not None:

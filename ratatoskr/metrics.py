@@ -6,6 +6,8 @@ so two daemons (or a daemon and a test) can live in one process without sharing 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -82,6 +84,18 @@ class Metrics:
             "Age of the oldest undelivered message (cluster mode: of the whole shared queue).",
             registry=r,
         )
+        self.events = Counter(
+            "ratatoskr_events",
+            "Delivery events providers reported by webhook, each counted once.",
+            ["provider", "type"],
+            registry=r,
+        )
+        self.orphan_events = Counter(
+            "ratatoskr_events_orphaned",
+            "Provider events for a message this relay does not know (kept for history_retention).",
+            ["provider"],
+            registry=r,
+        )
         for ingress in ("smtp", "http"):
             self.messages_received.labels(ingress=ingress)
         for state in QUEUE_STATES:
@@ -92,6 +106,19 @@ class Metrics:
         for outcome in OUTCOMES:
             self.deliveries.labels(provider=name, outcome=outcome)
         self.delivery_duration.labels(provider=name)
+
+    def register_events(self, provider: str, types: Iterable[str]) -> None:
+        """Zeros for a provider's event series, so bounce and complaint rates read 0, not
+        "No data", before the first event."""
+        for kind in types:
+            self.events.labels(provider=provider, type=kind)
+        self.orphan_events.labels(provider=provider)
+
+    def event(self, provider: str, kind: str) -> None:
+        self.events.labels(provider=provider, type=kind).inc()
+
+    def orphan_event(self, provider: str) -> None:
+        self.orphan_events.labels(provider=provider).inc()
 
     def received(self, ingress: str) -> None:
         self.messages_received.labels(ingress=ingress).inc()

@@ -12,12 +12,14 @@ import dataclasses
 import json
 import textwrap
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ratatoskr.circuits import ProviderCircuit, all_open
+from ratatoskr.history import event_json, recipient_states, sent_attempt
 from ratatoskr.message import Envelope
+from ratatoskr.queue import DeliveryEvent
 
 STATES = ("queued", "inflight", "deferred", "dead")
 _WAITING = ("queued", "deferred")
@@ -125,6 +127,8 @@ def _next_attempt(m: Listed, held: str, *, now: float) -> str:
     state = state_of(m)
     if state == "dead":
         return "never (dead)"
+    if state == "delivered":
+        return "never (delivered)"
     if state == "inflight":
         return "sending now"
     if held:
@@ -170,8 +174,15 @@ def rfc3339(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def as_json(m: Listed, circuits: list[ProviderCircuit] | None, *, full: bool = False) -> dict[str, Any]:
-    """One message as ``--json`` prints it; ``full`` (``queue show``) adds its history."""
+def as_json(
+    m: Listed,
+    circuits: list[ProviderCircuit] | None,
+    *,
+    full: bool = False,
+    events: Sequence[DeliveryEvent] = (),
+) -> dict[str, Any]:
+    """One message as ``--json`` prints it; ``full`` (``queue show``) adds its history: the
+    attempts, the provider that took it with its message id, and the provider's ``events``."""
     state = state_of(m)
     held = held_reason(m, circuits)
     info: dict[str, Any] = {
@@ -179,7 +190,7 @@ def as_json(m: Listed, circuits: list[ProviderCircuit] | None, *, full: bool = F
         "state": state,
         "size": size_of(m),
         "created_at": rfc3339(m.created_at),
-        "next_attempt_at": None if state == "dead" else rfc3339(m.next_attempt_at),
+        "next_attempt_at": None if state in ("dead", "delivered") else rfc3339(m.next_attempt_at),
         "expires_at": rfc3339(m.expires_at),
         "sender": m.envelope.sender,
         "recipients": list(m.envelope.recipients),
@@ -193,6 +204,11 @@ def as_json(m: Listed, circuits: list[ProviderCircuit] | None, *, full: bool = F
     if full:
         info["recoveries"] = getattr(m, "recoveries", 0)
         info["history"] = [_attempt(a) for a in getattr(m, "history", ())]
+        sent = sent_attempt(getattr(m, "history", ()))
+        info["provider"] = sent.provider if sent else None
+        info["provider_message_id"] = sent.provider_id if sent else None
+        info["events"] = [event_json(e) for e in events]
+        info["recipient_states"] = recipient_states(events)
     return info
 
 
@@ -209,16 +225,25 @@ def _attempt(attempt: Any) -> dict[str, Any]:
     return entry
 
 
-def json_line(m: Listed, circuits: list[ProviderCircuit] | None, *, full: bool = False) -> str:
-    return json.dumps(as_json(m, circuits, full=full), ensure_ascii=False)
+def json_line(
+    m: Listed,
+    circuits: list[ProviderCircuit] | None,
+    *,
+    full: bool = False,
+    events: Sequence[DeliveryEvent] = (),
+) -> str:
+    return json.dumps(as_json(m, circuits, full=full, events=events), ensure_ascii=False)
 
 
 # -- one message, for people -----------------------------------------------------------------------
 
 
-def show(m: Listed, circuits: list[ProviderCircuit] | None, *, now: float) -> list[str]:
-    """``queue show ID``: the message's row and reason, its details, each attempt, its head."""
-    info = as_json(m, circuits, full=True)
+def show(
+    m: Listed, circuits: list[ProviderCircuit] | None, *, now: float, events: Sequence[DeliveryEvent] = ()
+) -> list[str]:
+    """``queue show ID``: the message's row and reason, its details, each attempt, the
+    provider's events about it, its head (none once delivered: the body is not kept)."""
+    info = as_json(m, circuits, full=True, events=events)
     lines = _rows(m, held_reason(m, circuits), now=now)
     lines += [
         f"  message-id: {info['message_id'] or '-'}",
@@ -232,6 +257,17 @@ def show(m: Listed, circuits: list[ProviderCircuit] | None, *, now: float) -> li
         at = entry.get("at") or ""
         lines.append(
             f"  attempt {at} {entry.get('provider', '-')}: {entry.get('outcome', '')} {detail}".rstrip()
+        )
+    if info["provider_message_id"]:
+        lines.append(f"  provider:   {info['provider']}, message id {info['provider_message_id']}")
+    if info["recipient_states"]:
+        states = ", ".join(f"{r} {s}" for r, s in info["recipient_states"].items())
+        lines.append(f"  by events: {states}")
+    for event in info["events"]:
+        detail = event["detail"]
+        why = " ".join(str(detail[k]) for k in ("bounce_class", "reason") if detail.get(k))
+        lines.append(
+            f"  event {event['at']} {event['provider']}: {event['type']} {event['recipient']} {why}".rstrip()
         )
     head = m.raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     if head:

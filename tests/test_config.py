@@ -66,6 +66,16 @@ def test_full_example_file_parses(monkeypatch):
         ),
         ({"providers": [{"kind": "outbox", "api_key": "k"}]}, "providers[0].api_key", "unknown key"),
         (
+            {"providers": [{"kind": "mandrill", "api_key": "k", "webhook_key": "w"}]},
+            "providers[0].webhook_url",
+            "exactly as registered",
+        ),
+        (
+            {"providers": [{"kind": "mailgun", "api_key": "k", "domain": "mg.x", "webhook_max_age": 0}]},
+            "providers[0].webhook_max_age",
+            "greater than 0",
+        ),
+        (
             {"providers": [{"kind": "outbox", "circuit_failures": 0}]},
             "providers[0].circuit_failures",
             "greater than 0",

@@ -460,6 +460,8 @@ async def test_openapi_document_describes_the_api(
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
         "/v1/messages",
+        "/v1/messages/{id}",
+        "/v1/events/{provider}",
         "/v1/schema",
         "/v1/openapi.json",
         "/metrics",

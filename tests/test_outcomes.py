@@ -54,7 +54,7 @@ def verdict(message: StoredMessage, result: Round, providers: tuple[str, ...] = 
 def test_sent_is_delivered():
     receipt = Receipt(provider="a", provider_id="x")
     result = Round(attempts=[attempt("a", Outcome.SENT)], receipt=receipt)
-    assert verdict(stored(), result) == Delivered(receipt)
+    assert verdict(stored(), result) == Delivered(receipt, (attempt("a", Outcome.SENT),))
 
 
 def test_a_temporary_failure_waits_with_backoff():
@@ -158,10 +158,13 @@ async def test_deferred_is_stored_as_decided(queue, clock):
     assert (waiting.attempts, waiting.history) == (1, tries)
 
 
-async def test_delivered_leaves_the_queue(queue, clock):
+async def test_delivered_leaves_the_queue_and_stays_as_history(queue, clock):
     message = await claimed(queue)
-    assert await outcomes(queue, clock).apply(message, Delivered(Receipt(provider="a"))) == 0
+    sent = attempt("a", Outcome.SENT)
+    assert await outcomes(queue, clock).apply(message, Delivered(Receipt(provider="a"), (sent,))) == 0
     assert await queue.list() == []
+    kept = await queue.show(message.id)
+    assert kept is not None and kept.state is State.DELIVERED and kept.history[-1] == sent and kept.raw == b""
 
 
 async def test_dead_is_bounced_first_and_kept_and_a_repeat_changes_nothing(queue, clock):

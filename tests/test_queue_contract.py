@@ -19,7 +19,7 @@ import pytest
 from ratatoskr.config import SpoolConfig
 from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
-from ratatoskr.queue import Attempt, Outcome, Queue, State, new_id, queue_for
+from ratatoskr.queue import Attempt, DeliveryEvent, Outcome, Queue, State, new_id, queue_for
 from tests.conftest import FakeClock
 from tests.postgres import database, schema_url
 
@@ -448,3 +448,88 @@ async def test_a_closed_queue_is_unavailable_and_not_writable(queue):
         await queue.claim(1)
     with pytest.raises(QueueUnavailable):
         await queue.list()
+
+
+# -- history after delivery, and delivery events ------------------------------------------------
+
+
+async def deliver(queue: Queue, clock: FakeClock, *, provider_id: str = "<20260101.1@mg.test>") -> str:
+    qid = await put(queue)
+    await queue.claim(1)
+    sent = attempt("mg", Outcome.SENT, provider_id=provider_id)
+    assert await queue.complete(qid, attempts=[sent], keep_until=clock() + 100) is True
+    return qid
+
+
+def event(key: str = "e1", **fields: Any) -> DeliveryEvent:
+    values: dict[str, Any] = {
+        "provider": "mg",
+        "type": "delivered",
+        "at": START,
+        "recipient": "bob@example.net",
+    }
+    return DeliveryEvent(key=key, **{**values, **fields})
+
+
+async def test_a_delivered_message_keeps_its_history_without_the_body(queue, clock):
+    qid = await deliver(queue, clock)
+    stored = await queue.show(qid)
+    assert stored is not None
+    assert (stored.state, stored.raw, stored.attempts) == (State.DELIVERED, b"", 1)
+    assert stored.history[-1].provider_id == "<20260101.1@mg.test>"
+    assert [m.id for m in await queue.list()] == []  # history, not queue
+    assert await counts(queue) == {"queued": 0, "inflight": 0, "deferred": 0, "dead": 0}
+    assert (await queue.stats()).oldest_age == 0.0
+    assert await queue.retry(qid) == 0 and await queue.claim(5, due=float("inf")) == []
+
+
+async def test_history_past_retention_is_gone_for_show_and_swept_in_bounded_batches(queue, clock):
+    ids = [await deliver(queue, clock, provider_id=f"<{n}@mg.test>") for n in range(3)]
+    await queue.record_events(
+        [event(queue_id=ids[0]), event("orphan", queue_id="nope")], keep_until=clock() + 100
+    )
+    assert await queue.sweep_history(clock()) == 0
+    clock.advance(101)
+    assert await queue.show(ids[0]) is None  # past retention: not shown, even before the sweep
+    assert await queue.sweep_history(clock(), limit=2) == 2 + 1  # two messages, the orphan
+    assert await queue.sweep_history(clock(), limit=2) == 1
+    assert await queue.sweep_history(clock(), limit=2) == 0
+    assert await queue.events(ids[0]) == []
+
+
+async def test_events_match_by_queue_id_or_provider_id_and_are_stored_once(queue, clock):
+    qid = await deliver(queue, clock, provider_id="<a1@mg.test>, <a2@mg.test>")
+    keep = clock() + 100
+    first = await queue.record_events(
+        [
+            event("k1", queue_id=qid),
+            event("k2", type="bounced", at=START - 5, provider_message_id="a2@mg.test"),
+            event("k3", provider_message_id="unknown@mg.test"),
+            event("k4", provider="other", provider_message_id="a1@mg.test"),  # another provider's id
+        ],
+        keep_until=keep,
+    )
+    assert [(s.queue_id, s.new) for s in first] == [(qid, True), (qid, True), (None, True), (None, True)]
+    again = await queue.record_events([event("k1", queue_id=qid, type="opened")], keep_until=keep)
+    assert [(s.queue_id, s.new) for s in again] == [(qid, False)]
+    stored = await queue.events(qid)
+    assert [(e.key, e.type) for e in stored] == [("k2", "bounced"), ("k1", "delivered")]  # by their own time
+    assert stored[1].detail == {} and stored[0].provider_message_id == "a2@mg.test"
+
+
+async def test_events_for_a_message_still_in_flight_match_and_survive_its_delivery(queue, clock):
+    qid = await put(queue)
+    await queue.claim(1)
+    [stored] = await queue.record_events(
+        [event(queue_id=qid, detail={"reason": "x"})], keep_until=clock() + 5
+    )
+    assert stored.queue_id == qid
+    assert await queue.complete(qid, keep_until=clock() + 100) is True
+    assert [e.detail for e in await queue.events(qid)] == [{"reason": "x"}]
+
+
+async def test_delete_removes_the_history_and_its_events(queue, clock):
+    qid = await deliver(queue, clock)
+    await queue.record_events([event(queue_id=qid)], keep_until=clock() + 100)
+    assert await queue.delete(qid) == 1
+    assert await queue.show(qid) is None and await queue.events(qid) == []

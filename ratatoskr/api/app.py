@@ -24,6 +24,9 @@ from ratatoskr.budget import ByteBudget
 from ratatoskr.config import HttpConfig
 from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.errors import MessageRejected, QueueUnavailable
+from ratatoskr.events.base import WebhookRequest
+from ratatoskr.events.receiver import EventReceiver
+from ratatoskr.history import message_json
 from ratatoskr.ingest import Ingest
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import CONTENT_TYPE, Metrics
@@ -50,6 +53,7 @@ class Services:
     max_message_size: int
     max_recipients: int = 100
     bodies: ByteBudget = field(default_factory=lambda: ByteBudget(BODIES_IN_MEMORY))
+    events: EventReceiver | None = None  #: the provider webhooks; None: every one is 404
 
 
 SERVICES = web.AppKey("services", Services)
@@ -204,6 +208,62 @@ async def _queue(request: web.Request, ingest: Ingest, raw: bytes, env: Envelope
         raise Refused(503, "queue_unavailable", error) from None
 
 
+# -- GET /v1/messages/{id} ---------------------------------------------------------------------
+
+
+async def get_message(request: web.Request) -> web.Response:
+    """A message's history (never its body): queued, in flight, dead or delivered, until the
+    history's retention ends. Token-protected like ``POST /v1/messages``: it names senders
+    and recipients."""
+    services = request.app[SERVICES]
+    qid = request.match_info["qid"]
+    try:
+        _check_token(request, services.config)
+        stored = await services.queue.show(qid)
+        events = await services.queue.events(qid) if stored is not None else []
+    except Refused as refused:
+        return refused.response()
+    except QueueUnavailable as exc:
+        log.error("queue unavailable, answering 503: %s", exc)
+        return web.json_response({"error": "queue unavailable, try again later"}, status=503)
+    if stored is None:
+        return web.json_response(
+            {"error": f"no message {qid} (never seen, or past its history's retention)"}, status=404
+        )
+    return web.json_response(message_json(stored, events))
+
+
+# -- POST /v1/events/{provider} -------------------------------------------------------------------
+
+#: The largest webhook body taken: Mandrill posts up to 1000 events in one request.
+EVENTS_MAX_BODY = 10 * 1024 * 1024
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """A provider's delivery-event webhook. No API token: the provider's signature is the
+    authentication, which is what makes the route safe on a listener the internet reaches."""
+    services = request.app[SERVICES]
+    receiver = services.events
+    provider = request.match_info["provider"]
+    if receiver is None or not receiver.knows(provider):
+        return web.json_response({"error": "no such provider"}, status=404)
+    if request.method == "HEAD":  # Mandrill's check of a new webhook URL
+        return web.Response(status=200)
+    limit = min(EVENTS_MAX_BODY, services.config.max_body_size)
+    try:
+        body = await _read_body(request, limit)
+    except Refused as refused:
+        return refused.response()
+    hook = WebhookRequest(method=request.method, body=body, headers=request.headers, now=time.time())
+    try:
+        answer = await receiver.receive(provider, hook)
+    except QueueUnavailable as exc:
+        # 503, never a 4xx: SNS and Mailgun give up on some 4xx, and this is our trouble.
+        log.error("queue unavailable, answering 503 to %s's webhook: %s", provider, exc)
+        return web.json_response({"error": "queue unavailable, try again later"}, status=503)
+    return web.json_response(answer.body, status=answer.status)
+
+
 # -- documents ---------------------------------------------------------------------------------
 
 
@@ -279,6 +339,9 @@ def build_app(services: Services) -> web.Application:
     document = openapi.document(schema.schema(), auth_required=bool(services.config.api_tokens))
     app[OPENAPI] = json.dumps(document, indent=2).encode()
     app.router.add_post("/v1/messages", post_message)
+    app.router.add_get("/v1/messages/{qid}", get_message)
+    app.router.add_post("/v1/events/{provider}", post_events)
+    app.router.add_route("HEAD", "/v1/events/{provider}", post_events)
     app.router.add_get("/v1/schema", get_schema)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", metrics)

@@ -124,12 +124,56 @@ def _send_operation(auth_required: bool) -> dict[str, Any]:
     return operation
 
 
+def _history_operation(auth_required: bool) -> dict[str, Any]:
+    responses = {
+        "200": _body(
+            "The message's history (never its body): id, state (queued, inflight, deferred, dead,"
+            " delivered), created_at, sender, recipients, attempts, provider,"
+            " provider_message_id, events",
+            "application/json",
+        ),
+        "404": _error("No such message, or past its history's retention."),
+    }
+    operation: dict[str, Any] = {
+        "operationId": "getMessage",
+        "summary": "A message's history",
+        "responses": responses,
+    }
+    if auth_required:
+        responses["401"] = _error("Missing or unknown bearer token.")
+        operation["security"] = [{"bearerAuth": []}]
+    return operation
+
+
+_EVENTS_OPERATION: dict[str, Any] = {
+    "operationId": "postEvents",
+    "summary": "A provider's delivery-event webhook (docs/events.md); its signature is the authentication",
+    "security": [],
+    "responses": {
+        "200": _body("The events are stored.", "application/json"),
+        "401": _error("Unsigned or badly signed."),
+        "404": _error("No provider of that name."),
+        "503": _error("The queue cannot take the events now; the provider retries."),
+    },
+}
+
+
 def document(message_schema: dict[str, Any], *, auth_required: bool) -> dict[str, Any]:
     message = _relocate(copy.deepcopy(message_schema), _MESSAGE)
     for key in ("$schema", "$id"):
         message.pop(key, None)
     paths: dict[str, Any] = {
         "/v1/messages": {"post": _send_operation(auth_required)},
+        "/v1/messages/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": _history_operation(auth_required),
+        },
+        "/v1/events/{provider}": {
+            "parameters": [
+                {"name": "provider", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "post": _EVENTS_OPERATION,
+        },
         "/v1/schema": _get(
             "The message JSON Schema", _body("JSON Schema 2020-12", "application/schema+json")
         ),

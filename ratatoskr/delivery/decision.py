@@ -31,6 +31,7 @@ class Round:
 @dataclass(frozen=True, slots=True)
 class Delivered:
     receipt: Receipt  #: may name recipients refused while the rest were taken
+    attempts: tuple[Attempt, ...] = ()  #: the round's attempts, the sent one last
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ def decide(
 ) -> Verdict:
     """The verdict on ``stored`` after ``result``, with ``providers`` the names configured now."""
     if result.receipt is not None:
-        return Delivered(result.receipt)
+        return Delivered(result.receipt, tuple(result.attempts))
     attempts = tuple(result.attempts)
     error = summary(attempts) or "no provider is taking traffic"
     if result.final:

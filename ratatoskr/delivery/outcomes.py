@@ -24,6 +24,9 @@ log = logging.getLogger("ratatoskr.delivery")
 
 # How often (in the dispatcher's clock) waiting messages are checked for an expired lifetime.
 _SWEEP_EVERY = 10.0
+# Expired history removed per queue call, and calls per sweep at most.
+_SWEEP_BATCH = 500
+_SWEEP_BATCHES = 4
 
 
 class Outcomes:
@@ -48,7 +51,7 @@ class Outcomes:
     async def apply(self, stored: StoredMessage, verdict: Verdict) -> int:
         """Store ``verdict`` on the in-flight message ``stored``; return the messages queued."""
         if isinstance(verdict, Delivered):
-            return await self._delivered(stored, verdict.receipt)
+            return await self._delivered(stored, verdict)
         if isinstance(verdict, Dead):
             return await self._dead(stored, verdict)
         await self.queue.defer(
@@ -63,11 +66,13 @@ class Outcomes:
         )
         return 0
 
-    async def _delivered(self, stored: StoredMessage, receipt: Receipt) -> int:
+    async def _delivered(self, stored: StoredMessage, verdict: Delivered) -> int:
         # Copies and notices first (see the class docstring): the original leaves the queue
-        # only once they are all on disk.
+        # only once they are all on disk. It stays as history (no body) for history_retention.
+        receipt = verdict.receipt
         queued = await self._partly_refused(stored, receipt) if receipt.rejected else 0
-        await self.queue.complete(stored.id)
+        keep_until = self.clock() + self.config.history_retention
+        await self.queue.complete(stored.id, attempts=verdict.attempts, keep_until=keep_until)
         log.info(
             "delivered id=%s message_id=%s provider=%s provider_id=%s",
             stored.id,
@@ -149,13 +154,29 @@ class Outcomes:
 
     async def sweep_expired(self) -> int:
         """Messages out of lifetime while no provider could be asked die here, not never (at
-        most every 10 s of the clock). Returns the notices queued."""
+        most every 10 s of the clock), and delivered messages' history past
+        ``history_retention`` goes (in bounded batches). Returns the notices queued."""
         if self.clock() < self._next_sweep:
             return 0
         self._next_sweep = self.clock() + _SWEEP_EVERY
+        await self.sweep_history()
         queued = 0
         for stored in await self.queue.expire("lifetime over before any provider took traffic"):
             reason = f"undelivered after {stored.attempts} attempts: lifetime over"
             self._log_dead(stored, reason)
             queued += await self._bounce(stored, reason, expired=True)
         return queued
+
+    async def sweep_history(self) -> int:
+        """Remove expired history in batches of :data:`_SWEEP_BATCH`, at most
+        :data:`_SWEEP_BATCHES` of them per sweep, so the queue's writer is never held for long;
+        whatever is left goes at the next sweep. Returns the rows removed."""
+        removed = 0
+        for _ in range(_SWEEP_BATCHES):
+            swept = await self.queue.sweep_history(self.clock(), limit=_SWEEP_BATCH)
+            removed += swept
+            if swept < _SWEEP_BATCH:
+                break
+        if removed:
+            log.info("history swept: %d delivered messages and orphan events past retention", removed)
+        return removed

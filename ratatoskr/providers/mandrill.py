@@ -43,7 +43,7 @@ from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers, header_values, split_head
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, ascii_domain, retry_after
-from ratatoskr.table import Table
+from ratatoskr.table import Secret, Table
 
 log = logging.getLogger("ratatoskr.providers.mandrill")
 
@@ -91,6 +91,10 @@ class MandrillSettings(HttpSettings):
     * ``preserve_recipients``: ``X-MC-PreserveRecipients``; true (the default here, unlike
       Mandrill's account default) lets every recipient see the To and Cc list, so reply-all works;
     * ``ip_pool``, ``return_path_domain``: send-raw's own fields of those names.
+
+    For its webhooks (``POST /v1/events/{name}``): ``webhook_key`` (the webhook's key, shown
+    by Mandrill once the URL is added; unset: its events are refused) and ``webhook_url``, the
+    URL exactly as registered at Mandrill (it is part of what is signed).
     """
 
     kind: ClassVar[str] = "mandrill"
@@ -99,6 +103,8 @@ class MandrillSettings(HttpSettings):
     preserve_recipients: bool = True
     ip_pool: str = ""
     return_path_domain: str = ""
+    webhook_key: Secret | None = None
+    webhook_url: str = ""
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
@@ -110,10 +116,25 @@ class MandrillSettings(HttpSettings):
             preserve_recipients=t.get("preserve_recipients", bool, d("preserve_recipients")),
             ip_pool=t.get("ip_pool", str, d("ip_pool")),
             return_path_domain=t.get("return_path_domain", str, d("return_path_domain")),
+            **_webhook_keys(t),
         )
 
     def build(self) -> MandrillProvider:
         return MandrillProvider(self)
+
+    def secrets(self) -> tuple[Secret, ...]:
+        return (self.api_key, self.webhook_key) if self.webhook_key else (self.api_key,)
+
+
+def _webhook_keys(t: Table) -> dict[str, Any]:
+    key = t.optional_secret("webhook_key")
+    url = t.get("webhook_url", str, "")
+    if key is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            t.key("webhook_url"),
+            "needed with webhook_key: the URL exactly as registered at Mandrill (it is signed)",
+        )
+    return {"webhook_key": key, "webhook_url": url}
 
 
 def _header_safe(t: Table, name: str, value: str) -> str:

@@ -12,29 +12,37 @@ from collections.abc import Callable
 from ratatoskr.config import SpoolConfig
 from ratatoskr.queue.base import Queue, RawParts
 from ratatoskr.queue.values import (
+    IN_QUEUE,
     NO_PROVIDER,
     WAITING,
     Attempt,
+    DeliveryEvent,
     Outcome,
     QueueStats,
     Recovery,
     State,
+    StoredEvent,
     StoredMessage,
     new_id,
+    provider_ids,
 )
 
 __all__ = [
+    "IN_QUEUE",
     "NO_PROVIDER",
     "WAITING",
     "Attempt",
+    "DeliveryEvent",
     "Outcome",
     "Queue",
     "QueueStats",
     "RawParts",
     "Recovery",
     "State",
+    "StoredEvent",
     "StoredMessage",
     "new_id",
+    "provider_ids",
     "queue_for",
 ]
 

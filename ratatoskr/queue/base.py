@@ -6,7 +6,7 @@ coroutine; the CLI runs the admin calls with ``asyncio.run``.
 
 Life of a message, in the states of :class:`~ratatoskr.queue.values.State`::
 
-    put ──▶ queued ──claim──▶ inflight ──complete──▶ (gone)
+    put ──▶ queued ──claim──▶ inflight ──complete──▶ delivered (history only, no body) ──sweep──▶ (gone)
                ▲                 │ defer ──▶ deferred (due at next_attempt_at) ──due──▶ claim
                │                 │ bury / expire ──▶ dead (kept; retry revives)
                │                 │ release ──▶ back to queued/deferred, untouched
@@ -37,7 +37,14 @@ from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from ratatoskr.message import Envelope
-from ratatoskr.queue.values import Attempt, QueueStats, Recovery, StoredMessage
+from ratatoskr.queue.values import (
+    Attempt,
+    DeliveryEvent,
+    QueueStats,
+    Recovery,
+    StoredEvent,
+    StoredMessage,
+)
 
 #: What ``put`` accepts as the message bytes: one buffer, or pieces written one after another.
 RawParts = bytes | bytearray | Sequence[bytes | bytearray]
@@ -96,9 +103,14 @@ class Queue(Protocol):
         what is returned (see "Claimed means owned")."""
         ...
 
-    async def complete(self, qid: str) -> bool:
-        """Delivered: remove the in-flight message. False (nothing changed) if it is not in
-        flight."""
+    async def complete(
+        self, qid: str, *, attempts: Sequence[Attempt] = (), keep_until: float | None = None
+    ) -> bool:
+        """Delivered. With ``keep_until``, the message stays as history until then: state
+        ``delivered``, its body dropped, ``attempts`` appended (one more attempt counted) and
+        each provider id of its sent attempt (:func:`~ratatoskr.queue.values.provider_ids`)
+        indexed for matching events; ``expires_at`` becomes ``keep_until``. Without it the
+        message is removed. False (nothing changed) if it is not in flight."""
         ...
 
     async def defer(
@@ -141,6 +153,26 @@ class Queue(Protocol):
         provider is back: nobody should wait out a long backoff); return how many moved."""
         ...
 
+    # -- delivery events -----------------------------------------------------------------------
+
+    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+        """Store provider events, all in one transaction, each once per ``key`` (a duplicate
+        changes nothing and comes back with ``new`` False). Each is matched to a message by its
+        ``queue_id`` (when that message exists) or else by (provider, provider message id);
+        one that matches none is kept as an orphan until ``keep_until``."""
+        ...
+
+    async def events(self, qid: str) -> list[DeliveryEvent]:
+        """The events stored for message ``qid``, in the order of their own times."""
+        ...
+
+    async def sweep_history(self, now: float, *, limit: int = 500) -> int:
+        """Remove at most ``limit`` delivered messages whose history expired by ``now`` (with
+        their events and provider ids) and at most ``limit`` such orphan events; return how
+        many rows went. Bounded, so one call never holds the queue for long: call again while
+        it returns ``limit`` or more."""
+        ...
+
     # -- observation ---------------------------------------------------------------------------
 
     async def stats(self) -> QueueStats:
@@ -155,11 +187,13 @@ class Queue(Protocol):
     # -- the admin side (``ratatoskr queue …``), safe while daemons run ------------------------
 
     async def list(self) -> list[StoredMessage]:
-        """Every message in the queue, in id (arrival) order, without bytes (``raw`` empty)."""
+        """Every message in the queue (not the delivered ones), in id (arrival) order, without
+        bytes (``raw`` empty)."""
         ...
 
     async def show(self, qid: str) -> StoredMessage | None:
-        """One message with its bytes, or None when there is no such id."""
+        """One message with its bytes (a delivered one has none), or None when there is no
+        such id, or its history has expired."""
         ...
 
     async def retry(self, qid: str | None) -> int:

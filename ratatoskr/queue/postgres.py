@@ -56,7 +56,18 @@ from ratatoskr.config import redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.queue.base import RawParts
-from ratatoskr.queue.values import Attempt, QueueStats, Recovery, State, StoredMessage
+from ratatoskr.queue.values import (
+    IN_QUEUE,
+    Attempt,
+    DeliveryEvent,
+    Outcome,
+    QueueStats,
+    Recovery,
+    State,
+    StoredEvent,
+    StoredMessage,
+    provider_ids,
+)
 
 log = logging.getLogger("ratatoskr.queue")
 T = TypeVar("T")
@@ -120,6 +131,32 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 3: history after delivery, and the providers' delivery events.
+    """
+    CREATE INDEX ratatoskr_messages_history ON ratatoskr_messages (expires_at)
+        WHERE state = 'delivered';
+    CREATE TABLE ratatoskr_events (
+        provider text NOT NULL,
+        key text NOT NULL,
+        qid text,
+        type text NOT NULL,
+        recipient text NOT NULL,
+        at double precision NOT NULL,
+        data text NOT NULL,
+        keep_until double precision NOT NULL,
+        seq bigserial,
+        PRIMARY KEY (provider, key)
+    );
+    CREATE INDEX ratatoskr_events_qid ON ratatoskr_events (qid, at);
+    CREATE INDEX ratatoskr_events_orphans ON ratatoskr_events (keep_until) WHERE qid IS NULL;
+    CREATE TABLE ratatoskr_provider_ids (
+        provider text NOT NULL,
+        pid text NOT NULL,
+        qid text NOT NULL,
+        PRIMARY KEY (provider, pid)
+    );
+    CREATE INDEX ratatoskr_provider_ids_qid ON ratatoskr_provider_ids (qid);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_KEY = 0x7261746174  # "ratat": the advisory lock our migrations take
@@ -156,6 +193,44 @@ RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attemp
 _IN_FLIGHT = "id = $1 AND lease_token = $2 AND state = 'inflight'"
 _UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 _COMPLETE = f"DELETE FROM ratatoskr_messages WHERE {_IN_FLIGHT}"
+# $3 keep until, $4 now, $5 attempts (JSON list), $6 1 when it counts as an attempt.
+_KEEP_DELIVERED = (
+    "UPDATE ratatoskr_messages SET state = 'delivered', raw = ''::bytea, expires_at = $3,"
+    " next_attempt_at = $4, last_error = '', history = history || $5::jsonb,"
+    f" attempts = attempts + $6, {_UNLEASE} WHERE {_IN_FLIGHT}"
+)
+_INDEX_PROVIDER_ID = (
+    "INSERT INTO ratatoskr_provider_ids (provider, pid, qid) VALUES ($1, $2, $3)"
+    " ON CONFLICT (provider, pid) DO UPDATE SET qid = EXCLUDED.qid"
+)
+_MESSAGE_EXISTS = "SELECT 1 FROM ratatoskr_messages WHERE id = $1"
+_BY_PROVIDER_ID = "SELECT qid FROM ratatoskr_provider_ids WHERE provider = $1 AND pid = $2"
+_INSERT_EVENT = (
+    "INSERT INTO ratatoskr_events (provider, key, qid, type, recipient, at, data, keep_until)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (provider, key) DO NOTHING"
+)
+_EVENT_QID = "SELECT qid FROM ratatoskr_events WHERE provider = $1 AND key = $2"
+_EVENTS = (
+    "SELECT provider, key, qid, type, recipient, at, data FROM ratatoskr_events WHERE qid = $1"
+    " ORDER BY at, seq"
+)
+_SWEEP_HISTORY = """
+WITH gone AS (
+    DELETE FROM ratatoskr_messages WHERE id IN (
+        SELECT id FROM ratatoskr_messages WHERE state = 'delivered' AND expires_at <= $1
+        ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING id
+), events AS (
+    DELETE FROM ratatoskr_events WHERE qid IN (SELECT id FROM gone)
+), ids AS (
+    DELETE FROM ratatoskr_provider_ids WHERE qid IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone
+"""
+_SWEEP_ORPHANS = """
+DELETE FROM ratatoskr_events WHERE ctid IN (
+    SELECT ctid FROM ratatoskr_events WHERE qid IS NULL AND keep_until <= $1 LIMIT $2)
+"""
 _RECORD_ROUND = (
     "UPDATE ratatoskr_messages SET state = $3, next_attempt_at = $4, last_error = $5,"
     f" history = history || $6::jsonb, attempts = attempts + $7, {_UNLEASE} WHERE {_IN_FLIGHT}"
@@ -199,18 +274,23 @@ _RESCHEDULE = (
     "UPDATE ratatoskr_messages SET next_attempt_at = $1 WHERE state = 'deferred' AND next_attempt_at > $1"
 )
 _COUNTS = "SELECT state, COUNT(*) AS n FROM ratatoskr_messages GROUP BY state"
-_OLDEST = "SELECT MIN(created_at) FROM ratatoskr_messages WHERE state <> 'dead'"
-_LIST = f"SELECT {_COLUMNS} FROM ratatoskr_messages ORDER BY id"
-_SHOW = f"SELECT {_COLUMNS}, raw FROM ratatoskr_messages WHERE id = $1"
+_OLDEST = "SELECT MIN(created_at) FROM ratatoskr_messages WHERE state IN ('queued', 'inflight', 'deferred')"
+_LIST = f"SELECT {_COLUMNS} FROM ratatoskr_messages WHERE state <> 'delivered' ORDER BY id"
+_SHOW = (
+    f"SELECT {_COLUMNS}, raw FROM ratatoskr_messages"
+    " WHERE id = $1 AND NOT (state = 'delivered' AND expires_at <= $2)"
+)
 # $1 id (NULL: all), $2 now, $3 fresh expiry, $4 the revived mark (a one-entry JSON list).
 _RETRY = (
     "UPDATE ratatoskr_messages SET"
     " history = CASE WHEN state = 'dead' THEN history || $4::jsonb ELSE history END,"
     " expires_at = CASE WHEN state = 'dead' THEN $3 ELSE expires_at END,"
     " state = CASE WHEN state = 'dead' THEN 'queued' ELSE state END,"
-    " next_attempt_at = $2 WHERE state <> 'inflight' AND ($1::text IS NULL OR id = $1)"
+    " next_attempt_at = $2 WHERE state NOT IN ('inflight', 'delivered') AND ($1::text IS NULL OR id = $1)"
 )
 _DELETE = "DELETE FROM ratatoskr_messages WHERE id = $1"
+_DELETE_EVENTS = "DELETE FROM ratatoskr_events WHERE qid = $1"
+_DELETE_PROVIDER_IDS = "DELETE FROM ratatoskr_provider_ids WHERE qid = $1"
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -264,6 +344,31 @@ def _message(row: asyncpg.Record, *, with_raw: bool = True) -> StoredMessage:
 
 def _history_json(attempts: Sequence[Attempt]) -> str:
     return json.dumps([a.as_json() for a in attempts])
+
+
+def _event(row: asyncpg.Record) -> DeliveryEvent:
+    data = json.loads(row["data"])
+    return DeliveryEvent(
+        key=row["key"],
+        provider=row["provider"],
+        type=row["type"],
+        at=row["at"],
+        recipient=row["recipient"],
+        detail=data.get("detail") or {},
+        queue_id=row["qid"],
+        provider_message_id=data.get("provider_message_id"),
+    )
+
+
+async def _match(conn: asyncpg.Connection, event: DeliveryEvent) -> str | None:
+    """The message ``event`` belongs to: its echoed queue id, else the provider's id."""
+    if event.queue_id and await conn.fetchval(_MESSAGE_EXISTS, event.queue_id):
+        return event.queue_id
+    for pid in provider_ids(event.provider_message_id)[:1]:
+        qid = await conn.fetchval(_BY_PROVIDER_ID, event.provider, pid)
+        if qid is not None:
+            return str(qid)
+    return None
 
 
 def _count(status: str) -> int:
@@ -494,10 +599,29 @@ class PostgresQueue:
             self.lost_leases += 1
         return False
 
-    async def complete(self, qid: str) -> bool:
+    async def complete(
+        self, qid: str, *, attempts: Sequence[Attempt] = (), keep_until: float | None = None
+    ) -> bool:
         token = self._lease(qid)
-        status = await self._run(lambda c: c.execute(_COMPLETE, qid, token))
-        return self._outcome(status, token)
+        if keep_until is None:
+            status = await self._run(lambda c: c.execute(_COMPLETE, qid, token))
+            return self._outcome(status, token)
+        args = (qid, token, keep_until, self.clock(), _history_json(attempts), 1 if attempts else 0)
+        ids = [
+            (a.provider, pid, qid)
+            for a in attempts
+            if a.outcome is Outcome.SENT
+            for pid in provider_ids(a.provider_id)
+        ]
+
+        async def keep(conn: asyncpg.Connection) -> str:
+            async with conn.transaction():
+                status: str = await conn.execute(_KEEP_DELIVERED, *args)
+                if _count(status) == 1 and ids:
+                    await conn.executemany(_INDEX_PROVIDER_ID, ids)
+            return status
+
+        return self._outcome(await self._run(keep), token)
 
     async def defer(
         self, qid: str, *, next_attempt_at: float, error: str, attempts: Sequence[Attempt]
@@ -541,6 +665,44 @@ class PostgresQueue:
     async def reschedule_deferred(self, not_after: float) -> int:
         return _count(await self._run(lambda c: c.execute(_RESCHEDULE, not_after)))
 
+    # -- delivery events -------------------------------------------------------------------------
+
+    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+        async def record(conn: asyncpg.Connection) -> list[StoredEvent]:
+            stored = []
+            async with conn.transaction():
+                for event in events:
+                    qid = await _match(conn, event)
+                    row = (
+                        event.provider,
+                        event.key,
+                        qid,
+                        event.type,
+                        event.recipient,
+                        event.at,
+                        json.dumps(event.as_json()),
+                        keep_until,
+                    )
+                    new = _count(await conn.execute(_INSERT_EVENT, *row)) == 1
+                    if not new:  # recorded before: report the message it was matched to then
+                        qid = await conn.fetchval(_EVENT_QID, event.provider, event.key)
+                    stored.append(StoredEvent(event, qid, new))
+            return stored
+
+        return await self._run(record)
+
+    async def events(self, qid: str) -> list[DeliveryEvent]:
+        return [_event(row) for row in await self._run(lambda c: c.fetch(_EVENTS, qid))]
+
+    async def sweep_history(self, now: float, *, limit: int = 500) -> int:
+        async def sweep(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                messages = int(await conn.fetchval(_SWEEP_HISTORY, now, limit))
+                orphans = _count(await conn.execute(_SWEEP_ORPHANS, now, limit))
+            return messages + orphans
+
+        return await self._run(sweep)
+
     # -- leases ----------------------------------------------------------------------------------
 
     async def _keep_leases(self) -> None:
@@ -577,9 +739,10 @@ class PostgresQueue:
 
         async def stats(conn: asyncpg.Connection) -> QueueStats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                counts = {state.value: 0 for state in State}
+                counts = {state.value: 0 for state in IN_QUEUE}
                 for row in await conn.fetch(_COUNTS):
-                    counts[row["state"]] = row["n"]
+                    if row["state"] in counts:  # delivered messages are history, not queue
+                        counts[row["state"]] = row["n"]
                 oldest = await conn.fetchval(_OLDEST)
             return QueueStats(counts, max(0.0, now - oldest) if oldest is not None else 0.0)
 
@@ -613,7 +776,8 @@ class PostgresQueue:
         return [_message(row, with_raw=False) for row in rows]
 
     async def show(self, qid: str) -> StoredMessage | None:
-        row = await self._run(lambda c: c.fetchrow(_SHOW, qid))
+        now = self.clock()
+        row = await self._run(lambda c: c.fetchrow(_SHOW, qid, now))
         return _message(row) if row is not None else None
 
     async def retry(self, qid: str | None) -> int:
@@ -622,7 +786,13 @@ class PostgresQueue:
         return _count(await self._run(lambda c: c.execute(_RETRY, qid, now, now + self.lifetime, mark)))
 
     async def delete(self, qid: str) -> int:
-        return _count(await self._run(lambda c: c.execute(_DELETE, qid)))
+        async def delete(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                await conn.execute(_DELETE_EVENTS, qid)
+                await conn.execute(_DELETE_PROVIDER_IDS, qid)
+                return _count(await conn.execute(_DELETE, qid))
+
+        return await self._run(delete)
 
 
 class _Put(NamedTuple):

@@ -8,10 +8,13 @@ file-per-message spool pays one fsync (plus a directory fsync) per message. SQLi
 ``ratatoskr queue …`` act on the queue from another process while the daemon runs (WAL readers
 never block the writer).
 
-One table, ``messages``, one row per message; its ``state`` column holds a
+Table ``messages`` has one row per message; its ``state`` column holds a
 :class:`~ratatoskr.queue.values.State` value, always bound as a parameter. ``history`` is the
 JSON list of :meth:`Attempt.as_json <ratatoskr.queue.values.Attempt.as_json>` entries and
-``size`` the length of ``raw``, kept so that a claim's byte budget never reads a blob.
+``size`` the length of ``raw``, kept so that a claim's byte budget never reads a blob. A
+delivered message keeps its row (``raw`` emptied, ``expires_at`` the end of its history);
+``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
+an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
 """
 
 from __future__ import annotations
@@ -29,7 +32,18 @@ from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.private import private_dir, private_file
 from ratatoskr.queue.base import RawParts
-from ratatoskr.queue.values import Attempt, QueueStats, Recovery, State, StoredMessage
+from ratatoskr.queue.values import (
+    IN_QUEUE,
+    Attempt,
+    DeliveryEvent,
+    Outcome,
+    QueueStats,
+    Recovery,
+    State,
+    StoredEvent,
+    StoredMessage,
+    provider_ids,
+)
 from ratatoskr.queue.writer import Writer
 
 T = TypeVar("T")
@@ -59,6 +73,27 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_history ON messages (expires_at) WHERE state = 'delivered';
+CREATE TABLE IF NOT EXISTS events (
+    provider TEXT NOT NULL,
+    key TEXT NOT NULL,
+    qid TEXT,
+    type TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    at REAL NOT NULL,
+    data TEXT NOT NULL,
+    keep_until REAL NOT NULL,
+    PRIMARY KEY (provider, key)
+);
+CREATE INDEX IF NOT EXISTS events_qid ON events (qid, at);
+CREATE INDEX IF NOT EXISTS events_orphans ON events (keep_until) WHERE qid IS NULL;
+CREATE TABLE IF NOT EXISTS provider_ids (
+    provider TEXT NOT NULL,
+    pid TEXT NOT NULL,
+    qid TEXT NOT NULL,
+    PRIMARY KEY (provider, pid)
+);
+CREATE INDEX IF NOT EXISTS provider_ids_qid ON provider_ids (qid);
 """
 _ADD_SIZE_COLUMN = "ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0"
 _FILL_SIZE_COLUMN = "UPDATE messages SET size = length(raw)"
@@ -94,6 +129,28 @@ UPDATE messages SET state = :inflight WHERE id IN (
 RETURNING {_COLUMNS}, raw
 """
 _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
+# Delivered, kept as history: the body goes, the schedule's columns say when and until when.
+_KEEP_DELIVERED = """
+UPDATE messages SET state = :delivered, raw = x'', expires_at = :keep_until, next_attempt_at = :now,
+    last_error = '', history = :history, attempts = attempts + :tried
+WHERE id = :id AND state = :inflight
+"""
+_INDEX_PROVIDER_ID = "INSERT OR REPLACE INTO provider_ids (provider, pid, qid) VALUES (?, ?, ?)"
+_MESSAGE_EXISTS = "SELECT 1 FROM messages WHERE id = ?"
+_BY_PROVIDER_ID = "SELECT qid FROM provider_ids WHERE provider = ? AND pid = ?"
+_INSERT_EVENT = """
+INSERT INTO events (provider, key, qid, type, recipient, at, data, keep_until)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider, key) DO NOTHING
+"""
+_EVENT_QID = "SELECT qid FROM events WHERE provider = ? AND key = ?"
+_EVENTS = "SELECT provider, key, qid, type, recipient, at, data FROM events WHERE qid = ? ORDER BY at, rowid"
+_EXPIRED_HISTORY = (
+    "SELECT id FROM messages WHERE state = :delivered AND expires_at <= :now ORDER BY expires_at LIMIT :limit"
+)
+_SWEEP_ORPHANS = """
+DELETE FROM events WHERE rowid IN (
+    SELECT rowid FROM events WHERE qid IS NULL AND keep_until <= :now LIMIT :limit)
+"""
 _HISTORY_IN_FLIGHT = "SELECT history FROM messages WHERE id = :id AND state = :inflight"
 # A round in which no provider could even be asked does not count as an attempt (:tried 0).
 _RECORD_ROUND = """
@@ -124,9 +181,10 @@ UPDATE messages SET next_attempt_at = :not_after
 WHERE state = :deferred AND next_attempt_at > :not_after
 """
 _COUNTS = "SELECT state, COUNT(*) AS n FROM messages GROUP BY state"
-_OLDEST = "SELECT MIN(created_at) AS oldest FROM messages WHERE state != :dead"
-_LIST = f"SELECT {_COLUMNS} FROM messages ORDER BY id"
-_SHOW = f"SELECT {_COLUMNS}, raw FROM messages WHERE id = :id"
+_OLDEST = "SELECT MIN(created_at) AS oldest FROM messages WHERE state IN (:queued, :inflight, :deferred)"
+_LIST = f"SELECT {_COLUMNS} FROM messages WHERE state != :delivered ORDER BY id"
+_SHOW = f"""SELECT {_COLUMNS}, raw FROM messages
+WHERE id = :id AND NOT (state = :delivered AND expires_at <= :now)"""
 # A dead message comes back queued, with a fresh lifetime and a revived mark in its history.
 _RETRY_SET = """
 UPDATE messages SET
@@ -134,13 +192,15 @@ UPDATE messages SET
     expires_at = CASE WHEN state = :dead THEN :expires_at ELSE expires_at END,
     state = CASE WHEN state = :dead THEN :queued ELSE state END,
     next_attempt_at = :now
-WHERE state != :inflight"""
+WHERE state NOT IN (:inflight, :delivered)"""
 _RETRY_ALL = _RETRY_SET
 _RETRY_ONE = _RETRY_SET + " AND id = :id"
 _DELETE = "DELETE FROM messages WHERE id = :id"
+_DELETE_EVENTS = "DELETE FROM events WHERE qid = ?"
+_DELETE_PROVIDER_IDS = "DELETE FROM provider_ids WHERE qid = ?"
 _USER_VERSION = "PRAGMA user_version"
 
-# Every state by name (:queued, :inflight, :deferred, :dead), for the statements above.
+# Every state by name (:queued, :inflight, :deferred, :dead, :delivered), for the statements above.
 _STATES = {state.name.lower(): state.value for state in State}
 
 
@@ -184,6 +244,31 @@ def _message(row: sqlite3.Row, *, with_raw: bool = True) -> StoredMessage:
 
 def _history_json(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
     return [a.as_json() for a in attempts]
+
+
+def _event(row: sqlite3.Row) -> DeliveryEvent:
+    data = json.loads(row["data"])
+    return DeliveryEvent(
+        key=row["key"],
+        provider=row["provider"],
+        type=row["type"],
+        at=row["at"],
+        recipient=row["recipient"],
+        detail=data.get("detail") or {},
+        queue_id=row["qid"],
+        provider_message_id=data.get("provider_message_id"),
+    )
+
+
+def _match(conn: sqlite3.Connection, event: DeliveryEvent) -> str | None:
+    """The message ``event`` belongs to: its echoed queue id, else the provider's id."""
+    if event.queue_id and conn.execute(_MESSAGE_EXISTS, (event.queue_id,)).fetchone():
+        return event.queue_id
+    for pid in provider_ids(event.provider_message_id)[:1]:
+        row = conn.execute(_BY_PROVIDER_ID, (event.provider, pid)).fetchone()
+        if row is not None:
+            return str(row["qid"])
+    return None
 
 
 class SqliteQueue:
@@ -312,9 +397,37 @@ class SqliteQueue:
 
         return await self._submit(claim)
 
-    async def complete(self, qid: str) -> bool:
-        params = {**_STATES, "id": qid}
-        return await self._submit(lambda conn: conn.execute(_COMPLETE, params).rowcount == 1)
+    async def complete(
+        self, qid: str, *, attempts: Sequence[Attempt] = (), keep_until: float | None = None
+    ) -> bool:
+        if keep_until is None:
+            gone = {**_STATES, "id": qid}
+            return await self._submit(lambda conn: conn.execute(_COMPLETE, gone).rowcount == 1)
+        new = _history_json(attempts)
+        ids = [
+            (a.provider, pid, qid)
+            for a in attempts
+            if a.outcome is Outcome.SENT
+            for pid in provider_ids(a.provider_id)
+        ]
+        params: dict[str, Any] = {
+            **_STATES,
+            "id": qid,
+            "keep_until": keep_until,
+            "now": self.clock(),
+            "tried": 1 if new else 0,
+        }
+
+        def keep(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(_HISTORY_IN_FLIGHT, params).fetchone()
+            if row is None:
+                return False
+            history = json.dumps(json.loads(row["history"]) + new)
+            conn.execute(_KEEP_DELIVERED, {**params, "history": history})
+            conn.executemany(_INDEX_PROVIDER_ID, ids)
+            return True
+
+        return await self._submit(keep)
 
     async def defer(
         self, qid: str, *, next_attempt_at: float, error: str, attempts: Sequence[Attempt]
@@ -363,15 +476,56 @@ class SqliteQueue:
         params = {**_STATES, "not_after": not_after}
         return await self._submit(lambda conn: conn.execute(_RESCHEDULE, params).rowcount)
 
+    # -- delivery events -------------------------------------------------------------------------
+
+    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+        def record(conn: sqlite3.Connection) -> list[StoredEvent]:
+            stored = []
+            for event in events:
+                qid = _match(conn, event)
+                row = (
+                    event.provider,
+                    event.key,
+                    qid,
+                    event.type,
+                    event.recipient,
+                    event.at,
+                    json.dumps(event.as_json()),
+                    keep_until,
+                )
+                new = conn.execute(_INSERT_EVENT, row).rowcount == 1
+                if not new:  # recorded before: report the message it was matched to then
+                    qid = conn.execute(_EVENT_QID, (event.provider, event.key)).fetchone()["qid"]
+                stored.append(StoredEvent(event, qid, new))
+            return stored
+
+        return await self._submit(record)
+
+    async def events(self, qid: str) -> list[DeliveryEvent]:
+        return await self._read(lambda conn: [_event(r) for r in conn.execute(_EVENTS, (qid,))])
+
+    async def sweep_history(self, now: float, *, limit: int = 500) -> int:
+        params = {**_STATES, "now": now, "limit": limit}
+
+        def sweep(conn: sqlite3.Connection) -> int:
+            ids = [(r["id"],) for r in conn.execute(_EXPIRED_HISTORY, params)]
+            conn.executemany(_DELETE_EVENTS, ids)
+            conn.executemany(_DELETE_PROVIDER_IDS, ids)
+            conn.executemany(_DELETE, [{"id": i} for (i,) in ids])
+            return len(ids) + conn.execute(_SWEEP_ORPHANS, params).rowcount
+
+        return await self._submit(sweep)
+
     # -- observation -----------------------------------------------------------------------------
 
     async def stats(self) -> QueueStats:
         now = self.clock()
 
         def stats(conn: sqlite3.Connection) -> QueueStats:
-            counts = {state.value: 0 for state in State}
+            counts = {state.value: 0 for state in IN_QUEUE}
             for row in conn.execute(_COUNTS):
-                counts[row["state"]] = row["n"]
+                if row["state"] in counts:  # delivered messages are history, not queue
+                    counts[row["state"]] = row["n"]
             oldest = conn.execute(_OLDEST, _STATES).fetchone()["oldest"]
             return QueueStats(counts, max(0.0, now - oldest) if oldest is not None else 0.0)
 
@@ -394,11 +548,15 @@ class SqliteQueue:
     # -- the admin side --------------------------------------------------------------------------
 
     async def list(self) -> list[StoredMessage]:
-        return await self._read(lambda conn: [_message(r, with_raw=False) for r in conn.execute(_LIST)])
+        return await self._read(
+            lambda conn: [_message(r, with_raw=False) for r in conn.execute(_LIST, _STATES)]
+        )
 
     async def show(self, qid: str) -> StoredMessage | None:
+        params = {**_STATES, "id": qid, "now": self.clock()}
+
         def show(conn: sqlite3.Connection) -> StoredMessage | None:
-            row = conn.execute(_SHOW, {"id": qid}).fetchone()
+            row = conn.execute(_SHOW, params).fetchone()
             return _message(row) if row is not None else None
 
         return await self._read(show)
@@ -416,4 +574,9 @@ class SqliteQueue:
         return await self._submit(lambda conn: conn.execute(statement, params).rowcount)
 
     async def delete(self, qid: str) -> int:
-        return await self._submit(lambda conn: conn.execute(_DELETE, {"id": qid}).rowcount)
+        def delete(conn: sqlite3.Connection) -> int:
+            conn.execute(_DELETE_EVENTS, (qid,))
+            conn.execute(_DELETE_PROVIDER_IDS, (qid,))
+            return conn.execute(_DELETE, {"id": qid}).rowcount
+
+        return await self._submit(delete)

@@ -27,10 +27,14 @@ class State(StrEnum):
     INFLIGHT = "inflight"  #: claimed by a delivery worker right now
     DEFERRED = "deferred"  #: an attempt failed temporarily; due again at next_attempt_at
     DEAD = "dead"  #: given up on; kept for an operator
+    DELIVERED = "delivered"  #: a provider took it; only its history is kept (no body)
 
 
 #: The states a message waits in until it is due; ``claim`` takes from these.
 WAITING = (State.QUEUED, State.DEFERRED)
+#: The states of messages still in the queue: what ``list`` and ``stats`` count. A delivered
+#: message is history, not queue.
+IN_QUEUE = (State.QUEUED, State.INFLIGHT, State.DEFERRED, State.DEAD)
 
 
 class Outcome(StrEnum):
@@ -131,8 +135,47 @@ class StoredMessage:
     raw: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """What a provider reported about a message after taking it (a webhook's event, normalized).
+
+    ``key`` identifies the event across a provider's retries and replays: the queue stores an
+    event once per key. ``queue_id`` (echoed metadata) and ``provider_message_id`` are what the
+    event names to match it with a message; the queue resolves them when it stores the event,
+    and an event it cannot match is kept as an orphan (``queue_id`` None when read back)."""
+
+    key: str
+    provider: str
+    type: str  #: one of the interface's normalized types (:mod:`ratatoskr.events.types`)
+    at: float  #: the event's own time, seconds since the epoch
+    recipient: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    queue_id: str | None = None
+    provider_message_id: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The stored ``detail`` with the matching keys, as the queue keeps it."""
+        return {"detail": dict(self.detail), "provider_message_id": self.provider_message_id}
+
+
+class StoredEvent(NamedTuple):
+    """What :meth:`Queue.record_events` did with one event: the message it belongs to (None:
+    an orphan) and whether it was new (False: a duplicate, already stored)."""
+
+    event: DeliveryEvent
+    queue_id: str | None
+    new: bool
+
+
+def provider_ids(provider_id: str | None) -> list[str]:
+    """The ids a send answer's ``provider_id`` holds, as events name them: several are joined
+    with ", " (one per recipient or per call), Mailgun's come in ``<>`` that its events leave
+    out."""
+    return [p.strip().strip("<>") for p in (provider_id or "").split(",") if p.strip().strip("<>")]
+
+
 class QueueStats(NamedTuple):
-    """Messages per state (every :class:`State` is a key) and the age in seconds of the oldest
+    """Messages per state (every state of :data:`IN_QUEUE` is a key) and the age in seconds of the oldest
     message not dead (0 when there is none), by the queue's clock."""
 
     counts: dict[str, int]

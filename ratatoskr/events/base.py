@@ -1,0 +1,70 @@
+"""The seam between the events route and each provider kind's webhook format."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ratatoskr.providers.base import ProviderSettings
+from ratatoskr.queue import DeliveryEvent
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """A webhook request as it arrived: nothing parsed, so the signature is checked on the
+    exact bytes the provider signed."""
+
+    method: str
+    body: bytes
+    headers: Mapping[str, str]  #: case-insensitive (aiohttp's CIMultiDict)
+    now: float
+
+
+class Refused(Exception):
+    """The request is not the provider's: answered with ``status`` (401 unless the provider's
+    retry rules want another), and logged (rate limited) with ``reason``, which never holds a
+    secret or anything from the message."""
+
+    def __init__(self, reason: str, *, status: int = 401) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class Webhook(Protocol):
+    """One configured provider's webhook: verify, then parse. ``events`` raises
+    :class:`Refused` before looking at the content when the signature does not hold, and
+    returns [] for a request that carries no events (a provider's check of the URL)."""
+
+    def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
+
+
+def webhook_for(settings: ProviderSettings) -> Webhook | None:
+    """The webhook of a configured provider: ``ratatoskr.events.<kind>.webhook(settings)``;
+    None when its kind has no webhooks here, or its ``webhook_*`` keys are not set (then its
+    events are refused)."""
+    try:
+        module = importlib.import_module(f"{__package__}.{settings.kind}")
+    except ModuleNotFoundError:
+        return None
+    build = getattr(module, "webhook", None)
+    return build(settings) if build is not None else None
+
+
+def text(value: object) -> str:
+    """A JSON value as text ('' for null/missing): payloads are not ours to trust."""
+    return "" if value is None else str(value)
+
+
+def obj(value: object) -> dict[str, Any]:
+    """A JSON object, or {} for anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def number(value: object, default: float) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default

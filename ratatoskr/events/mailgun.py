@@ -1,0 +1,135 @@
+"""Mailgun's webhooks: one JSON event per POST, ``{"signature": {...}, "event-data": {...}}``.
+
+Authenticity (shared/events.md §1.2): HMAC-SHA256, keyed with the HTTP webhook signing key
+(``webhook_signing_key``), over ``signature.timestamp`` immediately followed by
+``signature.token``, lowercase hex. The signature does **not** cover ``event-data``: a captured
+signature block could be pasted onto a forged event, so a token seen before with another body is
+refused (406, which tells Mailgun to stop), and a timestamp further than ``webhook_max_age``
+from now is refused as stale (401, so a genuine retry re-signed later still gets through). The
+same request again (a retry, a replay) is the same event and is stored once.
+
+Matching: ``user-variables.queue_id`` (what we sent as ``v:queue_id``), else the Message-ID in
+``message.headers.message-id`` (without the ``<>`` the send answer had). Event key:
+``event-data.id`` (unique within a day, so with the day of the event).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.types import EventType
+from ratatoskr.providers.mailgun import QUEUE_ID_VARIABLE, MailgunSettings
+from ratatoskr.queue import DeliveryEvent
+
+# Tokens kept for the reuse check, at most (the oldest go first): far more than Mailgun posts
+# within a replay window to one receiver, and bounded whatever a caller sends.
+_TOKENS_KEPT = 100_000
+
+_TYPES = {
+    "accepted": EventType.QUEUED,
+    "rejected": EventType.REJECTED,
+    "delivered": EventType.DELIVERED,
+    "opened": EventType.OPENED,
+    "clicked": EventType.CLICKED,
+    "unsubscribed": EventType.UNSUBSCRIBED,
+    "complained": EventType.COMPLAINED,
+}
+
+
+def webhook(settings: MailgunSettings) -> MailgunWebhook | None:
+    if settings.webhook_signing_key is None:
+        return None
+    return MailgunWebhook(
+        settings.name, settings.webhook_signing_key.reveal().encode(), settings.webhook_max_age
+    )
+
+
+class MailgunWebhook:
+    def __init__(self, provider: str, key: bytes, max_age: float) -> None:
+        self.provider = provider
+        self._key = key
+        self.max_age = max_age
+        self._tokens: OrderedDict[str, str] = OrderedDict()  # token → digest of the body it came with
+        self._lock = threading.Lock()
+
+    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+        signature = _signature_block(request.body)
+        timestamp, token, given = (text(signature.get(k)) for k in ("timestamp", "token", "signature"))
+        expected = hmac.new(self._key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, given):
+            raise Refused("bad signature")
+        if abs(request.now - number(timestamp, 0.0)) > self.max_age:
+            raise Refused(f"stale timestamp (more than {self.max_age:.0f} s from now)")
+        self._check_token(token, hashlib.sha256(request.body).hexdigest())
+        data = json.loads(request.body).get("event-data")
+        return [self.event(data, request.now)] if isinstance(data, dict) else []
+
+    def _check_token(self, token: str, body: str) -> None:
+        with self._lock:
+            seen = self._tokens.get(token)
+            if seen is not None and seen != body:
+                raise Refused("signature token reused with another event", status=406)
+            self._tokens[token] = body
+            self._tokens.move_to_end(token)
+            while len(self._tokens) > _TOKENS_KEPT:
+                self._tokens.popitem(last=False)
+
+    def event(self, data: dict[str, Any], now: float) -> DeliveryEvent:
+        name = text(data.get("event"))
+        at = number(data.get("timestamp"), now)
+        status = obj(data.get("delivery-status"))
+        severity = text(data.get("severity"))
+        reason = text(data.get("reason"))
+        detail: dict[str, Any] = {"event": name}
+        kind = _TYPES.get(name, EventType.UNKNOWN)
+        if name == "failed":
+            if severity == "temporary":
+                kind = EventType.DEFERRED
+            elif reason.startswith("suppress-"):
+                kind = EventType.REJECTED
+            else:
+                kind = EventType.BOUNCED
+                detail["bounce_class"] = "hard" if severity == "permanent" else "unknown"
+        for key, value in (
+            ("severity", severity),
+            ("reason", reason),
+            ("code", status.get("code")),
+            ("enhanced_code", status.get("enhanced-code")),
+            ("message", text(status.get("message") or status.get("description"))[:500]),
+        ):
+            if value not in (None, ""):
+                detail[key] = value
+        message = obj(data.get("message"))
+        headers = obj(message.get("headers"))
+        variables = obj(data.get("user-variables"))
+        event_id = (
+            text(data.get("id")) or hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        )
+        return DeliveryEvent(
+            key=f"{event_id}/{int(at // 86400)}",  # ids are unique within a day only
+            provider=self.provider,
+            type=kind.value,
+            at=at,
+            recipient=text(data.get("recipient")),
+            detail=detail,
+            queue_id=text(variables.get(QUEUE_ID_VARIABLE)) or None,
+            provider_message_id=text(headers.get("message-id")) or None,
+        )
+
+
+def _signature_block(body: bytes) -> dict[str, Any]:
+    """The signature block, the only part read before the signature is checked."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise Refused("not a signed Mailgun webhook (body is not JSON)") from None
+    block = parsed.get("signature") if isinstance(parsed, dict) else None
+    if not isinstance(block, dict):
+        raise Refused("not a signed Mailgun webhook (no signature block)")
+    return block

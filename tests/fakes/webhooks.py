@@ -1,0 +1,160 @@
+"""Providers' delivery-event webhooks, posted and signed as each provider does (shared/events.md).
+
+Each sender builds events for messages its fake accepted (so they carry the ids and echoed
+metadata a real provider would) and POSTs them to ratatoskr's ``/v1/events/{name}``, in the
+modes the facts sheet's fake checklists name: right, wrong key, stale, replayed, duplicated,
+batched, out of order, for unknown messages::
+
+    hooks = MailgunHooks(fake_mailgun, url, signing_key)
+    status = await hooks.post(hooks.event("delivered", delivery, "bob@example.net"))
+    status = await hooks.post(body, key=b"wrong")          # a wrong key
+    status = await hooks.post(body, timestamp=time.time() - 7200)   # stale
+    status = await hooks.replay()                           # the last request again, verbatim
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import secrets
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from tests.fakes.mailgun import FakeMailgun
+from tests.fakes.mandrill import FakeMandrill
+from tests.fakes.records import Delivery
+
+
+class _Poster:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.last: tuple[bytes, dict[str, str]] | None = None
+        self.answers: list[int] = []
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> int:
+        self.last = (body, headers)
+        data = io.BytesIO(body) if len(body) > 1 << 20 else body  # aiohttp warns on large bytes
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.url, data=data, headers=headers) as r,
+        ):
+            await r.read()
+            self.answers.append(r.status)
+            return r.status
+
+    async def replay(self) -> int:
+        """The last request again, byte for byte (a provider's retry, or an attacker's replay)."""
+        assert self.last is not None
+        return await self._post(*self.last)
+
+
+class MailgunHooks(_Poster):
+    """Mailgun: one JSON event per POST, signature block in the body (§1)."""
+
+    def __init__(self, fake: FakeMailgun, url: str, signing_key: str) -> None:
+        super().__init__(url)
+        self.fake = fake
+        self.key = signing_key.encode()
+
+    def event(
+        self,
+        name: str,
+        delivery: Delivery | None,
+        recipient: str,
+        *,
+        severity: str = "",
+        reason: str = "",
+        at: float | None = None,
+        code: int | None = None,
+    ) -> dict[str, Any]:
+        """``event-data`` for ``delivery`` (None: a message Mailgun never had from us)."""
+        message_id = delivery.id.strip("<>") if delivery else f"{secrets.token_hex(6)}@elsewhere.test"
+        queue_id = delivery.fields.get("v:queue_id", [""])[0] if delivery else ""
+        data: dict[str, Any] = {
+            "id": secrets.token_urlsafe(16),
+            "event": name,
+            "timestamp": round(at if at is not None else time.time(), 6),
+            "recipient": recipient,
+            "message": {"headers": {"message-id": message_id, "to": recipient}},  # no <> here
+            "user-variables": {"queue_id": queue_id} if queue_id else {},
+            "tags": [],
+        }
+        if severity:
+            data["severity"] = severity
+        if reason:
+            data["reason"] = reason
+        if code is not None:
+            data["delivery-status"] = {"code": code, "message": f"{code} {reason}", "attempt-no": 1}
+        return data
+
+    def signed(
+        self,
+        data: dict[str, Any],
+        *,
+        key: bytes | None = None,
+        timestamp: float | None = None,
+        token: str = "",
+    ) -> bytes:
+        ts = str(int(timestamp if timestamp is not None else time.time()))
+        token = token or secrets.token_hex(25)  # 50 characters, as Mailgun's
+        digest = hmac.new(key or self.key, (ts + token).encode(), hashlib.sha256).hexdigest()
+        body = {"signature": {"timestamp": ts, "token": token, "signature": digest}, "event-data": data}
+        return json.dumps(body).encode()
+
+    async def post(self, data: dict[str, Any], **signing: Any) -> int:
+        return await self.post_raw(self.signed(data, **signing))
+
+    async def post_raw(self, body: bytes) -> int:
+        return await self._post(body, {"Content-Type": "application/json"})
+
+
+class MandrillHooks(_Poster):
+    """Mandrill: form field ``mandrill_events`` (a JSON array), ``X-Mandrill-Signature`` over
+    the URL as registered plus the sorted fields (§2). ``registered`` is the fake's own copy of
+    the URL, which is what it signs (not the URL it connects to)."""
+
+    def __init__(self, fake: FakeMandrill, url: str, key: str, *, registered: str | None = None) -> None:
+        super().__init__(url)
+        self.fake = fake
+        self.key = key.encode()
+        self.registered = registered or url
+
+    def event(
+        self, name: str, delivery: Delivery | None, recipient: str, *, at: float | None = None, **msg: Any
+    ) -> dict[str, Any]:
+        if delivery is not None:
+            addresses = sorted({a.lower() for a in delivery.envelope})
+            result_id = f"{delivery.id}-{addresses.index(recipient.lower())}"
+            metadata = delivery.options.get("metadata", {})
+        else:
+            result_id, metadata = secrets.token_hex(16), {}
+        ts = int(at if at is not None else time.time())
+        message = {"_id": result_id, "ts": ts - 5, "email": recipient, "state": name, "metadata": metadata}
+        return {"event": name, "_id": result_id, "ts": ts, "msg": {**message, **msg}}
+
+    def signature(self, value: str, key: bytes | None = None) -> str:
+        signed = f"{self.registered}mandrill_events{value}"
+        return base64.b64encode(hmac.new(key or self.key, signed.encode(), hashlib.sha1).digest()).decode()
+
+    async def post(
+        self, events: list[dict[str, Any]], *, key: bytes | None = None, signed: bool = True
+    ) -> int:
+        value = json.dumps(events, ensure_ascii=False)
+        body = f"mandrill_events={quote(value, safe='')}".encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if signed:
+            headers["X-Mandrill-Signature"] = self.signature(value, key)
+        return await self._post(body, headers)
+
+    async def check_url(self) -> list[int]:
+        """What Mandrill does when the webhook is added: an unsigned HEAD, then an empty batch
+        signed with the literal key ``test-webhook``."""
+        async with aiohttp.ClientSession() as session, session.head(self.url) as r:
+            head = r.status
+        return [head, await self.post([], key=b"test-webhook")]
