@@ -267,6 +267,32 @@ async def test_accepted_mail_resets_the_error_count(running_daemon):
         assert (await s.cmd("NOOP"))[0] == 250, "still connected: the count started again"
 
 
+async def test_a_reply_that_only_starts_like_queued_does_not_reset_the_error_count(running_daemon):
+    """Only an accepted message starts the count again: NOOP's "250 2.0.0 OK" (its enhanced code
+    is the queued reply's) must not let a client make errors forever."""
+    daemon = await running_daemon(smtp={"max_errors": 2})
+    async with RawSmtp(daemon.smtp_port) as s:
+        await s.cmd("EHLO client.test")
+        assert (await s.cmd("DATA"))[0] == 503
+        assert (await s.cmd("NOOP"))[0] == 250
+        assert (await s.cmd("DATA"))[0] == 503
+        assert await s.reply() == reply(replies.TOO_MANY_ERRORS)
+        assert await closed(s)
+
+
+async def test_recipients_over_max_recipients_are_not_errors(running_daemon):
+    """A 452 for a recipient over the limit asks the client to send it again later (RFC 5321
+    §4.5.3.1.10): more of them than max_errors do not end the session."""
+    daemon = await running_daemon(smtp={"max_errors": 2, "max_recipients": 1})
+    async with RawSmtp(daemon.smtp_port) as s:
+        await s.cmd("EHLO client.test")
+        assert (await s.cmd("MAIL FROM:<ada@example.com>"))[0] == 250
+        assert (await s.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+        for n in range(4):
+            assert (await s.cmd(f"RCPT TO:<r{n}@example.net>"))[0] == 452
+        assert (await s.cmd("NOOP"))[0] == 250, "still connected"
+
+
 async def test_unknown_commands_end_the_session(running_daemon):
     """aiosmtpd's budget: the fifth unrecognised command is answered 502 and the session ends."""
     daemon = await running_daemon()

@@ -100,8 +100,6 @@ _RECIPIENT_OVERSHOOT = 1000
 # bytes after the terminator back to it.
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
 _LOGGED_RECIPIENTS = 5
-# A message accepted (what resets the error count); "250 2.0.0" alone starts other replies too.
-_QUEUED_PREFIX = replies.QUEUED.partition("{")[0]
 # One line per failed TLS handshake is a log flood that needs no credentials.
 _tls_failures = Throttled(log, per_minute=10)
 
@@ -211,6 +209,10 @@ class RelaySMTP(HookNames, FastPaths):
         self._errors = 0
         self._helos = 0  # HELO/EHLO since the last accepted message
         self._overshoot = 0  # recipients refused for max_recipients, not counted as errors
+        # What the handler said of the reply it chose (the next push): the handler knows what
+        # a reply means, push() only its text.
+        self._excused = False
+        self._accepted = False
         self._greeted = False  # the greeting and the HELO/EHLO reply carry no enhanced code
         self._in_hello = False
         self.unchecked_login = False  # development mode accepted this session's AUTH unchecked
@@ -307,14 +309,16 @@ class RelaySMTP(HookNames, FastPaths):
         elif not text.startswith("3"):
             text = with_code(text)
         error = False
-        if text == replies.TOO_MANY_RECIPIENTS and self._overshoot < _RECIPIENT_OVERSHOOT:
-            self._overshoot += 1
+        excused, self._excused = self._excused, False
+        accepted, self._accepted = self._accepted, False
+        if excused:
+            pass
         elif text.startswith(("4", "5")):
             error = True
             self._errors += 1
             if self.policy.soft_error_limit < self._errors < self._max_errors and self.policy.error_sleep:
                 await asyncio.sleep(self.policy.error_sleep)  # Postfix's smtpd_error_sleep_time
-        elif text.startswith(_QUEUED_PREFIX):
+        elif accepted:
             # like Postfix: count only while no mail gets through
             self._errors = self._overshoot = self._helos = 0
         await super().push(text)
@@ -328,6 +332,17 @@ class RelaySMTP(HookNames, FastPaths):
         # drain() returns at once while the socket takes our replies: without this one client's
         # 100,000 pipelined commands were answered before anyone else's NOOP (3.8 s).
         await asyncio.sleep(0)
+
+    def recipient_overshoot(self) -> None:
+        """The next reply is a 452 for a recipient over ``max_recipients``: the client is meant
+        to send it again in a later transaction (RFC 5321 §4.5.3.1.10), so it is not an error,
+        up to Postfix's ``smtpd_recipient_overshoot_limit``."""
+        self._overshoot += 1
+        self._excused = self._overshoot <= _RECIPIENT_OVERSHOOT
+
+    def message_accepted(self) -> None:
+        """The next reply says a message is queued: the session's error counts start again."""
+        self._accepted = True
 
     def _log_refusal(self, reply: str) -> None:
         assert self.session is not None
@@ -680,6 +695,7 @@ class RelayHandler(HookNames):
             not repeated and len(envelope.rcpt_tos) >= self.config.max_recipients
         ):
             self.rejected("too_many_recipients")
+            server.recipient_overshoot()
             return replies.TOO_MANY_RECIPIENTS
         if repeated:
             return replies.RECIPIENT_OK
@@ -713,6 +729,8 @@ class RelayHandler(HookNames):
             if _is_disk_full(exc):
                 return replies.STORAGE_FULL
             return replies.QUEUE_UNAVAILABLE
+        if isinstance(server, RelaySMTP):
+            server.message_accepted()
         return replies.QUEUED.format(id=qid)
 
     async def handle_exception(self, error: Exception) -> str:
