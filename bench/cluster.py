@@ -28,12 +28,10 @@ from pathlib import Path
 import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import free_port, write_config  # noqa: E402
 from run import cpu_seconds, wait_listening  # noqa: E402
-
-from tests.process import free_port, write_config  # noqa: E402
 
 
 def fake_provider(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -27,9 +27,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.process import free_port, write_config  # noqa: E402
+from common import free_port, write_config  # noqa: E402
 
 HEAD = b"From: ada@example.com\r\nTo: bob@example.net\r\n"
 SMALL = HEAD + b"Subject: small\r\n\r\nsmall message\r\n"

@@ -40,12 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import postfix  # noqa: E402
-
-from tests.process import free_port, write_config  # noqa: E402
+from common import free_port, write_config  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -10,38 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from bench.common import free_port, write_config
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, sections: dict[str, Any], providers: list[dict[str, Any]]) -> Path:
-    lines = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-        for sub, subtable in ((k, v) for k, v in table.items() if isinstance(v, dict)):
-            lines.append(f"[{name}.{sub}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in subtable.items()]
-    for provider in providers:
-        lines.append("[[providers]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in provider.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+__all__ = ["DaemonProcess", "free_port", "write_config"]
 
 
 class DaemonProcess:
