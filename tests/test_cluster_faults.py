@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from ratatoskr.config import SpoolConfig, redact_url
-from ratatoskr.errors import ConfigError
+from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.queue import queue_for
 from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from tests.conftest import smtp_data_reply, wait_until
@@ -149,6 +149,31 @@ async def test_several_nodes_starting_at_once_migrate_once(tmp_path):
             assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
         finally:
             await asyncio.gather(*(q.close() for q in queues))
+
+
+async def test_an_outcome_retried_after_the_database_failed_still_holds_the_lease(tmp_path):
+    """Outcomes retry a transition that raised QueueUnavailable: the retry must still own the
+    message (a claim given up on the first failure left it in flight until its lease ran out,
+    then delivered again)."""
+    async with database() as url:
+        spool = SpoolConfig(path=tmp_path / "v", url=url, lease=3.0)
+        queue = queue_for(spool, lifetime=60)
+        await queue.open()
+        try:
+            from ratatoskr.message import Envelope
+
+            env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+            await queue.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [claimed] = await queue.claim(1)
+            assert isinstance(queue, PostgresQueue)
+            pool, queue._pool = queue._pool, None  # the database is away for this one call
+            with pytest.raises(QueueUnavailable):
+                await queue.complete(claimed.id)
+            queue._pool = pool
+            assert await queue.complete(claimed.id) is True
+            assert await queue.show(claimed.id) is None
+        finally:
+            await queue.close()
 
 
 async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(tmp_path):

@@ -590,9 +590,13 @@ class PostgresQueue:
         return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
 
     def _lease(self, qid: str) -> str:
-        return self._held.pop(qid, "")
+        # Read, not taken: a transition that raises QueueUnavailable is retried by the caller,
+        # and must still hold the lease then (and keep it extended meanwhile).
+        return self._held.get(qid, "")
 
-    def _outcome(self, status: str, token: str) -> bool:
+    def _outcome(self, qid: str, status: str, token: str) -> bool:
+        """Once a transition's statement ran, the claim is over whatever it matched."""
+        self._held.pop(qid, None)
         if _count(status) == 1:
             return True
         if token:  # we held it, and someone (another node, an operator) took it over
@@ -605,7 +609,7 @@ class PostgresQueue:
         token = self._lease(qid)
         if keep_until is None:
             status = await self._run(lambda c: c.execute(_COMPLETE, qid, token))
-            return self._outcome(status, token)
+            return self._outcome(qid, status, token)
         args = (qid, token, keep_until, self.clock(), _history_json(attempts), 1 if attempts else 0)
         ids = [
             (a.provider, pid, qid)
@@ -621,7 +625,7 @@ class PostgresQueue:
                     await conn.executemany(_INDEX_PROVIDER_ID, ids)
             return status
 
-        return self._outcome(await self._run(keep), token)
+        return self._outcome(qid, await self._run(keep), token)
 
     async def defer(
         self, qid: str, *, next_attempt_at: float, error: str, attempts: Sequence[Attempt]
@@ -637,12 +641,12 @@ class PostgresQueue:
         token = self._lease(qid)
         args = (qid, token, state.value, when, error, _history_json(attempts), 1 if attempts else 0)
         status = await self._run(lambda c: c.execute(_RECORD_ROUND, *args))
-        return self._outcome(status, token)
+        return self._outcome(qid, status, token)
 
     async def release(self, qid: str) -> bool:
         token = self._lease(qid)
         status = await self._run(lambda c: c.execute(_RELEASE, qid, token))
-        return self._outcome(status, token)
+        return self._outcome(qid, status, token)
 
     async def expire(self, reason: str) -> list[StoredMessage]:
         rows = await self._run(lambda c: c.fetch(_EXPIRE, reason, self.clock()))
