@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ratatoskr.errors import ConfigError, InvalidAddress
 from ratatoskr.message import check_addr_spec
@@ -113,8 +113,8 @@ class SpoolConfig:
     url: str | None = None  # postgresql://…: cluster mode; path then only holds temporary files
     lease: float = 30.0  # seconds a node's claim lasts unless it extends it (cluster mode)
 
-    def url_password(self) -> str | None:
-        return urlsplit(self.url).password if self.url else None
+    def url_passwords(self) -> list[str]:
+        return url_passwords(self.url) if self.url else []
 
     @property
     def place(self) -> str:
@@ -122,16 +122,36 @@ class SpoolConfig:
         return redact_url(self.url) if self.url else str(self.path)
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+def url_passwords(url: str) -> list[str]:
+    """Every password ``url`` carries: in its user info, or as ``?password=`` (libpq and asyncpg
+    take both), for the log redaction filter."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    found = [userinfo.partition(":")[2]] if ":" in userinfo else []  # even with a raw '/' in it
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return found
+    found += [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    return sorted({*found, *(unquote(f) for f in found)})  # as written and as the driver reads it
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (or, where it cannot be parsed safely, the
+    scheme alone)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a malformed port raises here
     except ValueError:
         return "postgresql://***"
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname or ''}{port}"))
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        return f"{parts.scheme}://***"  # a '/' in an unencoded password: the rest is unreadable
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(parts.query))
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +190,7 @@ class Config:
         found = [k.reveal() for p in self.providers for k in p.secrets()]
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
-        found.append(self.spool.url_password() or "")
+        found += self.spool.url_passwords()
         return [s for s in found if s]
 
 
@@ -428,7 +448,21 @@ def _spool(t: _Table) -> SpoolConfig:
     url = t.get("url", str, "") or None
     if url is not None and not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(t.key("url"), "must be a postgresql:// url")
+    if url is not None:
+        _check_url(t.key("url"), url)
     return SpoolConfig(Path(t.get("path", str, "./var")), url, t.positive("lease", float, 30.0))
+
+
+def _check_url(key: str, url: str) -> None:
+    """Refuse, without showing it, a url the driver would choke on (with a traceback that
+    quotes the password): a '/' or ':' in an unencoded password, a port that is not a number."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        parts = None
+    if parts is None or ("@" in url.partition("://")[2] and "@" not in parts.netloc):
+        raise ConfigError(key, "cannot be parsed: percent-encode '/', ':', '@' in the user or password")
 
 
 def parse(data: dict[str, Any], source: str = "<config>") -> Config:

@@ -244,10 +244,18 @@ def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path
     assert "nodes seen in the last 5 minutes: 1" in out
 
 
-def test_check_says_when_the_database_cannot_be_reached(tmp_path: Path):
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{PASSWORD}@127.0.0.1:1/x",
+        f"postgresql://u@127.0.0.1:1/x?password={PASSWORD}",
+    ],
+    ids=["user-info", "query"],
+)
+def test_check_says_when_the_database_cannot_be_reached(tmp_path: Path, url: str):
     config = write_config(
         tmp_path / "r.toml",
-        {"spool": {"path": str(tmp_path / "var"), "url": f"postgresql://u:{PASSWORD}@127.0.0.1:1/x"}},
+        {"spool": {"path": str(tmp_path / "var"), "url": url}},
         [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
     )
     done = subprocess.run(
@@ -258,6 +266,23 @@ def test_check_says_when_the_database_cannot_be_reached(tmp_path: Path):
     )
     assert done.returncode == 1
     assert "queue database: FAILED" in done.stdout
+    assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_a_url_that_cannot_be_parsed_exits_2_without_showing_the_password(tmp_path: Path):
+    config = write_config(
+        tmp_path / "r.toml",
+        {"spool": {"path": str(tmp_path / "var"), "url": f"postgresql://u:{PASSWORD}/x@127.0.0.1:1/x"}},
+        [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ratatoskr", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("ratatoskr: invalid config: spool.url: cannot be parsed")
     assert PASSWORD not in done.stdout + done.stderr
 
 
