@@ -18,7 +18,8 @@ import pytest
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.postmark import FakePostmark
-from tests.fakes.webhooks import MailgunHooks, MandrillHooks, PostmarkHooks
+from tests.fakes.sparkpost import FakeSparkpost
+from tests.fakes.webhooks import MailgunHooks, MandrillHooks, PostmarkHooks, SparkpostHooks
 from tests.process import write_config
 from tests.test_history import get_json, post_message, queue_cli, until_delivered
 
@@ -283,3 +284,41 @@ async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
     ]
     assert history["events"][1]["detail"]["bounce_class"] == "hard"
     assert PM_PASS not in json.dumps(history)
+
+
+@pytest.fixture
+async def fake_sparkpost() -> AsyncIterator[FakeSparkpost]:
+    async with FakeSparkpost() as fake:
+        yield fake
+    assert not fake.violations, fake.violations
+
+
+async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmission(
+    running_daemon, fake_sparkpost: FakeSparkpost
+):
+    entry = fake_sparkpost.provider_entry(webhook_username=PM_USER, webhook_password=PM_PASS)
+    daemon = await start(running_daemon, entry)
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_sparkpost.messages
+    hooks = SparkpostHooks(events_url(daemon, "sparkpost"), PM_USER, PM_PASS)
+    now = time.time()
+    assert await hooks.batch([{"msys": {}}]) == 200  # SparkPost's URL check: nothing stored
+    bounce = hooks.event(
+        "bounce", sent, "hidden@example.org", at=now, bounce_class="10", raw_reason="550 5.1.1"
+    )
+    delivered = hooks.event("delivery", sent, "Bob@Example.net", at=now - 2)
+    delivered["msys"]["message_event"]["rcpt_meta"] = {}  # matched by transmission_id alone
+    unknown = hooks.event("delivery", None, "x@example.net")
+    assert await hooks.batch([bounce], password="wrong") == 401
+    assert await hooks.batch([bounce], auth=False) == 401
+    assert await hooks.batch([bounce, delivered, unknown]) == 200
+    assert await hooks.replay() == 200  # the retried batch: stored once
+
+    status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert status == 200
+    assert [(e["type"], e["recipient"]) for e in history["events"]] == [
+        ("delivered", "Bob@Example.net"),
+        ("bounced", "hidden@example.org"),
+    ]
+    assert history["events"][1]["detail"]["bounce_class"] == "hard"

@@ -10,14 +10,11 @@ bounces have an ``ID``; otherwise the key is (RecordType, MessageID, recipient, 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import json
 from datetime import datetime
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, obj, text
+from ratatoskr.events.base import Refused, WebhookRequest, check_basic_auth, obj, text
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.postmark import PostmarkSettings
 from ratatoskr.queue import DeliveryEvent
@@ -70,15 +67,7 @@ class PostmarkWebhook:
         self._credentials = credentials
 
     def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "basic" or not token:
-            raise Refused("no basic auth credentials")
-        try:
-            given = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise Refused("malformed basic auth credentials") from None
-        if not hmac.compare_digest(given, self._credentials):
-            raise Refused("wrong basic auth credentials")
+        check_basic_auth(request, self._credentials)
         try:
             data = json.loads(request.body)
         except ValueError:

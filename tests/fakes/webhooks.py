@@ -193,3 +193,36 @@ class PostmarkHooks(_Poster):
             token = f"{self.username}:{password if password is not None else self.password}"
             headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
         return await self._post(json.dumps(data).encode(), headers)
+
+
+class SparkpostHooks(PostmarkHooks):
+    """SparkPost: a JSON array of ``{"msys": {class: event}}`` per POST, ``auth_type`` basic,
+    a batch id header, timestamps as Unix seconds in strings (§7)."""
+
+    def event(
+        self, name: str, delivery: Delivery | None, recipient: str, *, at: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        if delivery is not None:
+            tid, meta = delivery.id, json.loads(delivery.fields.get("metadata", ["{}"])[0])
+        else:
+            tid, meta = secrets.token_hex(8), {}
+        data = {
+            "type": name,
+            "event_id": str(secrets.randbelow(10**17)),
+            "timestamp": str(int(at if at is not None else time.time())),
+            "transmission_id": tid,
+            "rcpt_to": recipient.lower(),
+            "raw_rcpt_to": recipient,
+            "rcpt_meta": meta,
+        }
+        event_class = "track_event" if name in ("open", "click") else "message_event"
+        return {"msys": {event_class: {**data, **extra}}}
+
+    async def batch(
+        self, events: list[dict[str, Any]], *, password: str | None = None, auth: bool = True
+    ) -> int:
+        headers = {"Content-Type": "application/json", "X-MessageSystems-Batch-ID": secrets.token_hex(16)}
+        if auth:
+            token = f"{self.username}:{password if password is not None else self.password}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        return await self._post(json.dumps(events).encode(), headers)
