@@ -36,6 +36,7 @@ from ratatoskr.ingest import Ingest
 from ratatoskr.memory import tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
+from ratatoskr.providers.http import HttpProvider
 from ratatoskr.queue import queue_for
 from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.anvil import Anvil, client_rates
@@ -65,13 +66,14 @@ class Daemon:
         """``loader`` reads the config again for :meth:`reload`; ``watchdog`` is the seconds
         between WATCHDOG=1 pings (None: systemd expects none)."""
         self.config = config
+        self.clock = clock
         self.metrics = Metrics()
         # Named after the [spool] section; any backend behind the Queue protocol.
         self.spool = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime, clock=clock)
         outcomes = Outcomes(self.spool, config.delivery, clock=clock, hostname=config.smtp.hostname)
         self.dispatcher = Dispatcher(
             self.spool,
-            build_providers(config.providers),
+            self._build_providers(config),
             config.delivery,
             self.metrics,
             outcomes=outcomes,
@@ -266,11 +268,21 @@ class Daemon:
             finally:
                 self.notifier.ready()
 
+    def _build_providers(self, config: Config) -> list[Provider]:
+        """The configured providers, reading time from the daemon's clock: a provider turns a
+        rate limit's "retry at <time>" into a wait that the dispatcher's health then counts on
+        its own clock, so both must be the same clock (an injected one included)."""
+        providers = build_providers(config.providers)
+        for provider in providers:
+            if isinstance(provider, HttpProvider):
+                provider.clock = self.clock
+        return providers
+
     async def _prepare(self, new: Config) -> list[Provider]:
         """Everything that can fail. The certificate goes last: it is the one step that takes
         effect at once, and nothing after it can fail."""
         logs.add_secrets(new.secrets())
-        providers = build_providers(new.providers)
+        providers = self._build_providers(new)
         started: list[Provider] = []
         try:
             for provider in providers:

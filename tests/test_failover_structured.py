@@ -6,6 +6,7 @@ fake provider servers."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -14,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import admin_queue, metric, queue_counts, smtp_send, wait_until
+from tests.conftest import FakeClock, admin_queue, metric, queue_counts, smtp_send, wait_until
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.resend import FakeResend
@@ -105,7 +106,11 @@ async def test_sendgrid_429_fails_over_and_its_wait_is_honoured(
         headers={"X-RateLimit-Reset": str(int(clock()) + 30), "X-RateLimit-Remaining": "0"},
         route="send",
     )
-    for n in range(3):
+    # The rest only once the 429 is recorded: a message sent to SendGrid while the 429 was
+    # still on its way back would rightly be taken there (the fake limits one request only).
+    await smtp_send(daemon.smtp_port, SMALL.format(n=0))
+    await wait_until(lambda: metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 0)
+    for n in range(1, 3):
         await smtp_send(daemon.smtp_port, SMALL.format(n=n))
     await fake_mailgun.wait_for(3)
     await wait_until(lambda: sent(daemon, "mailgun") == 3, what="three deliveries recorded")
@@ -130,6 +135,33 @@ async def test_sendgrid_429_fails_over_and_its_wait_is_honoured(
     assert metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 1
     status, body = await ready(daemon)
     assert body["providers"]["sendgrid"]["state"] == "closed"
+
+
+async def test_a_rate_limit_reset_is_read_on_the_daemons_clock(
+    running_daemon, fake_sendgrid: FakeSendGrid, fake_mailgun: FakeMailgun
+):
+    """The provider turns X-RateLimit-Reset into a wait on the same clock the dispatcher pauses
+    it on: with that clock an hour from wall time, a reset 30 s ahead is a 30 s pause (read on
+    wall time it was an hour's, or nothing and the 60 s default). Under load the two clocks
+    drift apart by seconds, which once let SendGrid back in before its reset."""
+    clock = FakeClock(time.time() + 3600)
+    daemon = await running_daemon(
+        clock=clock,
+        delivery=DELIVERY,
+        providers=[fake_sendgrid.provider_entry(timeout=2), fake_mailgun.provider_entry(timeout=2)],
+    )
+    fake_sendgrid.fail(
+        429,
+        {"errors": [{"field": None, "message": "too many requests"}]},
+        headers={"X-RateLimit-Reset": str(int(clock()) + 30), "X-RateLimit-Remaining": "0"},
+        route="send",
+    )
+    await smtp_send(daemon.smtp_port, SMALL.format(n=0))
+    await fake_mailgun.wait_for(1)
+    clock.advance(31)
+    await smtp_send(daemon.smtp_port, SMALL.format(n=1))
+    [delivery] = await fake_sendgrid.wait_for(1)
+    assert delivery.header("Subject") == "small 1"
 
 
 SIGNED = (
