@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
-from tests.fakes.webhooks import MailgunHooks, MandrillHooks
+from tests.fakes.postmark import FakePostmark
+from tests.fakes.sparkpost import FakeSparkpost
+from tests.fakes.webhooks import MailgunHooks, MandrillHooks, PostmarkHooks, SparkpostHooks
 from tests.process import write_config
 from tests.test_history import get_json, post_message, queue_cli, until_delivered
 
@@ -226,3 +230,95 @@ def test_webhook_keys_are_secrets_redacted_from_logs(make_config):
     )
     assert {MG_KEY, MD_KEY} <= set(config.secrets())
     assert MG_KEY not in repr(config) and MD_KEY not in repr(config)
+
+
+PM_USER, PM_PASS = "ratatoskr", "pm-hook-pass-9f3a2c"
+
+
+@pytest.fixture
+async def fake_postmark() -> AsyncIterator[FakePostmark]:
+    async with FakePostmark() as fake:
+        yield fake
+    assert not fake.violations, fake.violations
+
+
+async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
+    running_daemon, fake_postmark: FakePostmark
+):
+    entry = fake_postmark.provider_entry(webhook_username=PM_USER, webhook_password=PM_PASS)
+    daemon = await start(running_daemon, entry)
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_postmark.messages
+    hooks = PostmarkHooks(events_url(daemon, "postmark"), PM_USER, PM_PASS)
+    bounce = hooks.record(
+        "Bounce",
+        sent,
+        "hidden@example.org",
+        Type="HardBounce",
+        TypeCode=1,
+        Inactive=True,
+        Description="mailbox does not exist",
+        at="2026-01-01T12:01:40.1234567-04:00",
+    )
+    assert await hooks.post(bounce, password="wrong") == 401
+    assert await hooks.post(bounce, auth=False) == 401
+    assert await hooks.post(bounce) == 200
+    assert await hooks.replay() == 200  # Postmark's retry: stored once
+    # Matched by MessageID alone (no Metadata echoed).
+    delivered = hooks.record("Delivery", sent, "bob@example.net", at="2026-01-01T12:00:40.1234567Z")
+    delivered["Metadata"] = {}
+    assert await hooks.post(delivered) == 200
+    unknown = hooks.record("Delivery", None, "x@example.net")
+    assert await hooks.post(unknown) == 200  # not ours: accepted (no retries), stored nowhere
+    unsub = hooks.record("SubscriptionChange", sent, "bob@example.net", SuppressSending=True)
+    unsub["ChangedAt"] = "2026-01-01T12:05:00Z"
+    assert await hooks.post(unsub) == 200
+
+    status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert status == 200
+    assert [(e["type"], e["recipient"]) for e in history["events"]] == [
+        ("delivered", "bob@example.net"),
+        ("bounced", "hidden@example.org"),
+        ("unsubscribed", "bob@example.net"),
+    ]
+    assert history["events"][1]["detail"]["bounce_class"] == "hard"
+    assert PM_PASS not in json.dumps(history)
+
+
+@pytest.fixture
+async def fake_sparkpost() -> AsyncIterator[FakeSparkpost]:
+    async with FakeSparkpost() as fake:
+        yield fake
+    assert not fake.violations, fake.violations
+
+
+async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmission(
+    running_daemon, fake_sparkpost: FakeSparkpost
+):
+    entry = fake_sparkpost.provider_entry(webhook_username=PM_USER, webhook_password=PM_PASS)
+    daemon = await start(running_daemon, entry)
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_sparkpost.messages
+    hooks = SparkpostHooks(events_url(daemon, "sparkpost"), PM_USER, PM_PASS)
+    now = time.time()
+    assert await hooks.batch([{"msys": {}}]) == 200  # SparkPost's URL check: nothing stored
+    bounce = hooks.event(
+        "bounce", sent, "hidden@example.org", at=now, bounce_class="10", raw_reason="550 5.1.1"
+    )
+    delivered = hooks.event("delivery", sent, "Bob@Example.net", at=now - 2)
+    delivered["msys"]["message_event"]["rcpt_meta"] = {}  # matched by transmission_id alone
+    unknown = hooks.event("delivery", None, "x@example.net")
+    assert await hooks.batch([bounce], password="wrong") == 401
+    assert await hooks.batch([bounce], auth=False) == 401
+    assert await hooks.batch([bounce, delivered, unknown]) == 200
+    assert await hooks.replay() == 200  # the retried batch: stored once
+
+    status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert status == 200
+    assert [(e["type"], e["recipient"]) for e in history["events"]] == [
+        ("delivered", "Bob@Example.net"),
+        ("bounced", "hidden@example.org"),
+    ]
+    assert history["events"][1]["detail"]["bounce_class"] == "hard"

@@ -45,7 +45,7 @@ from ratatoskr.providers._structured import (
 )
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
-from ratatoskr.table import Table
+from ratatoskr.table import Secret, Table
 
 MAX_RECIPIENTS = 50
 MAX_REQUEST_BYTES = 10_000_000  # "10 MB including attachments, after base64"
@@ -69,13 +69,19 @@ _INACTIVE = re.compile(r"inactive addresses:\s*(.+?)\.\s*(?:Inactive|$)", re.IGN
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PostmarkSettings(HttpSettings):
-    """``kind = "postmark"``: ``api_key``, ``base_url`` and the tracking switches."""
+    """``kind = "postmark"``: ``api_key``, ``base_url`` and the tracking switches.
+
+    For its webhooks (``POST /v1/events/{name}``): ``webhook_username`` and
+    ``webhook_password``, the HTTP basic auth credentials put in the webhook URL at Postmark
+    (Postmark signs nothing); unset: its events are refused."""
 
     kind: ClassVar[str] = "postmark"
     default_url: ClassVar[str] = "https://api.postmarkapp.com"
     message_stream: str = ""  # "" is Postmark's default transactional stream, "outbound"
     track_opens: bool = False  # TrackOpens; off: pass-through
     track_clicks: bool = False  # TrackLinks "HtmlAndText" instead of "None"
+    webhook_username: str | None = None
+    webhook_password: Secret | None = None
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
@@ -88,7 +94,13 @@ class PostmarkSettings(HttpSettings):
             message_stream=stream,
             track_opens=t.get("track_opens", bool, cls.default("track_opens")),
             track_clicks=t.get("track_clicks", bool, cls.default("track_clicks")),
+            webhook_username=t.get("webhook_username", str, None),
+            webhook_password=t.optional_secret("webhook_password"),
         )
+
+    def secrets(self) -> tuple[Secret, ...]:
+        found = (self.api_key, self.webhook_password)
+        return tuple(s for s in found if s is not None)
 
     def build(self) -> PostmarkProvider:
         return PostmarkProvider(self)

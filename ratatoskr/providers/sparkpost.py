@@ -38,7 +38,7 @@ from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
 from ratatoskr.mime import split_head
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
-from ratatoskr.table import Table
+from ratatoskr.table import Secret, Table
 
 MAX_CONTENT = 20 * 1024 * 1024  # "20 MB" of content (§5.5)
 MAX_RECIPIENTS = 10_000  # advised, not enforced (§5.5)
@@ -59,13 +59,16 @@ class SparkpostSettings(HttpSettings):
     """``kind = "sparkpost"``: ``api_key``/``api_key_file``, ``base_url`` (the EU host is
     ``https://api.eu.sparkpost.com/api/v1``), and the content rewriting SparkPost does by
     default, each off unless turned on: ``open_tracking``, ``click_tracking``,
-    ``perform_substitutions``."""
+    ``perform_substitutions``. For its webhooks: ``webhook_username`` and ``webhook_password``
+    (the webhook's ``auth_type = "basic"`` credentials; unset: its events are refused)."""
 
     kind: ClassVar[str] = "sparkpost"
     default_url: ClassVar[str] = "https://api.sparkpost.com/api/v1"
     open_tracking: bool = False
     click_tracking: bool = False
     perform_substitutions: bool = False
+    webhook_username: str | None = None
+    webhook_password: Secret | None = None
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
@@ -73,7 +76,17 @@ class SparkpostSettings(HttpSettings):
             name: t.get(name, bool, cls.default(name))
             for name in ("open_tracking", "click_tracking", "perform_substitutions")
         }
-        return cls(**common, **cls.http_keys(t), **flags)
+        return cls(
+            **common,
+            **cls.http_keys(t),
+            **flags,
+            webhook_username=t.get("webhook_username", str, None),
+            webhook_password=t.optional_secret("webhook_password"),
+        )
+
+    def secrets(self) -> tuple[Secret, ...]:
+        found = (self.api_key, self.webhook_password)
+        return tuple(s for s in found if s is not None)
 
     def build(self) -> SparkpostProvider:
         return SparkpostProvider(self)

@@ -158,3 +158,71 @@ class MandrillHooks(_Poster):
         async with aiohttp.ClientSession() as session, session.head(self.url) as r:
             head = r.status
         return [head, await self.post([], key=b"test-webhook")]
+
+
+class PostmarkHooks(_Poster):
+    """Postmark: one JSON record per POST, no signature; basic auth from the webhook URL's
+    userinfo (§5). Times carry 7 fractional digits and an offset, as Postmark's do."""
+
+    def __init__(self, url: str, username: str, password: str) -> None:
+        super().__init__(url)
+        self.username = username
+        self.password = password
+
+    def record(
+        self, record: str, delivery: Delivery | None, recipient: str, *, at: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        if delivery is not None:
+            message_id = delivery.id
+            metadata = json.loads(delivery.fields.get("Metadata", ["{}"])[0])
+        else:
+            message_id, metadata = secrets.token_hex(16), {}
+        when = at or "2026-01-01T12:01:40.1234567-04:00"
+        data: dict[str, Any] = {"RecordType": record, "MessageID": message_id, "Metadata": metadata}
+        if record in ("Bounce", "SpamComplaint"):
+            data.update({"Email": recipient, "BouncedAt": when, "ID": secrets.randbelow(1 << 40)})
+        else:
+            data.update(
+                {"Recipient": recipient, "DeliveredAt" if record == "Delivery" else "ReceivedAt": when}
+            )
+        return {**data, **extra}
+
+    async def post(self, data: dict[str, Any], *, password: str | None = None, auth: bool = True) -> int:
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            token = f"{self.username}:{password if password is not None else self.password}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        return await self._post(json.dumps(data).encode(), headers)
+
+
+class SparkpostHooks(PostmarkHooks):
+    """SparkPost: a JSON array of ``{"msys": {class: event}}`` per POST, ``auth_type`` basic,
+    a batch id header, timestamps as Unix seconds in strings (§7)."""
+
+    def event(
+        self, name: str, delivery: Delivery | None, recipient: str, *, at: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        if delivery is not None:
+            tid, meta = delivery.id, json.loads(delivery.fields.get("metadata", ["{}"])[0])
+        else:
+            tid, meta = secrets.token_hex(8), {}
+        data = {
+            "type": name,
+            "event_id": str(secrets.randbelow(10**17)),
+            "timestamp": str(int(at if at is not None else time.time())),
+            "transmission_id": tid,
+            "rcpt_to": recipient.lower(),
+            "raw_rcpt_to": recipient,
+            "rcpt_meta": meta,
+        }
+        event_class = "track_event" if name in ("open", "click") else "message_event"
+        return {"msys": {event_class: {**data, **extra}}}
+
+    async def batch(
+        self, events: list[dict[str, Any]], *, password: str | None = None, auth: bool = True
+    ) -> int:
+        headers = {"Content-Type": "application/json", "X-MessageSystems-Batch-ID": secrets.token_hex(16)}
+        if auth:
+            token = f"{self.username}:{password if password is not None else self.password}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        return await self._post(json.dumps(events).encode(), headers)
