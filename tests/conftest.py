@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -92,6 +93,20 @@ def metric(daemon: Daemon, name: str, **labels: str) -> float:
     """One sample of the daemon's own registry; 0 for a series not yet written."""
     value = daemon.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def sent(daemon: Daemon, provider: str) -> float:
+    """Messages ``provider`` took, as ``ratatoskr_deliveries_total`` counts them."""
+    return metric(daemon, "ratatoskr_deliveries_total", provider=provider, outcome="sent")
+
+
+async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
+    """``GET /readyz``: the status and the JSON body with each provider's state."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response,
+    ):
+        return response.status, await response.json()
 
 
 async def queue_counts(daemon: Daemon) -> dict[str, int]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
@@ -235,13 +233,6 @@ def test_webhook_keys_are_secrets_redacted_from_logs(make_config):
 PM_USER, PM_PASS = "ratatoskr", "pm-hook-pass-9f3a2c"
 
 
-@pytest.fixture
-async def fake_postmark() -> AsyncIterator[FakePostmark]:
-    async with FakePostmark() as fake:
-        yield fake
-    assert not fake.violations, fake.violations
-
-
 async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
     running_daemon, fake_postmark: FakePostmark
 ):
@@ -284,13 +275,6 @@ async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
     ]
     assert history["events"][1]["detail"]["bounce_class"] == "hard"
     assert PM_PASS not in json.dumps(history)
-
-
-@pytest.fixture
-async def fake_sparkpost() -> AsyncIterator[FakeSparkpost]:
-    async with FakeSparkpost() as fake:
-        yield fake
-    assert not fake.violations, fake.violations
 
 
 async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmission(

@@ -3,44 +3,14 @@ SendGrid takes the mail, and Mailgun down + SES throttled → SendGrid delivers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
-import aiohttp
-import pytest
-
 from ratatoskr.delivery.health import _DEFAULT_RATE_LIMIT_PAUSE
-from tests.conftest import FakeClock, metric, smtp_send, wait_until
+from tests.conftest import FakeClock, metric, readyz, sent, smtp_send, wait_until
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.ses import FakeSes
 
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
 MESSAGE = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: cross {n}\r\n\r\nbody {n}\r\n"
-
-
-@pytest.fixture
-async def fake_ses() -> AsyncIterator[FakeSes]:
-    async with FakeSes() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_sendgrid() -> AsyncIterator[FakeSendGrid]:
-    async with FakeSendGrid() as fake:
-        yield fake
-
-
-async def ready(daemon: Any) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response,
-    ):
-        return response.status, await response.json()
-
-
-def sent(daemon: Any, provider: str) -> float:
-    return metric(daemon, "ratatoskr_deliveries_total", provider=provider, outcome="sent")
 
 
 def throttle(fake_ses: FakeSes) -> None:
@@ -70,7 +40,7 @@ async def test_ses_throttled_sendgrid_takes_the_mail_and_ses_returns(
     assert metric(daemon, "ratatoskr_failovers_total", from_provider="ses", to_provider="sendgrid") == 3
     assert metric(daemon, "ratatoskr_deliveries_total", provider="ses", outcome="temporary_failure") == 1
     assert sent(daemon, "ses") == 0
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert status == 200  # SendGrid takes traffic
     assert body["providers"]["ses"]["state"] == "rate_limited"
 
@@ -81,7 +51,7 @@ async def test_ses_throttled_sendgrid_takes_the_mail_and_ses_returns(
     assert delivery.header("Subject") == "cross 3"
     await wait_until(lambda: sent(daemon, "ses") == 1, what="SES's delivery recorded")
     assert metric(daemon, "ratatoskr_provider_up", provider="ses") == 1
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert body["providers"]["ses"]["state"] == "closed"
 
 
@@ -111,7 +81,7 @@ async def test_mailgun_down_and_ses_throttled_sendgrid_delivers(
     await wait_until(lambda: sent(daemon, "sendgrid") == 4, what="four deliveries recorded")
     await wait_until(lambda: metric(daemon, "ratatoskr_provider_up", provider="mailgun") == 0)
     assert sent(daemon, "mailgun") == sent(daemon, "ses") == 0
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert status == 200
     assert body["providers"]["ses"]["state"] == "rate_limited"
     assert body["providers"]["mailgun"]["state"] == "open"

@@ -4,15 +4,9 @@ provider can carry is dead with the reason. Metrics and /readyz tell the truth t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-import pytest
-
-from tests.conftest import FakeClock, admin_queue, queue_counts, smtp_send, wait_until
-from tests.fakes.ses import FakeSes
-from tests.fakes.sparkpost import FakeSparkpost
+from tests.conftest import FakeClock, admin_queue, queue_counts, readyz, smtp_send, wait_until
 from tests.process import write_config
 from tests.test_providers_e2e import check_probe, spool_section
 
@@ -22,29 +16,9 @@ LONG_LINE = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: wide\r\n\
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 3600, "retry_initial": 3600, "retry_max": 3600}
 
 
-@pytest.fixture
-async def fake_ses() -> AsyncIterator[FakeSes]:
-    async with FakeSes() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_sparkpost() -> AsyncIterator[FakeSparkpost]:
-    async with FakeSparkpost() as fake:
-        yield fake
-
-
 def metric(daemon: Any, name: str, **labels: str) -> float:
     value = daemon.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-async def readyz(daemon: Any) -> tuple[int, dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response,
-    ):
-        return response.status, await response.json()
 
 
 async def test_mailgun_down_ses_takes_the_mail(running_daemon, fake_mailgun, fake_ses):

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from email.policy import SMTP
-from typing import Any
 
-import aiohttp
-import pytest
-
-from tests.conftest import FakeClock, admin_queue, metric, queue_counts, smtp_send, wait_until
+from tests.conftest import FakeClock, admin_queue, metric, queue_counts, readyz, sent, smtp_send, wait_until
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.resend import FakeResend
@@ -25,30 +20,6 @@ from tests.test_providers_e2e import check_probe, spool_section
 
 DELIVERY = {"circuit_failures": 2, "circuit_cooldown": 10, "retry_initial": 60, "retry_max": 600}
 SMALL = "From: ada@example.com\r\nTo: bob@example.net\r\nSubject: small {n}\r\n\r\nbody {n}\r\n"
-
-
-@pytest.fixture
-async def fake_postmark() -> AsyncIterator[FakePostmark]:
-    async with FakePostmark() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_sendgrid() -> AsyncIterator[FakeSendGrid]:
-    async with FakeSendGrid() as fake:
-        yield fake
-
-
-def sent(daemon: Any, provider: str) -> float:
-    return metric(daemon, "ratatoskr_deliveries_total", provider=provider, outcome="sent")
-
-
-async def ready(daemon: Any) -> tuple[int, dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{daemon.http_port}/readyz") as response,
-    ):
-        return response.status, await response.json()
 
 
 def large_message(size: int) -> bytes:
@@ -80,7 +51,7 @@ async def test_a_message_too_large_for_postmark_goes_to_the_next_provider(
     for outcome in ("sent", "temporary_failure", "permanent_failure"):
         assert metric(daemon, "ratatoskr_deliveries_total", provider="postmark", outcome=outcome) == 0
     assert metric(daemon, "ratatoskr_provider_up", provider="postmark") == 1
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert status == 200 and body["providers"]["postmark"]["state"] == "closed"
 
     await smtp_send(daemon.smtp_port, SMALL.format(n=1))
@@ -118,7 +89,7 @@ async def test_sendgrid_429_fails_over_and_its_wait_is_honoured(
     assert metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 0
     assert metric(daemon, "ratatoskr_failovers_total", from_provider="sendgrid", to_provider="mailgun") == 3
     assert metric(daemon, "ratatoskr_deliveries_total", provider="sendgrid", outcome="temporary_failure") == 1
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert status == 200  # Mailgun takes traffic
     assert body["providers"]["sendgrid"]["state"] == "rate_limited"
 
@@ -133,7 +104,7 @@ async def test_sendgrid_429_fails_over_and_its_wait_is_honoured(
     assert delivery.header("Subject") == "small 4"
     await wait_until(lambda: sent(daemon, "sendgrid") == 1, what="SendGrid's delivery recorded")
     assert metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 1
-    status, body = await ready(daemon)
+    status, body = await readyz(daemon)
     assert body["providers"]["sendgrid"]["state"] == "closed"
 
 
@@ -203,7 +174,7 @@ async def test_no_provider_can_carry_it_so_it_is_dead_with_the_reasons(
     assert "Postmark cannot carry this message: signed mail" in stored.last_error
     assert fake_sendgrid.calls == [] and fake_postmark.calls == []
     assert metric(daemon, "ratatoskr_provider_up", provider="sendgrid") == 1
-    status, _ = await ready(daemon)
+    status, _ = await readyz(daemon)
     assert status == 200
 
 
