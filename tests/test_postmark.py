@@ -20,7 +20,7 @@ from ratatoskr.errors import (
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
 from ratatoskr.providers.postmark import PostmarkProvider
-from tests.fakes.base import settings_of
+from tests.fakes.base import providers_for, settings_of
 from tests.fakes.postmark import FakePostmark
 
 BOB, CAROL = "bob@example.net", "carol@example.org"
@@ -35,17 +35,8 @@ async def fake() -> AsyncIterator[FakePostmark]:
 
 @pytest.fixture
 async def make(fake: FakePostmark) -> AsyncIterator[Any]:
-    made: list[PostmarkProvider] = []
-
-    def build(**overrides: Any) -> PostmarkProvider:
-        provider = settings_of(fake.provider_entry(**overrides)).build()
-        assert isinstance(provider, PostmarkProvider)
-        made.append(provider)
-        return provider
-
-    yield build
-    for provider in made:
-        await provider.close()
+    async with providers_for(fake, PostmarkProvider) as build:
+        yield build
 
 
 def outbound(raw: bytes | EmailMessage = RAW, recipients: tuple[str, ...] = (BOB,)) -> Outbound:

@@ -20,7 +20,7 @@ from ratatoskr.errors import (
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
 from ratatoskr.providers.resend import ResendProvider
-from tests.fakes.base import settings_of
+from tests.fakes.base import providers_for
 from tests.fakes.resend import FakeResend
 
 BOB = "bob@example.net"
@@ -35,17 +35,8 @@ async def fake() -> AsyncIterator[FakeResend]:
 
 @pytest.fixture
 async def make(fake: FakeResend) -> AsyncIterator[Any]:
-    made: list[ResendProvider] = []
-
-    def build(**overrides: Any) -> ResendProvider:
-        provider = settings_of(fake.provider_entry(**overrides)).build()
-        assert isinstance(provider, ResendProvider)
-        made.append(provider)
-        return provider
-
-    yield build
-    for provider in made:
-        await provider.close()
+    async with providers_for(fake, ResendProvider) as build:
+        yield build
 
 
 def outbound(

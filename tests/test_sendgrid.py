@@ -20,7 +20,7 @@ from ratatoskr.errors import (
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
 from ratatoskr.providers.sendgrid import SendGridProvider
-from tests.fakes.base import settings_of
+from tests.fakes.base import providers_for
 from tests.fakes.sendgrid import FakeSendGrid, check
 
 BOB, HIDDEN = "bob@example.net", "hidden@example.org"
@@ -35,17 +35,8 @@ async def fake() -> AsyncIterator[FakeSendGrid]:
 
 @pytest.fixture
 async def make(fake: FakeSendGrid) -> AsyncIterator[Any]:
-    made: list[SendGridProvider] = []
-
-    def build(**overrides: Any) -> SendGridProvider:
-        provider = settings_of(fake.provider_entry(**overrides)).build()
-        assert isinstance(provider, SendGridProvider)
-        made.append(provider)
-        return provider
-
-    yield build
-    for provider in made:
-        await provider.close()
+    async with providers_for(fake, SendGridProvider) as build:
+        yield build
 
 
 def outbound(raw: bytes | EmailMessage = RAW, recipients: tuple[str, ...] = (BOB,)) -> Outbound:

@@ -32,16 +32,19 @@ raw bytes, tags, ``parts()`` with sha256 per attachment).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from ratatoskr import config
-from ratatoskr.providers import ProviderSettings
+from ratatoskr.providers import Provider, ProviderSettings
 from tests.fakes.records import Call, Delivery, schema_problems
+
+P = TypeVar("P", bound=Provider)
 
 Handler = Callable[[web.Request], Any]
 
@@ -50,6 +53,25 @@ def settings_of(entry: Mapping[str, Any]) -> ProviderSettings:
     """A ``[[providers]]`` table (e.g. ``fake.provider_entry()``) read as the config file is."""
     [settings] = config.parse({"providers": [dict(entry)]}).providers
     return settings
+
+
+@contextlib.asynccontextmanager
+async def providers_for(fake: FakeServer, kind: type[P]) -> AsyncIterator[Callable[..., P]]:
+    """``build(**overrides)``: a ``kind`` provider aimed at ``fake`` (its ``provider_entry`` with
+    ``overrides``), read as the config file is; every one built is closed afterwards."""
+    made: list[P] = []
+
+    def build(**overrides: Any) -> P:
+        provider = settings_of(fake.provider_entry(**overrides)).build()
+        assert isinstance(provider, kind)
+        made.append(provider)
+        return provider
+
+    try:
+        yield build
+    finally:
+        for provider in made:
+            await provider.close()
 
 
 @dataclass
