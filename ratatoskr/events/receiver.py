@@ -111,7 +111,10 @@ class EventReceiver:
                     provider,
                     s.event.type,
                 )
-        await self._bounce_notices(new)
+        # Every hard bounce, duplicates too: if queueing a notice failed after the events were
+        # committed (a 503), the provider's retry finds only duplicates, and the notice (put
+        # under an id derived from the message and recipient, if absent) must still go out.
+        await self._bounce_notices(stored)
         return Answer(200, {"stored": len(new), "duplicates": len(stored) - len(new)})
 
     def _log_refusal(self, provider: str, reason: str) -> None:
@@ -124,13 +127,13 @@ class EventReceiver:
         log.warning("provider=%s webhook refused: %s%s", provider, reason, more)
         self._logged[provider] = (now, 0)
 
-    async def _bounce_notices(self, new: list[StoredEvent]) -> None:
+    async def _bounce_notices(self, stored_events: list[StoredEvent]) -> None:
         """A hard bounce tells the envelope sender, as a dead message does (``[delivery]
         bounce``); one notice per message and recipient, however often it is reported."""
         if not self.bounce:
             return
         queued = 0
-        for s in new:
+        for s in stored_events:
             if not _hard_bounce(s.event) or s.queue_id is None:
                 continue
             stored = await self.queue.show(s.queue_id)
