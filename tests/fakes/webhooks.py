@@ -21,10 +21,15 @@ import io
 import json
 import secrets
 import time
+import uuid
+from datetime import UTC, datetime
+from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
@@ -226,3 +231,183 @@ class SparkpostHooks(PostmarkHooks):
             token = f"{self.username}:{password if password is not None else self.password}"
             headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
         return await self._post(json.dumps(events).encode(), headers)
+
+
+class SendGridHooks(_Poster):
+    """SendGrid's Signed Event Webhook: a JSON array per POST, ECDSA P-256/SHA-256 over the
+    timestamp header followed by the exact body (§4). The fake makes its own key pair and
+    publishes the public key as base64 DER without PEM armour, as SendGrid's settings show it.
+    Bodies are written with unusual spacing, non-ASCII left as is and SendGrid's trailing CRLF,
+    so that only a check of the exact bytes passes."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.private_key = ec.generate_private_key(ec.SECP256R1())
+
+    @property
+    def public_key(self) -> str:
+        der = self.private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.b64encode(der).decode()
+
+    def event(
+        self,
+        name: str,
+        delivery: Delivery | None,
+        recipient: str,
+        *,
+        at: float | None = None,
+        suffix: str = "filterdrecv-5f7d9b-1-6560A3F1-9.0",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """One event for ``delivery`` (None: a message SendGrid never had from us). The custom
+        args come at the top level, under the event's own keys (reserved keys win)."""
+        if delivery is not None:
+            message_id = delivery.id
+            custom = json.loads(delivery.fields.get("custom_args", ["{}"])[0])
+        else:
+            message_id, custom = secrets.token_urlsafe(16), {}
+        x_message_id = message_id.partition(".")[0]
+        event = {
+            "email": recipient,
+            "timestamp": int(at if at is not None else time.time()),
+            "event": name,
+            "smtp-id": f"<{x_message_id}@ismtpd0001p1lon1.sendgrid.net>",
+            "sg_event_id": base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
+            "sg_message_id": f"{message_id}.{suffix}",
+            **extra,
+        }
+        return {**custom, **event}
+
+    @staticmethod
+    def body(events: list[dict[str, Any]]) -> bytes:
+        return (json.dumps(events, ensure_ascii=False, separators=(", ", ":  ")) + "\r\n").encode()
+
+    def signature(self, signed: bytes, key: ec.EllipticCurvePrivateKey | None = None) -> str:
+        der = (key or self.private_key).sign(signed, ec.ECDSA(hashes.SHA256()))
+        return base64.b64encode(der).decode()
+
+    async def post(
+        self,
+        events: list[dict[str, Any]],
+        *,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        timestamp: float | None = None,
+        sent_timestamp: str | None = None,
+        body_only: bool = False,
+        signed: bool = True,
+    ) -> int:
+        """Modes: another ``key``; a ``timestamp`` (stale); ``sent_timestamp``, a timestamp
+        header other than the signed one; ``body_only``, a signature over the body alone;
+        unsigned (no headers)."""
+        body = self.body(events)
+        ts = str(int(timestamp if timestamp is not None else time.time()))
+        headers = {"Content-Type": "application/json"}
+        if signed:
+            headers["X-Twilio-Email-Event-Webhook-Signature"] = self.signature(
+                body if body_only else ts.encode() + body, key
+            )
+            headers["X-Twilio-Email-Event-Webhook-Timestamp"] = sent_timestamp or ts
+        return await self._post(body, headers)
+
+
+class ResendHooks(_Poster):
+    """Resend's webhooks through Svix: one JSON event per POST, ``svix-id``/``-timestamp``/
+    ``-signature``, HMAC-SHA256 over ``id.timestamp.body`` keyed with the base64-decoded part of
+    the ``whsec_`` secret (§6). :meth:`retry` sends the last event again as Svix does (same
+    ``svix-id``, a fresh timestamp, signed anew); :meth:`replay` repeats the request verbatim."""
+
+    def __init__(self, url: str, secret: str | None = None) -> None:
+        super().__init__(url)
+        self.secret = secret or self.new_secret()
+        self.last_event: tuple[str, bytes] | None = None
+
+    @staticmethod
+    def new_secret() -> str:
+        return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+    def event(
+        self, name: str, delivery: Delivery | None, *, at: float | None = None, **data: Any
+    ) -> dict[str, Any]:
+        if delivery is not None:
+            email_id, to = delivery.id, [str(delivery.email["To"] or "")]
+            to = [addr for _, addr in getaddresses(to) if addr]
+            tags = {"ratatoskr_id": delivery.fields["ratatoskr_id"][0]}
+        else:
+            email_id, to, tags = str(uuid.uuid4()), ["someone@example.net"], {}
+        when = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+        payload = {
+            "type": name,
+            "created_at": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "data": {
+                "email_id": email_id,
+                "created_at": when.isoformat(timespec="microseconds"),
+                "from": "Ada <ada@example.com>",
+                "to": to,
+                "subject": "Grüße",
+                "tags": tags,
+                **data,
+            },
+        }
+        return payload
+
+    def signature(self, svix_id: str, ts: str, body: bytes, secret: str | None = None) -> str:
+        key = base64.b64decode((secret or self.secret).removeprefix("whsec_"))
+        digest = hmac.new(key, f"{svix_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+        return "v1," + base64.b64encode(digest).decode()
+
+    async def post(
+        self,
+        payload: dict[str, Any],
+        *,
+        svix_id: str | None = None,
+        timestamp: float | None = None,
+        secrets_used: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        raw_key: bytes | None = None,
+    ) -> int:
+        """``secrets_used``: sign with each of these (rotation: old and new) instead of the
+        secret; ``extra``: more header entries (``v2,…``); ``raw_key``: HMAC keyed with these
+        bytes (the secret not base64-decoded, or with its prefix left in)."""
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        return await self.post_body(
+            body,
+            svix_id=svix_id,
+            timestamp=timestamp,
+            secrets_used=secrets_used,
+            extra=extra,
+            raw_key=raw_key,
+        )
+
+    async def post_body(
+        self,
+        body: bytes,
+        *,
+        svix_id: str | None = None,
+        timestamp: float | None = None,
+        secrets_used: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        raw_key: bytes | None = None,
+    ) -> int:
+        svix_id = svix_id or "msg_" + secrets.token_urlsafe(20)
+        ts = str(int(timestamp if timestamp is not None else time.time()))
+        if raw_key is not None:
+            digest = hmac.new(raw_key, f"{svix_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+            entries = ["v1," + base64.b64encode(digest).decode()]
+        else:
+            entries = [self.signature(svix_id, ts, body, s) for s in secrets_used or (self.secret,)]
+        self.last_event = (svix_id, body)
+        headers = {
+            "Content-Type": "application/json",
+            "svix-id": svix_id,
+            "svix-timestamp": ts,
+            "svix-signature": " ".join([*extra, *entries]),
+        }
+        return await self._post(body, headers)
+
+    async def retry(self) -> int:
+        """Svix's retry of the last event: the same ``svix-id`` and body, a new timestamp."""
+        assert self.last_event is not None
+        svix_id, body = self.last_event
+        return await self.post_body(body, svix_id=svix_id)
