@@ -171,20 +171,22 @@ async def test_resend_bounces_suppressions_and_failures(running_daemon, fake_res
         hooks.event("email.scheduled", sent, at=now - 9),
     ]
     # Resend's multi-recipient events say nothing of which recipient: with two To addresses
-    # the recipient is left empty.
+    # the recipient is left empty. One event per recipient, each with its own svix-id, all
+    # looking the same: each is kept (they are not one event delivered twice).
     several = hooks.event("email.bounced", sent, at=now - 4, bounce={**bounce, "type": "Transient"})
     several["data"]["to"] = ["Bob <bob@example.net>", "carol@example.net"]
-    for event in [*events, several]:
+    for event in [*events, several, several]:
         assert await hooks.post(event) == 200
     _, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
     got = [(e["type"], e["recipient"], e["detail"].get("bounce_class")) for e in history["events"]]
     assert got == [
         ("queued", "bob@example.net", None),
         ("bounced", "", "soft"),
+        ("bounced", "", "soft"),
         ("bounced", "bob@example.net", "hard"),
         ("rejected", "bob@example.net", None),
         ("rejected", "bob@example.net", None),
         ("failed", "bob@example.net", None),
     ]
-    assert history["events"][2]["detail"]["reason"] == "The recipient's mail server said no."
-    assert history["events"][5]["detail"]["reason"] == "reached_daily_quota"
+    assert history["events"][3]["detail"]["reason"] == "The recipient's mail server said no."
+    assert history["events"][6]["detail"]["reason"] == "reached_daily_quota"
