@@ -294,13 +294,13 @@ class SendGridHooks(_Poster):
         *,
         key: ec.EllipticCurvePrivateKey | None = None,
         timestamp: float | None = None,
-        sent_timestamp: str | None = None,
+        shift_header: int = 0,
         body_only: bool = False,
         signed: bool = True,
     ) -> int:
-        """Modes: another ``key``; a ``timestamp`` (stale); ``sent_timestamp``, a timestamp
-        header other than the signed one; ``body_only``, a signature over the body alone;
-        unsigned (no headers)."""
+        """Modes: another ``key``; a ``timestamp`` (stale); ``shift_header``, a timestamp
+        header that many seconds off the signed one; ``body_only``, a signature over the body
+        alone; unsigned (no headers)."""
         body = self.body(events)
         ts = str(int(timestamp if timestamp is not None else time.time()))
         headers = {"Content-Type": "application/json"}
@@ -308,7 +308,7 @@ class SendGridHooks(_Poster):
             headers["X-Twilio-Email-Event-Webhook-Signature"] = self.signature(
                 body if body_only else ts.encode() + body, key
             )
-            headers["X-Twilio-Email-Event-Webhook-Timestamp"] = sent_timestamp or ts
+            headers["X-Twilio-Email-Event-Webhook-Timestamp"] = str(int(ts) + shift_header)
         return await self._post(body, headers)
 
 
