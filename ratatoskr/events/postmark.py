@@ -14,7 +14,8 @@ import json
 from datetime import datetime
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, check_basic_auth, obj, text
+from ratatoskr.events.base import Refused, WebhookRequest, obj, text
+from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.postmark import PostmarkSettings
 from ratatoskr.queue import DeliveryEvent
@@ -48,10 +49,8 @@ _TIMES = ("DeliveredAt", "BouncedAt", "ReceivedAt", "ChangedAt")
 
 
 def webhook(settings: PostmarkSettings) -> PostmarkWebhook | None:
-    if settings.webhook_username is None or settings.webhook_password is None:
-        return None
-    expected = f"{settings.webhook_username}:{settings.webhook_password.reveal()}".encode()
-    return PostmarkWebhook(settings.name, expected)
+    accepted = accepted_credentials(settings)
+    return PostmarkWebhook(settings.name, accepted) if accepted else None
 
 
 def _at(value: object, default: float) -> float:
@@ -62,12 +61,12 @@ def _at(value: object, default: float) -> float:
 
 
 class PostmarkWebhook:
-    def __init__(self, provider: str, credentials: bytes) -> None:
+    def __init__(self, provider: str, accepted: tuple[bytes, ...]) -> None:
         self.provider = provider
-        self._credentials = credentials
+        self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
     def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        check_basic_auth(request, self._credentials)
+        check_credentials(request, self._accepted)
         try:
             data = json.loads(request.body)
         except ValueError:

@@ -14,7 +14,8 @@ import hashlib
 import json
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, check_basic_auth, number, obj, text
+from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.sparkpost import SparkpostSettings
 from ratatoskr.queue import DeliveryEvent
@@ -41,19 +42,17 @@ _BY_CLASS = {"60": EventType.AUTORESPONDED, "100": EventType.AUTORESPONDED, "80"
 
 
 def webhook(settings: SparkpostSettings) -> SparkpostWebhook | None:
-    if settings.webhook_username is None or settings.webhook_password is None:
-        return None
-    expected = f"{settings.webhook_username}:{settings.webhook_password.reveal()}".encode()
-    return SparkpostWebhook(settings.name, expected)
+    accepted = accepted_credentials(settings)
+    return SparkpostWebhook(settings.name, accepted) if accepted else None
 
 
 class SparkpostWebhook:
-    def __init__(self, provider: str, credentials: bytes) -> None:
+    def __init__(self, provider: str, accepted: tuple[bytes, ...]) -> None:
         self.provider = provider
-        self._credentials = credentials
+        self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
     def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        check_basic_auth(request, self._credentials)
+        check_credentials(request, self._accepted)
         try:
             batch = json.loads(request.body)
         except ValueError:
