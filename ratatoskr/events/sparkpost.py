@@ -37,7 +37,11 @@ _TYPES = {
     "list_unsubscribe": EventType.UNSUBSCRIBED,
     "link_unsubscribe": EventType.UNSUBSCRIBED,
 }
-_HARD = {"10", "30", "90"}
+# SparkPost's bounce classification (shared/events.md §7.4, [C K4]): only the Hard (10, 30, 90)
+# and Admin (25 "admin failure", 80) categories mean the address should be suppressed; soft,
+# block (50-54) and undetermined (1) are usually temporary. 80 and 90 become subscribed and
+# unsubscribed below, so 25 is the Admin class left to count as hard.
+_HARD = {"10", "25", "30", "90"}
 _BY_CLASS = {"60": EventType.AUTORESPONDED, "100": EventType.AUTORESPONDED, "80": EventType.SUBSCRIBED}
 
 

@@ -72,8 +72,10 @@ class MailgunHooks(_Poster):
         reason: str = "",
         at: float | None = None,
         code: int | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
-        """``event-data`` for ``delivery`` (None: a message Mailgun never had from us)."""
+        """``event-data`` for ``delivery`` (None: a message Mailgun never had from us);
+        ``extra`` goes into it as given (``flags``, ``delivery-status`` of its own, …)."""
         message_id = delivery.id.strip("<>") if delivery else f"{secrets.token_hex(6)}@elsewhere.test"
         queue_id = delivery.fields.get("v:queue_id", [""])[0] if delivery else ""
         data: dict[str, Any] = {
@@ -91,7 +93,7 @@ class MailgunHooks(_Poster):
             data["reason"] = reason
         if code is not None:
             data["delivery-status"] = {"code": code, "message": f"{code} {reason}", "attempt-no": 1}
-        return data
+        return {**data, **extra}
 
     def signed(
         self,
@@ -100,18 +102,27 @@ class MailgunHooks(_Poster):
         key: bytes | None = None,
         timestamp: float | None = None,
         token: str = "",
+        parent_key: bytes | None = None,
     ) -> bytes:
+        """The request body; with ``parent_key`` the event is a subaccount's, and the block
+        also carries ``parent-signature`` made with the primary account's key (Mailgun,
+        Securing Webhooks) while ``key`` makes the subaccount's own ``signature``."""
         ts = str(int(timestamp if timestamp is not None else time.time()))
         token = token or secrets.token_hex(25)  # 50 characters, as Mailgun's
-        digest = hmac.new(key or self.key, (ts + token).encode(), hashlib.sha256).hexdigest()
-        body = {"signature": {"timestamp": ts, "token": token, "signature": digest}, "event-data": data}
-        return json.dumps(body).encode()
+        block = {"timestamp": ts, "token": token, "signature": _mailgun_digest(key or self.key, ts, token)}
+        if parent_key is not None:
+            block["parent-signature"] = _mailgun_digest(parent_key, ts, token)
+        return json.dumps({"signature": block, "event-data": data}).encode()
 
     async def post(self, data: dict[str, Any], **signing: Any) -> int:
         return await self.post_raw(self.signed(data, **signing))
 
     async def post_raw(self, body: bytes) -> int:
         return await self._post(body, {"Content-Type": "application/json"})
+
+
+def _mailgun_digest(key: bytes, timestamp: str, token: str) -> str:
+    return hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
 
 
 class MandrillHooks(_Poster):
@@ -187,11 +198,23 @@ class PostmarkHooks(_Poster):
             )
         return {**data, **extra}
 
-    async def post(self, data: dict[str, Any], *, password: str | None = None, auth: bool = True) -> int:
+    def authorization(self, username: str | None = None, password: str | None = None) -> str:
+        """The header the provider sends: these credentials, else the hooks' own."""
+        user = username if username is not None else self.username
+        token = f"{user}:{password if password is not None else self.password}"
+        return "Basic " + base64.b64encode(token.encode()).decode()
+
+    async def post(
+        self,
+        data: dict[str, Any],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        auth: bool = True,
+    ) -> int:
         headers = {"Content-Type": "application/json"}
         if auth:
-            token = f"{self.username}:{password if password is not None else self.password}"
-            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            headers["Authorization"] = self.authorization(username, password)
         return await self._post(json.dumps(data).encode(), headers)
 
 
@@ -219,10 +242,20 @@ class SparkpostHooks(PostmarkHooks):
         return {"msys": {event_class: {**data, **extra}}}
 
     async def batch(
-        self, events: list[dict[str, Any]], *, password: str | None = None, auth: bool = True
+        self,
+        events: list[dict[str, Any]],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        auth: bool = True,
+        batch_id: str | None = None,
     ) -> int:
-        headers = {"Content-Type": "application/json", "X-MessageSystems-Batch-ID": secrets.token_hex(16)}
+        """POST ``events`` as one batch; ``batch_id`` again for SparkPost's resend of a batch
+        that failed (same id, same events)."""
+        headers = {
+            "Content-Type": "application/json",
+            "X-MessageSystems-Batch-ID": batch_id or secrets.token_hex(16),
+        }
         if auth:
-            token = f"{self.username}:{password if password is not None else self.password}"
-            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            headers["Authorization"] = self.authorization(username, password)
         return await self._post(json.dumps(events).encode(), headers)
