@@ -20,12 +20,13 @@ from ratatoskr import config
 from ratatoskr.errors import ConfigError
 from ratatoskr.events import mailgun, postmark, sparkpost
 from ratatoskr.events.base import Refused, WebhookRequest, webhook_for
+from tests.conftest import build_config
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.sparkpost import FakeSparkpost
 from tests.fakes.webhooks import MailgunHooks, PostmarkHooks, SparkpostHooks
 from tests.test_config import run_cli
-from tests.test_events import AUTH, events_url, metrics, start
+from tests.test_events import AUTH, TOKEN, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
 
 USER, PASSWORD = "ratatoskr", "hook-pass-new-5e1c"
@@ -171,6 +172,39 @@ async def test_postmark_accepts_both_credentials_during_a_rotation_and_counts_ev
     for kind, count in (("delivered", 1), ("bounced", 1), ("complained", 1), ("unknown", 0)):
         assert _counted(text, "postmark", kind, count), kind
     assert OLD_PASSWORD not in text and PASSWORD not in json.dumps(history)
+
+
+async def test_a_rotation_as_docs_events_md_describes_it_through_two_reloads(
+    running_daemon, fake_postmark: FakePostmark, tmp_path
+):
+    """Old pair only; then new + previous (both taken while the provider switches); then the
+    new pair only (the old one refused). The reloads go through SIGHUP's code path."""
+
+    def entry(**keys: str) -> dict[str, Any]:
+        return fake_postmark.provider_entry(**keys)
+
+    old = {"webhook_username": USER, "webhook_password": OLD_PASSWORD}
+    daemon = await start(running_daemon, entry(**old))
+    hooks = PostmarkHooks(events_url(daemon, "postmark"), USER, PASSWORD)
+    record = hooks.record("Delivery", None, "bob@example.net")
+    assert await hooks.post(record, password=OLD_PASSWORD) == 200
+    assert await hooks.post(record) == 401  # the new password, not configured yet
+
+    def reload_with(**keys: str) -> Any:
+        daemon.loader = lambda: build_config(
+            tmp_path, providers=[entry(**keys)], http={"api_tokens": [TOKEN]}
+        )
+        return daemon.reload()
+
+    assert await reload_with(
+        webhook_username=USER, webhook_password=PASSWORD, webhook_previous_password=OLD_PASSWORD
+    )
+    assert await hooks.post(hooks.record("Delivery", None, "bob@example.net")) == 200
+    assert await hooks.post(hooks.record("Delivery", None, "ann@example.net"), password=OLD_PASSWORD) == 200
+    assert await reload_with(webhook_username=USER, webhook_password=PASSWORD)
+    assert await hooks.post(hooks.record("Delivery", None, "cy@example.net"), password=OLD_PASSWORD) == 401
+    assert await hooks.post(hooks.record("Delivery", None, "cy@example.net")) == 200
+    assert _counted(await metrics(daemon.http_port), "postmark", "delivered", 4)
 
 
 # shared/events.md §5.4, row by row: (RecordType, Type or fields) → (type, bounce_class).
