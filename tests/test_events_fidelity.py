@@ -488,3 +488,87 @@ def test_webhook_for_builds_none_without_keys():
     assert webhook_for(_settings("postmark")) is None
     assert webhook_for(_settings("sparkpost")) is None
     assert webhook_for(_settings("mailgun")) is None
+
+
+# --- Retries, as each provider retries (the fakes' compressed schedules) ------------------
+
+
+async def test_mailgun_retries_until_the_key_is_fixed_but_not_after_406_nor_for_delivered(
+    running_daemon, fake_mailgun: FakeMailgun, tmp_path
+):
+    """A wrong key is answered 401, not 406: Mailgun keeps retrying, so fixing the key (a
+    reload) gets the event in. 406 (a forged event under a seen token) stops it at once."""
+    entry = fake_mailgun.provider_entry(webhook_signing_key="a-key-from-another-account")
+    daemon = await start(running_daemon, entry)
+    hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_SUB_KEY)
+    bounce = hooks.event("failed", None, "bob@example.net", severity="permanent", reason="bounce")
+    assert await hooks.post(bounce) == 401
+    assert await hooks.retries() == [401] * (1 + len(MailgunHooks.SCHEDULE))  # the whole ≈8 h
+
+    fixed = fake_mailgun.provider_entry(webhook_signing_key=MG_SUB_KEY)
+
+    async def fix_the_key(attempt: int, status: int) -> None:
+        if attempt == 2:
+            daemon.loader = lambda: build_config(tmp_path, providers=[fixed], http={"api_tokens": [TOKEN]})
+            assert await daemon.reload()
+
+    assert await hooks.post(bounce) == 401
+    assert await hooks.retries(fix_the_key) == [401, 401, 200]
+    delivered = hooks.event("delivered", None, "bob@example.net")
+    assert await hooks.post(delivered, key=b"not-the-key") == 401
+    assert await hooks.retries() == [401]  # Mailgun does not retry delivered: it is lost
+    signed = json.loads(hooks.signed(bounce))
+    assert await hooks.post_raw(json.dumps(signed).encode()) == 200
+    forged = {**signed, "event-data": {**bounce, "event": "complained"}}
+    assert await hooks.post_raw(json.dumps(forged).encode()) == 406
+    assert await hooks.retries() == [406]
+    text = await metrics(daemon.http_port)
+    # The bounce signed afresh is the same event (its id): stored once, whatever the token.
+    assert _counted(text, "mailgun", "bounced", 1) and _counted(text, "mailgun", "delivered", 0)
+
+
+async def test_postmark_and_sparkpost_retries_get_in_once_the_credentials_match(
+    running_daemon, fake_postmark: FakePostmark, fake_sparkpost: FakeSparkpost, tmp_path
+):
+    """Refused credentials are answered 401, never 403 (which stops Postmark for good), so a
+    credential fixed by a reload while the provider retries loses nothing; SparkPost resends
+    the same batch id, and a batch that got in is not counted twice when resent again."""
+    stale = {"webhook_username": USER, "webhook_password": OLD_PASSWORD}
+    daemon = await start(
+        running_daemon, fake_postmark.provider_entry(**stale), fake_sparkpost.provider_entry(**stale)
+    )
+    pm = PostmarkHooks(events_url(daemon, "postmark"), USER, PASSWORD)
+    sp = SparkpostHooks(events_url(daemon, "sparkpost"), USER, PASSWORD)
+    new = {**stale, "webhook_password": PASSWORD, "webhook_previous_password": OLD_PASSWORD}
+
+    async def rotate_on(at: int) -> Any:
+        async def hook(attempt: int, status: int) -> None:
+            if attempt == at:
+                providers = [fake_postmark.provider_entry(**new), fake_sparkpost.provider_entry(**new)]
+                daemon.loader = lambda: build_config(
+                    tmp_path, providers=providers, http={"api_tokens": [TOKEN]}
+                )
+                assert await daemon.reload()
+
+        return hook
+
+    assert await pm.post(pm.record("Bounce", None, "bob@example.net", Type="HardBounce")) == 401
+    assert await pm.retries(await rotate_on(3)) == [401, 401, 401, 200]
+    batch = [
+        sp.event("delivery", None, "bob@example.net"),
+        sp.event("bounce", None, "x@example.net", bounce_class="10"),
+    ]
+    daemon.loader = lambda: build_config(
+        tmp_path,
+        providers=[fake_postmark.provider_entry(**stale), fake_sparkpost.provider_entry(**stale)],
+        http={"api_tokens": [TOKEN]},
+    )
+    assert await daemon.reload()
+    assert await sp.batch(batch, batch_id="batch-7") == 401
+    assert await sp.retries(await rotate_on(1)) == [401, 200]
+    assert sp.last is not None and sp.last[1]["X-MessageSystems-Batch-ID"] == "batch-7"
+    assert await sp.replay() == 200  # resent after a lost answer: duplicates
+    text = await metrics(daemon.http_port)
+    assert _counted(text, "postmark", "bounced", 1)
+    assert _counted(text, "sparkpost", "delivered", 1) and _counted(text, "sparkpost", "bounced", 1)
+    assert 403 not in pm.answers + sp.answers

@@ -14,6 +14,7 @@ batched, out of order, for unknown messages::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import io
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -30,23 +32,66 @@ from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery
 
+#: Called before each retry with the attempt number (1 for the first retry) and the last
+#: status; a test uses it to change ratatoskr between attempts (a reload fixing a key).
+BeforeRetry = Callable[[int, int], Awaitable[None]]
+
+#: Seconds of real schedule per second waited: the providers' hours become milliseconds.
+COMPRESS = 1e-5
+
+
+async def _no_hook(attempt: int, status: int) -> None:
+    return None
+
 
 class _Poster:
+    #: The provider's retry waits in seconds (shared/events.md §1.5, §5.5, §7.5), compressed
+    #: by :data:`COMPRESS` when played; answers that stop retries; a per-attempt timeout.
+    SCHEDULE: tuple[float, ...] = ()
+    STOP_ON: frozenset[int] = frozenset()
+    TIMEOUT = 30.0
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.last: tuple[bytes, dict[str, str]] | None = None
-        self.answers: list[int] = []
+        self.answers: list[int] = []  # every attempt's status, 0 for a timeout or no connection
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> int:
         self.last = (body, headers)
         data = io.BytesIO(body) if len(body) > 1 << 20 else body  # aiohttp warns on large bytes
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(self.url, data=data, headers=headers) as r,
-        ):
-            await r.read()
-            self.answers.append(r.status)
-            return r.status
+        timeout = aiohttp.ClientTimeout(total=self.TIMEOUT)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(self.url, data=data, headers=headers) as r,
+            ):
+                await r.read()
+                status = r.status
+        except (TimeoutError, aiohttp.ClientConnectionError):
+            status = 0
+        self.answers.append(status)
+        return status
+
+    async def retries(self, before_retry: BeforeRetry = _no_hook) -> list[int]:
+        """What the provider does after the last attempt: the same bytes again (SparkPost's
+        batch id too) on the compressed schedule until a 200, an answer in :data:`STOP_ON`,
+        or the end of the schedule. Returns every attempt's status, the last one's first."""
+        assert self.last is not None and self.answers
+        body, headers = self.last
+        statuses = [self.answers[-1]]
+        if not self.retried(body):
+            return statuses
+        for attempt, wait in enumerate(self.SCHEDULE, start=1):
+            if statuses[-1] == 200 or statuses[-1] in self.STOP_ON:
+                break
+            await before_retry(attempt, statuses[-1])
+            await asyncio.sleep(wait * COMPRESS)  # the provider's own wait, compressed
+            statuses.append(await self._post(body, headers))
+        return statuses
+
+    def retried(self, body: bytes) -> bool:
+        """Whether the provider retries this request at all."""
+        return True
 
     async def replay(self) -> int:
         """The last request again, byte for byte (a provider's retry, or an attacker's replay)."""
@@ -55,7 +100,15 @@ class _Poster:
 
 
 class MailgunHooks(_Poster):
-    """Mailgun: one JSON event per POST, signature block in the body (§1)."""
+    """Mailgun: one JSON event per POST, signature block in the body (§1). Retries: 406
+    stops them, any other non-200 is retried for about 8 hours; a ``delivered`` event is not
+    retried (both versions of Mailgun's retry page say so)."""
+
+    SCHEDULE = (600.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)  # ≈8 h
+    STOP_ON = frozenset({406})
+
+    def retried(self, body: bytes) -> bool:
+        return bool(json.loads(body).get("event-data", {}).get("event") != "delivered")
 
     def __init__(self, fake: FakeMailgun, url: str, signing_key: str) -> None:
         super().__init__(url)
@@ -173,7 +226,11 @@ class MandrillHooks(_Poster):
 
 class PostmarkHooks(_Poster):
     """Postmark: one JSON record per POST, no signature; basic auth from the webhook URL's
-    userinfo (§5). Times carry 7 fractional digits and an offset, as Postmark's do."""
+    userinfo (§5). Times carry 7 fractional digits and an offset, as Postmark's do. Retries:
+    the inbound schedule (10 over ≈10.5 h, assumed for outbound too), stopped by a 403."""
+
+    SCHEDULE = (60.0, 300.0, 600.0, 600.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
+    STOP_ON = frozenset({403})
 
     def __init__(self, url: str, username: str, password: str) -> None:
         super().__init__(url)
@@ -220,7 +277,13 @@ class PostmarkHooks(_Poster):
 
 class SparkpostHooks(PostmarkHooks):
     """SparkPost: a JSON array of ``{"msys": {class: event}}`` per POST, ``auth_type`` basic,
-    a batch id header, timestamps as Unix seconds in strings (§7)."""
+    a batch id header, timestamps as Unix seconds in strings (§7). Retries: anything but a 200
+    within 10 s, for 8 hours (the schedule's steps are not published: these add up to 8 h);
+    nothing stops them early."""
+
+    SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14940.0)  # 8 h in all
+    STOP_ON: frozenset[int] = frozenset()
+    TIMEOUT = 10.0
 
     def event(
         self, name: str, delivery: Delivery | None, recipient: str, *, at: float | None = None, **extra: Any
