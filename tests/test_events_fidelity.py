@@ -25,9 +25,10 @@ from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.sparkpost import FakeSparkpost
 from tests.fakes.webhooks import MailgunHooks, PostmarkHooks, SparkpostHooks
+from tests.process import write_config
 from tests.test_config import run_cli
 from tests.test_events import AUTH, TOKEN, events_url, metrics, start
-from tests.test_history import get_json, post_message, until_delivered
+from tests.test_history import get_json, post_message, queue_cli, until_delivered
 
 USER, PASSWORD = "ratatoskr", "hook-pass-new-5e1c"
 OLD_USER, OLD_PASSWORD = "ratatoskr-2025", "hook-pass-old-0b7d"
@@ -572,3 +573,36 @@ async def test_postmark_and_sparkpost_retries_get_in_once_the_credentials_match(
     assert _counted(text, "postmark", "bounced", 1)
     assert _counted(text, "sparkpost", "delivered", 1) and _counted(text, "sparkpost", "bounced", 1)
     assert 403 not in pm.answers + sp.answers
+
+
+async def test_a_large_sparkpost_batch_is_stored_within_its_10_s_timeout_and_late_events_do_not_undo(
+    running_daemon, fake_sparkpost: FakeSparkpost, tmp_path
+):
+    """SparkPost gives up on a POST after 10 s and resends the whole batch: 2000 events (our
+    message's, each recipient's) are committed and answered well inside that. A ``delay``
+    that arrives after the ``delivery`` (an older batch retried) does not move the recipient
+    back."""
+    entry = fake_sparkpost.provider_entry(webhook_username=USER, webhook_password=PASSWORD)
+    daemon = await start(running_daemon, entry)
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_sparkpost.messages
+    hooks = SparkpostHooks(events_url(daemon, "sparkpost"), USER, PASSWORD)
+    now = time.time()
+    batch = [hooks.event("open", sent, "bob@example.net", at=now - 100 + i / 100) for i in range(1999)]
+    batch.append(hooks.event("delivery", sent, "bob@example.net", at=now - 200))
+    started = time.monotonic()
+    assert await hooks.batch(batch) == 200
+    took = time.monotonic() - started
+    assert took < SparkpostHooks.TIMEOUT / 2, f"{took:.1f} s for a batch of 2000"
+    assert await hooks.batch([hooks.event("delay", sent, "bob@example.net", at=now - 300)]) == 200
+    assert await hooks.batch([hooks.event("delay", sent, "hidden@example.org", at=now - 300)]) == 200
+    text = await metrics(daemon.http_port)
+    assert _counted(text, "sparkpost", "opened", 1999) and _counted(text, "sparkpost", "deferred", 2)
+    config_path = write_config(tmp_path / "q.toml", {"spool": {"path": str(tmp_path / "var")}}, [])
+    code, out = await queue_cli(config_path, "show", qid, "--json")
+    assert code == 0
+    assert json.loads(out)["recipient_states"] == {
+        "bob@example.net": "delivered",
+        "hidden@example.org": "deferred",
+    }
