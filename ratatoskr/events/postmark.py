@@ -1,7 +1,8 @@
 """Postmark's webhooks: one JSON record per POST, keyed by ``RecordType``.
 
 Authenticity (shared/events.md §5.2): Postmark signs nothing; the webhook URL carries HTTP basic
-auth credentials (``webhook_username``/``webhook_password``), compared in constant time. No
+auth credentials (``webhook_username``/``webhook_password``, and while they are rotated the
+``webhook_previous_*`` pair too), compared in constant time. No
 timestamp, no nonce: a replay is the same record, stored once.
 
 Matching: ``Metadata.ratatoskr_id`` (set at send), else ``MessageID`` (the send answer's). Only

@@ -1,7 +1,8 @@
 """SparkPost's webhooks: a JSON array of ``{"msys": {"<class>": {event}}}`` per POST.
 
 Authenticity (shared/events.md §7.2): no payload signature; the webhook's ``auth_type`` basic
-credentials (``webhook_username``/``webhook_password``) are compared in constant time. The URL
+credentials (``webhook_username``/``webhook_password``, and while they are rotated the
+``webhook_previous_*`` pair too) are compared in constant time. The URL
 check (``[{"msys": {}}]``) and empty pings store nothing.
 
 Matching: ``rcpt_meta.queue_id`` (our transmission metadata), else ``transmission_id`` (the
