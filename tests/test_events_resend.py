@@ -14,10 +14,11 @@ from ratatoskr.errors import ConfigError
 from ratatoskr.events.base import Refused, WebhookRequest
 from ratatoskr.events.resend import ResendWebhook
 from ratatoskr.providers.resend import svix_key
+from tests.conftest import build_config
 from tests.fakes.resend import FakeResend
 from tests.fakes.webhooks import ResendHooks
 from tests.test_config import run_cli
-from tests.test_events import AUTH, events_url, metrics, start
+from tests.test_events import AUTH, TOKEN, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
 
 # Svix's published vector (svix/svix-webhooks, python/tests/test_webhooks.py test_sign_function;
@@ -190,3 +191,32 @@ async def test_resend_bounces_suppressions_and_failures(running_daemon, fake_res
     ]
     assert history["events"][3]["detail"]["reason"] == "The recipient's mail server said no."
     assert history["events"][6]["detail"]["reason"] == "reached_daily_quota"
+
+
+async def test_svix_retries_signed_afresh_get_in_once_the_secret_is_fixed(
+    running_daemon, fake_resend: FakeResend, tmp_path
+):
+    """A secret that does not match is answered 401; Svix retries with the same svix-id, each
+    attempt signed afresh, so the right secret put in by a reload gets the event in, once."""
+    hooks = ResendHooks("")
+    entry = fake_resend.provider_entry(webhook_secret=ResendHooks.new_secret())
+    daemon = await start(running_daemon, entry)
+    hooks.url = events_url(daemon, "resend")
+    assert await hooks.post(hooks.event("email.delivered", None)) == 401
+    assert await hooks.retries() == [401] * (1 + len(ResendHooks.SCHEDULE))  # the whole ≈27.6 h
+    assert await hooks.post(hooks.event("email.bounced", None, bounce={"type": "Permanent"})) == 401
+    first = hooks.last[1]["svix-id"] if hooks.last else ""
+    fixed = fake_resend.provider_entry(webhook_secret=hooks.secret)
+
+    async def fix_the_secret(attempt: int, status: int) -> None:
+        if attempt == 3:
+            daemon.loader = lambda: build_config(tmp_path, providers=[fixed], http={"api_tokens": [TOKEN]})
+            assert await daemon.reload()
+
+    assert await hooks.retries(fix_the_secret) == [401, 401, 401, 200]
+    assert hooks.last is not None and hooks.last[1]["svix-id"] == first
+    assert await hooks.retries() == [200]  # got in: no more retries
+    assert await hooks.retry() == 200  # a manual replay from Resend's dashboard: a duplicate
+    text = await metrics(daemon.http_port)
+    assert 'ratatoskr_events_total{provider="resend",type="bounced"} 1.0' in text
+    assert 'ratatoskr_events_total{provider="resend",type="delivered"} 0.0' in text  # gave up

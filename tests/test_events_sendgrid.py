@@ -18,11 +18,12 @@ from ratatoskr.errors import ConfigError
 from ratatoskr.events.base import Refused, WebhookRequest
 from ratatoskr.events.sendgrid import SendGridWebhook
 from ratatoskr.providers.sendgrid import webhook_public_key
+from tests.conftest import build_config
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.webhooks import SendGridHooks
 from tests.test_config import run_cli
-from tests.test_events import AUTH, events_url, metrics, start
+from tests.test_events import AUTH, TOKEN, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
 
 # SendGrid's own example (sendgrid/sendgrid-python, test/unit/test_eventwebhook.py): a key, a
@@ -228,3 +229,36 @@ async def test_a_soft_sendgrid_block_and_a_hard_bounce_notice(
     classes = {e["recipient"]: e["detail"]["bounce_class"] for e in history["events"]}
     assert classes == {"bob@example.net": "soft", "hidden@example.org": "hard"}
     assert len(fake_mailgun.messages) == 1 and len(fake_sendgrid.messages) == 1
+
+
+async def test_sendgrid_retries_get_in_once_the_key_is_fixed(running_daemon, fake_sendgrid, tmp_path):
+    """A key that does not match is answered 401, and SendGrid keeps retrying the same signed
+    request: the right key put in by a reload gets the batch in, once."""
+    hooks = SendGridHooks("")
+    daemon = await start(running_daemon, fake_sendgrid.provider_entry(webhook_public_key=SG_OTHER_KEY))
+    hooks.url = events_url(daemon, "sendgrid")
+    batch = [hooks.event("bounce", None, "bob@example.net", type="bounce")]
+    assert await hooks.post(batch) == 401
+    assert await hooks.retries() == [401] * (1 + len(SendGridHooks.SCHEDULE))  # the whole 24 h
+    fixed = fake_sendgrid.provider_entry(webhook_public_key=hooks.public_key)
+
+    async def fix_the_key(attempt: int, status: int) -> None:
+        if attempt == 2:
+            daemon.loader = lambda: build_config(tmp_path, providers=[fixed], http={"api_tokens": [TOKEN]})
+            assert await daemon.reload()
+
+    assert await hooks.post(batch) == 401
+    assert await hooks.retries(fix_the_key) == [401, 401, 200]
+    assert await hooks.replay() == 200  # once more after a lost answer: a duplicate
+    text = await metrics(daemon.http_port)
+    assert 'ratatoskr_events_total{provider="sendgrid",type="bounced"} 1.0' in text
+
+
+def test_a_retry_with_the_original_timestamp_is_taken_within_the_24_hours():
+    """Whether SendGrid signs a retry afresh is not documented: one carrying the first
+    timestamp 23 hours later still verifies with the default window."""
+    hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
+    late = float(SG_TIMESTAMP) + 23 * 3600
+    assert len(hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
+    with pytest.raises(Refused, match="stale"):
+        hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))

@@ -336,6 +336,11 @@ class SendGridHooks(_Poster):
     Bodies are written with unusual spacing, non-ASCII left as is and SendGrid's trailing CRLF,
     so that only a check of the exact bytes passes."""
 
+    # "Retried at increasing intervals up to 24 hours" for anything but a 2xx (§4.5); the steps
+    # are not published, so these are an increasing guess that ends inside the 24 hours. A
+    # retry is the same request (whether SendGrid signs it afresh is not documented).
+    SCHEDULE = (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.private_key = ec.generate_private_key(ec.SECP256R1())
@@ -413,6 +418,11 @@ class ResendHooks(_Poster):
     ``-signature``, HMAC-SHA256 over ``id.timestamp.body`` keyed with the base64-decoded part of
     the ``whsec_`` secret (§6). :meth:`retry` sends the last event again as Svix does (same
     ``svix-id``, a fresh timestamp, signed anew); :meth:`replay` repeats the request verbatim."""
+
+    # Svix's schedule after each failure: at once, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+    # (§6.5, ≈27.6 h); a 2xx within about 15 s is success.
+    SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    TIMEOUT = 15.0
 
     def __init__(self, url: str, secret: str | None = None) -> None:
         super().__init__(url)
@@ -507,3 +517,16 @@ class ResendHooks(_Poster):
         assert self.last_event is not None
         svix_id, body = self.last_event
         return await self.post_body(body, svix_id=svix_id)
+
+    async def retries(self, before_retry: BeforeRetry = _no_hook) -> list[int]:
+        """Svix's retries after the last attempt, on the compressed schedule until a 2xx:
+        each one the same ``svix-id`` and body, signed afresh with the endpoint's secret."""
+        assert self.answers
+        statuses = [self.answers[-1]]
+        for attempt, wait in enumerate(self.SCHEDULE, start=1):
+            if 200 <= statuses[-1] < 300:
+                break
+            await before_retry(attempt, statuses[-1])
+            await asyncio.sleep(wait * COMPRESS)
+            statuses.append(await self.retry())
+        return statuses
