@@ -11,7 +11,8 @@ every retry afresh, so this loses nothing genuine. The Standard Webhooks names (
 Matching: ``data.tags.ratatoskr_id`` (our queue id, sent as a tag), else ``data.email_id`` (the
 send answer's ``id``). The key is ``svix-id``: the same across Svix's retries and replays.
 Resend sends one event per recipient without saying which one, naming only the To list: the
-recipient is that address when the To list has one, else left empty.
+recipient is that address when the To list has one, else left empty (a Cc or Bcc recipient's
+event is then shown under the To address: nothing in it tells them apart).
 """
 
 from __future__ import annotations
