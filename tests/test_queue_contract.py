@@ -553,9 +553,7 @@ def forward_of(stored: Any) -> NewForward:
     return NewForward(f"f-{stored.event.key}", f'{{"message_id": "{stored.queue_id}"}}', START + 50)
 
 
-async def test_a_new_events_forward_is_committed_with_it_and_a_duplicate_adds_none(
-    queue, open_queue, clock
-):
+async def test_a_new_events_forward_is_committed_with_it_and_a_duplicate_adds_none(queue, open_queue, clock):
     qid = await deliver(queue, clock)
     keep = clock() + 100
     await queue.record_events([event("k1", queue_id=qid), event("k2")], keep_until=keep, forward=forward_of)
