@@ -244,3 +244,25 @@ def test_a_bad_forward_url_exits_2_naming_the_key_without_showing_it(tmp_path: P
         assert result.returncode == 2
         assert "events.forward_url" in result.stderr
         assert "hunter2" not in result.stderr + result.stdout and "s3cret" not in result.stderr
+
+
+@pytest.mark.postgres
+async def test_in_a_cluster_each_event_is_forwarded_by_one_node(
+    tmp_path: Path, fake_mailgun: FakeMailgun, clock: FakeClock
+):
+    async with database() as url, FakeApplication(SECRET) as app, contextlib.AsyncExitStack() as nodes:
+        daemons = []
+        for i in range(2):
+            spool = {"path": str(tmp_path / f"node{i}"), "url": url}
+            cfg = build_config(tmp_path, spool=spool, **sections(fake_mailgun, app))
+            daemons.append(await nodes.enter_async_context(daemon_on(cfg, clock)))
+        for n in range(12):  # the webhooks reach both nodes; each forwards what is due
+            hooks = hooks_for(daemons[n % 2], fake_mailgun)
+            assert await hooks.post(hooks.event("delivered", None, f"r{n}@example.net")) == 200
+        taken = await app.wait_for(12)
+        assert len({e["id"] for e in taken}) == 12 and len(app.seen) == 12  # none twice
+        assert {e["recipient"] for e in taken} == {f"r{n}@example.net" for n in range(12)}
+        # Nothing is left for either node to send again.
+        assert [await d.forwarder.run_once() for d in daemons if d.forwarder] == [0, 0]
+        await wait_until(lambda: sum(forwarded(d, "delivered") for d in daemons) == 12, what="all done")
+        assert len(app.seen) == 12
