@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,34 @@ async def test_a_webhook_event_reaches_the_application_signed_once(
         assert 'ratatoskr_events_forwarded_total{result="failed"} 0.0' in text
         assert "ratatoskr_events_forward_pending 0.0" in text
         assert SECRET not in text and SECRET not in caplog.text
+
+
+def docs_verify() -> Callable[..., bool]:
+    """The ``verify`` docs/events.md shows applications, run as they would copy it."""
+    text = (Path(__file__).parent.parent / "docs" / "events.md").read_text()
+    section = text.split("## Forwarding to the application", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # our own documentation, run as an application would
+    verify: Callable[..., bool] = namespace["verify"]
+    return verify
+
+
+async def test_the_verification_in_the_docs_accepts_a_real_forward_and_nothing_else(
+    running_daemon, fake_mailgun: FakeMailgun
+):
+    verify = docs_verify()
+    async with FakeApplication(SECRET) as app:
+        daemon = await running_daemon(**sections(fake_mailgun, app))  # wall-clock time
+        hooks = hooks_for(daemon, fake_mailgun)
+        assert await hooks.post(hooks.event("delivered", None, "bob@example.net")) == 200
+        await app.wait_for(1)
+    [(headers, body)] = app.requests
+    assert verify(SECRET.encode(), headers, body) is True
+    assert verify(b"another secret", headers, body) is False
+    assert verify(SECRET.encode(), headers, body.replace(b"delivered", b"bounced")) is False
+    assert verify(SECRET.encode(), {**headers, "X-Ratatoskr-Timestamp": "1"}, body) is False  # stale
+    assert verify(SECRET.encode(), {}, body) is False
 
 
 async def test_an_orphan_event_is_forwarded_without_a_message_id(
@@ -266,3 +294,15 @@ async def test_in_a_cluster_each_event_is_forwarded_by_one_node(
         assert [await d.forwarder.run_once() for d in daemons if d.forwarder] == [0, 0]
         await wait_until(lambda: sum(forwarded(d, "delivered") for d in daemons) == 12, what="all done")
         assert len(app.seen) == 12
+
+
+def test_check_shows_where_events_go_without_password_or_secret(tmp_path: Path):
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        '[events]\nforward_url = "https://hooks:app-pass-77@app.test/ratatoskr"\n'
+        'forward_secret = "s3cret-99"\n'
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "events: forwarded to https://hooks:***@app.test/ratatoskr, signed" in result.stdout
+    assert "app-pass-77" not in result.stdout and "s3cret-99" not in result.stdout

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,7 @@ class FakeApplication:
         self.seen: list[str] = []  #: the event id of every signed request, whatever its answer
         self.timestamps: list[str] = []
         self.refused: list[bytes] = []  #: bodies that failed the signature check
+        self.requests: list[tuple[Mapping[str, str], bytes]] = []  #: every request, as it came
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Condition()
 
@@ -67,6 +69,7 @@ class FakeApplication:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.requests.append((request.headers.copy(), body))  # still case-insensitive
         if request.content_type != "application/json" or not verify(self.secret, request.headers, body):
             self.refused.append(body)
             return web.Response(status=401)
