@@ -130,7 +130,6 @@ class Daemon:
             return None
         from ratatoskr.events.forward import Forwarder
 
-        self.metrics.register_forwarding()
         retention = config.delivery.history_retention
         return Forwarder(
             config.events, self.spool, self.metrics, retention=retention, clock=clock, poll=poll_interval

@@ -113,6 +113,8 @@ class Metrics:
             self.messages_received.labels(ingress=ingress)
         for state in QUEUE_STATES:
             self.queue_messages.labels(state=state).set(0)
+        for result in FORWARD_RESULTS:  # zeros, forwarding on or off: panels read 0, not "No data"
+            self.events_forwarded.labels(result=result)
 
     def register_provider(self, name: str) -> None:
         self.provider_up.labels(provider=name).set(1)
@@ -132,11 +134,6 @@ class Metrics:
 
     def orphan_event(self, provider: str) -> None:
         self.orphan_events.labels(provider=provider).inc()
-
-    def register_forwarding(self) -> None:
-        """Zeros for the forwarding series (only with ``[events] forward_url``)."""
-        for result in FORWARD_RESULTS:
-            self.events_forwarded.labels(result=result)
 
     def forwarded(self, result: str) -> None:
         self.events_forwarded.labels(result=result).inc()
