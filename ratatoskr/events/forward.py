@@ -51,6 +51,10 @@ BATCH = 16
 #: The backoff between attempts: first about 5 s, doubling, at most 15 minutes apart.
 RETRY_INITIAL = 5.0
 RETRY_MAX = 900.0
+#: Seconds between two log lines about failing forwards (an application down for a day with a
+#: backlog must not flood the log), and between two refreshes of the pending gauge.
+LOG_EVERY = 10.0
+GAUGE_EVERY = 1.0
 #: The headers of the wire format.
 TIMESTAMP_HEADER = "X-Ratatoskr-Timestamp"
 SIGNATURE_HEADER = "X-Ratatoskr-Signature"
@@ -111,6 +115,8 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._logged = (-LOG_EVERY, 0)  # (monotonic time of the last failure line, failures since)
+        self._gauge_at = -GAUGE_EVERY
 
     # -- what the receiver commits with each new event ---------------------------------------------
 
@@ -149,7 +155,9 @@ class Forwarder:
             sent = 0
             try:
                 sent = await self.run_once()
-                self.metrics.set_forwards_pending(await self.queue.pending_forwards())
+                if time.monotonic() - self._gauge_at >= GAUGE_EVERY:
+                    self._gauge_at = time.monotonic()
+                    self.metrics.set_forwards_pending(await self.queue.pending_forwards())
             except QueueUnavailable as exc:
                 log.warning("cannot forward events now: %s", exc)
             except Exception:  # a bug: logged, and the task keeps going
@@ -172,15 +180,22 @@ class Forwarder:
         for forward, error in zip(claimed, errors, strict=True):
             await self._record(forward, error)
         if failed:
-            forward, error = failed[-1]
-            log.warning(
-                "forwarding %d of %d events to %s failed (last: %s); retrying with backoff",
-                len(failed),
-                len(claimed),
-                self.where,
-                error,
-            )
+            self._log_failures(len(failed), failed[-1][1])
         return len(claimed)
+
+    def _log_failures(self, count: int, error: str) -> None:
+        last, since = self._logged
+        now = time.monotonic()
+        if now - last < LOG_EVERY:
+            self._logged = (last, since + count)
+            return
+        log.warning(
+            "forwarding %d events to %s failed (last: %s); retrying with backoff",
+            since + count,
+            self.where,
+            error,
+        )
+        self._logged = (now, 0)
 
     async def _send(self, forward: ClaimedForward) -> str | None:
         """POST one forward; None when the application took it, else why not."""

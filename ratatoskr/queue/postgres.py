@@ -25,7 +25,9 @@ and the HTTP API do not know which one they hold. What a cluster adds:
   database's clock. A background task extends the leases of everything this node holds and
   sweeps expired ones back to the queue (``recoveries`` + 1; too many → dead, as at a SQLite
   start-up). Every later transition (complete, defer, bury, release) names the lease token, so
-  the late outcome of a node that lost its lease changes nothing (it is logged).
+  the late outcome of a node that lost its lease changes nothing (it is logged). Events owed
+  to the application (``ratatoskr_forwards``, ``[events] forward_url``) are claimed the same
+  way; their leases simply run out when a node dies (no sweep needed).
 * **Large messages** are ``bytea`` (TOASTed out of line). Measured against large objects
   (``bench/pg_drivers.py``, 1 MB bodies, 4 tasks): bytea stores 22.6/s vs 11.3/s and reads
   76.5/s vs 66.7/s, with no orphaned objects to clean up. The claim's byte budget bounds how

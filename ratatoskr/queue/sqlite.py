@@ -15,6 +15,8 @@ JSON list of :meth:`Attempt.as_json <ratatoskr.queue.values.Attempt.as_json>` en
 delivered message keeps its row (``raw`` emptied, ``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
+``forwards`` holds the events still owed to the application (``[events] forward_url``), each
+inserted by the transaction that stores its event and deleted once it is done with.
 """
 
 from __future__ import annotations
