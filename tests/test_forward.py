@@ -9,6 +9,7 @@ injected clock, never by sleeping through the backoff.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -202,6 +203,28 @@ async def test_forwarding_survives_the_application_down_failing_and_a_restart(
             await wait_until(lambda: forwarded(daemon, "delivered") == 1, what="the forward done")
             assert await daemon.spool.pending_forwards() == 0
         assert app.seen == [first, first] and app.refused == []
+
+
+async def test_no_answer_in_time_or_a_redirect_is_a_failure_retried_later(
+    running_daemon, fake_mailgun: FakeMailgun, clock: FakeClock, caplog
+):
+    async with FakeApplication(SECRET) as app:
+        daemon = await running_daemon(clock=clock, **sections(fake_mailgun, app, forward_timeout=0.2))
+        app.hold = asyncio.Event()
+        hooks = hooks_for(daemon, fake_mailgun)
+        assert await hooks.post(hooks.event("delivered", None, "bob@example.net")) == 200
+        await wait_until(lambda: forwarded(daemon, "failed") == 1, what="the timeout recorded")
+        assert "no answer within 0.2s" in caplog.text
+        app.hold.set()
+        app.hold, app.answer = None, 302
+        clock.advance(RETRY_MAX)
+        daemon.forwarder.wake()
+        await wait_until(lambda: forwarded(daemon, "failed") == 2, what="the redirect recorded")
+        app.answer = 204
+        clock.advance(RETRY_MAX)
+        daemon.forwarder.wake()
+        [event] = await app.wait_for(1)
+        assert app.seen == [event["id"]] * 3 and app.refused == []
 
 
 async def test_a_forward_still_failing_at_the_end_of_retention_is_given_up_with_a_log_line(

@@ -209,7 +209,9 @@ class Forwarder:
             SIGNATURE_HEADER: signature(self._secret, timestamp, body),
         }
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as response:
+            # A redirect is not followed: it would resend a signed event to a URL nobody configured.
+            post = self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
+            async with post as response:
                 await response.read()
                 if 200 <= response.status < 300:
                     return None

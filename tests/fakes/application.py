@@ -40,6 +40,7 @@ class FakeApplication:
             self.port = int(s.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}/hooks/ratatoskr"
         self.answer = 200
+        self.hold: asyncio.Event | None = None  #: set: each request waits for it, then gets a 503
         self.taken: list[dict[str, Any]] = []  #: bodies of the forwards answered 2xx
         self.seen: list[str] = []  #: the event id of every signed request, whatever its answer
         self.timestamps: list[str] = []
@@ -77,6 +78,9 @@ class FakeApplication:
         assert request.headers["X-Ratatoskr-Event-Id"] == event["id"]
         self.seen.append(event["id"])
         self.timestamps.append(request.headers["X-Ratatoskr-Timestamp"])
+        if self.hold is not None:  # an application that does not answer in time
+            await self.hold.wait()
+            return web.Response(status=503)
         async with self._changed:
             if 200 <= self.answer < 300:
                 self.taken.append(event)
