@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from ratatoskr import config
@@ -27,6 +28,7 @@ from tests.fakes.application import FakeApplication
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.webhooks import MailgunHooks
 from tests.postgres import database
+from tests.process import DaemonProcess, free_port, write_config
 from tests.test_config import run_cli
 from tests.test_history import post_message, until_delivered
 
@@ -329,3 +331,47 @@ def test_check_shows_where_events_go_without_password_or_secret(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert "events: forwarded to https://hooks:***@app.test/ratatoskr, signed" in result.stdout
     assert "app-pass-77" not in result.stdout and "s3cret-99" not in result.stdout
+
+
+async def test_a_forward_survives_kill_9_of_the_daemon(tmp_path: Path, fake_mailgun: FakeMailgun):
+    """A real ``ratatoskr serve``, killed while the application is down: the event was
+    committed with its forward before the webhook's 200, so the next run sends it."""
+    app = FakeApplication(SECRET)
+    smtp_port, http_port = free_port(), free_port()
+    sections_ = {
+        "smtp": {"listen": f"127.0.0.1:{smtp_port}", "hostname": "relay.test"},
+        "http": {"listen": f"127.0.0.1:{http_port}"},
+        "spool": {"path": str(tmp_path / "var")},
+        "events": {"forward_url": app.url, "forward_secret": SECRET},
+    }
+    cfg = write_config(
+        tmp_path / "r.toml", sections_, [fake_mailgun.provider_entry(webhook_signing_key=MG_KEY)]
+    )
+    daemon = DaemonProcess(cfg, smtp_port)
+    try:
+        await asyncio.to_thread(daemon.start)
+        hooks = MailgunHooks(fake_mailgun, f"http://127.0.0.1:{http_port}/v1/events/mailgun", MG_KEY)
+        assert await hooks.post(hooks.event("delivered", None, "bob@example.net")) == 200
+        failed = 'ratatoskr_events_forwarded_total{result="failed"} 1.0'
+        await wait_until(lambda: scrape_has(http_port, failed), what="a refused connection")
+        await asyncio.to_thread(daemon.kill)
+        await app.up()
+        await asyncio.to_thread(daemon.start)
+        [event] = await app.wait_for(1, timeout=20)  # the first retry is due within about 5 s
+        assert (event["type"], event["recipient"], event["message_id"]) == (
+            "delivered",
+            "bob@example.net",
+            None,
+        )
+        assert SECRET not in daemon.log()
+    finally:
+        await asyncio.to_thread(daemon.stop_quietly)
+        await app.down()
+
+
+async def scrape_has(port: int, line: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            return line in await r.text()
+    except aiohttp.ClientError:
+        return False
