@@ -66,7 +66,7 @@ class PostmarkWebhook:
         self.provider = provider
         self._credentials = credentials
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         check_basic_auth(request, self._credentials)
         try:
             data = json.loads(request.body)

@@ -90,7 +90,7 @@ class EventReceiver:
         try:
             if webhook is None:
                 raise Refused("no webhook key configured for this provider")
-            events = webhook.events(request)
+            events = await webhook.events(request)
         except Refused as refused:
             self._log_refusal(provider, refused.reason)
             return Answer(refused.status, {"error": "signature missing or invalid"})

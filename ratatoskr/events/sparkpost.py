@@ -52,7 +52,7 @@ class SparkpostWebhook:
         self.provider = provider
         self._credentials = credentials
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         check_basic_auth(request, self._credentials)
         try:
             batch = json.loads(request.body)
