@@ -82,6 +82,11 @@ class EventReceiver:
     def knows(self, provider: str) -> bool:
         return provider in self.known
 
+    def webhook(self, provider: str) -> Webhook | None:
+        """The webhook serving ``provider`` now (None: unknown, or no webhook keys)."""
+        kept = self._webhooks.get(provider)
+        return kept[1] if kept else None
+
     async def receive(self, provider: str, request: WebhookRequest) -> Answer:
         """The answer to one webhook request for ``provider`` (a configured provider name)."""
         if provider not in self.known:
