@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from multidict import CIMultiDict
 from ratatoskr.errors import ConfigError
 from ratatoskr.events.base import Refused, WebhookRequest
 from ratatoskr.events.ses import SesWebhook
-from ratatoskr.events.sns import check_sns_url
+from ratatoskr.events.sns import check_sns_url, parse_timestamp
 from ratatoskr.queue import DeliveryEvent
 from tests.fakes.base import settings_of
 from tests.fakes.ses import FakeSes
@@ -84,6 +85,40 @@ async def refused(webhook: SesWebhook, req: WebhookRequest) -> Refused:
 
 
 # -- the signature ----------------------------------------------------------------------------
+
+VECTORS = Path(__file__).parent / "data" / "sns"
+
+
+class FileTransport:
+    """Serves AWS's certificate from tests/data/sns by the name in its URL."""
+
+    def __init__(self) -> None:
+        self.fetched: list[str] = []
+
+    async def get(self, url: str, *, limit: int) -> bytes:
+        self.fetched.append(url)
+        return (VECTORS / url.rpartition("/")[2]).read_bytes()
+
+
+async def test_a_message_signed_by_aws_verifies_and_fails_once_altered():
+    """A real notification with AWS's real certificate (tests/data/sns/README.md): ratatoskr's
+    canonical string is the one AWS signs, not only the one our fake signs."""
+    message = json.loads((VECTORS / "notification-v1.json").read_text())
+    transport = FileTransport()
+    webhook = SesWebhook("ses", message["TopicArn"], transport=transport)
+    at = parse_timestamp(message["Timestamp"])
+    assert await webhook.events(request(message, now=at + 60)) == []  # verified; no SES event in it
+    assert transport.fetched == [message["SigningCertURL"]]
+    for key, old, new in (
+        ("Message", "foo", "fo0"),
+        ("MessageId", "2023", "2024"),
+        ("Timestamp", ".087", ".088"),
+    ):
+        altered = {**message, key: message[key].replace(old, new)}
+        assert altered != message
+        assert (await refused(webhook, request(altered, now=at + 60))).reason == "bad signature"
+    # The same message today: past SNS's hour, a replay.
+    assert "stale" in (await refused(webhook, request(message))).reason
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
