@@ -407,3 +407,31 @@ async def test_without_a_topic_arn_ses_events_are_refused(running_daemon, fake_s
     hooks = SesHooks(sns, events_url(daemon, "ses"))
     assert await hooks.post(sns.confirmation()) == 401
     assert sns.confirmed == [] and sns.fetched == []
+
+
+async def test_a_permanent_ses_bounce_sends_a_notice_a_transient_one_does_not(
+    running_daemon, fake_ses: FakeSes, sns
+):
+    # The notice comes from MAILER-DAEMON@<[smtp] hostname>: SES sends it only from a verified
+    # identity, as it would any mail.
+    fake_ses.verified.add("relay.test")
+    entry = fake_ses.provider_entry(webhook_topic_arn=sns.topic_arn)
+    daemon = await start(running_daemon, entry, delivery={"bounce": True})
+    daemon.events.webhook("ses").transport = sns.transport()
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_ses.messages
+    hooks = SesHooks(sns, events_url(daemon, "ses"))
+    soft = hooks.event(
+        "Bounce", sent, ["bob@example.net"], bounceType="Transient", bounceSubType="MailboxFull"
+    )
+    assert await hooks.notify(soft) == 200
+    assert await hooks.notify(hooks.event("Bounce", sent, ["hidden@example.org"])) == 200
+    assert await hooks.replay() == 200  # SNS's retry: one notice
+    [_, notice] = await fake_ses.wait_for(2)
+    assert notice.envelope == ["ada@example.com"]
+    report = notice.raw or b""
+    status = report.split(b"message/delivery-status")[1]
+    assert b"Final-Recipient: rfc822; hidden@example.org" in status and b"bob@example.net" not in status
+    assert b"Permanent bounce (General)" in report and b"550 5.1.1 user unknown no mailbox" in report
+    assert len(fake_ses.messages) == 2
