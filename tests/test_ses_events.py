@@ -7,6 +7,7 @@ serves on an "SNS host" through the transport the webhook is given; the fake SES
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 
 from ratatoskr.errors import ConfigError
 from ratatoskr.events.base import Refused, WebhookRequest
 from ratatoskr.events.ses import SesWebhook
-from ratatoskr.events.sns import check_sns_url, parse_timestamp
+from ratatoskr.events.sns import CERT_MAX_BYTES, FetchFailed, HttpsTransport, check_sns_url, parse_timestamp
 from ratatoskr.queue import DeliveryEvent
 from tests.fakes.base import settings_of
 from tests.fakes.ses import FakeSes
@@ -185,6 +188,46 @@ async def test_certificate_url_off_sns_hosts_is_refused_never_fetched(webhook, s
     message = sns.notification(json.dumps(bounce_record(["bob@example.net"])), cert_url=url)
     assert "SigningCertURL" in (await refused(webhook, request(message))).reason
     assert sns.fetched == []
+
+
+async def test_a_burst_before_the_certificate_is_kept_fetches_it_once(webhook, sns):
+    record = json.dumps(bounce_record(["bob@example.net"]))
+    results = await asyncio.gather(*(webhook.events(request(sns.notification(record))) for _ in range(5)))
+    assert all(len(events) == 1 for events in results)
+    assert sns.fetched == [sns.cert_url]
+
+
+async def test_the_https_transport_follows_no_redirect_caps_size_and_times_out():
+    """The production fetcher (pointed at a loopback server: the SNS host check is the
+    verifier's, before any transport is asked)."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/redirect":
+            raise web.HTTPFound("https://evil.test/cert.pem")
+        if request.path == "/big":
+            return web.Response(body=b"x" * (CERT_MAX_BYTES + 1))
+        if request.path == "/slow":
+            await release.wait()
+        return web.Response(body=b"pem")
+
+    app = web.Application()
+    app.router.add_get("/{name}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        transport = HttpsTransport(seconds=0.3)
+        base = str(server.make_url("/"))
+        assert await transport.get(base + "ok", limit=CERT_MAX_BYTES) == b"pem"
+        with pytest.raises(FetchFailed, match="answered 302"):
+            await transport.get(base + "redirect", limit=CERT_MAX_BYTES)
+        with pytest.raises(FetchFailed, match="over"):
+            await transport.get(base + "big", limit=CERT_MAX_BYTES)
+        with pytest.raises(FetchFailed, match="Timeout"):
+            await transport.get(base + "slow", limit=CERT_MAX_BYTES)
+    finally:
+        release.set()
+        await server.close()
 
 
 def test_sns_hosts_of_every_partition_are_accepted():

@@ -21,6 +21,7 @@ can widen what is fetched.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -129,6 +130,9 @@ class SnsVerifier:
         self.topic_arn = topic_arn
         self.transport: Transport = transport or HttpsTransport()
         self._keys: OrderedDict[str, RSAPublicKey] = OrderedDict()
+        # One fetch at a time: a burst of SNS posts before the certificate is kept fetches it
+        # once, not once per post.
+        self._fetching = asyncio.Lock()
 
     async def verify(self, body: bytes, headers: Mapping[str, str], now: float) -> dict[str, str]:
         """The message, once it is SNS's, for our topic, fresh and signed; else :class:`Refused`."""
@@ -177,6 +181,10 @@ class SnsVerifier:
         if key is not None:
             self._keys.move_to_end(url)
             return key
+        async with self._fetching:
+            return self._keys.get(url) or await self._fetch_key(url)
+
+    async def _fetch_key(self, url: str) -> RSAPublicKey:
         try:
             pem = await self.transport.get(url, limit=CERT_MAX_BYTES)
             found = x509.load_pem_x509_certificate(pem).public_key()
