@@ -296,6 +296,7 @@ class MandrillProvider(HttpProvider):
             provider=self.name,
             rejected=dict(refused),
             retry_later=tuple(r for r in refused if reasons[r] == "soft-bounce"),
+            accepted=False,
         )
 
     def _note_odd(self, rcpt: str, result: Mapping[str, Any]) -> None:
