@@ -251,6 +251,8 @@ async def test_stale_or_future_timestamp_and_mismatched_headers_are_refused(webh
     assert "does not match" in (await refused(webhook, mismatch)).reason
     other_id = request(fresh, headers={"x-amz-sns-message-id": "another"})
     assert "does not match" in (await refused(webhook, other_id)).reason
+    other_topic = request(fresh, headers={"x-amz-sns-topic-arn": "arn:aws:sns:eu-west-1:999999999999:t"})
+    assert "does not match" in (await refused(webhook, other_topic)).reason
     raw = request(fresh, headers={"x-amz-sns-rawdelivery": "true"})
     assert "raw message delivery" in (await refused(webhook, raw)).reason
     for body in (b"1", b"not json", b'{"Type": "Other"}', json.dumps({"Type": "Notification"}).encode()):

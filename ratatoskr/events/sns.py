@@ -49,6 +49,12 @@ NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn",
 CONFIRMATION_KEYS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
 OPTIONAL_KEYS = frozenset({"Subject"})
 TYPES = frozenset({"Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"})
+#: SNS's headers that repeat a body field (unsigned, so they must agree with the signed body).
+_HEADERS = (
+    ("x-amz-sns-message-type", "Type"),
+    ("x-amz-sns-message-id", "MessageId"),
+    ("x-amz-sns-topic-arn", "TopicArn"),
+)
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"1": hashes.SHA1, "2": hashes.SHA256}
 
 #: SNS drops a message an hour after it was published (its retry budget is 3600 s), so an
@@ -139,7 +145,7 @@ class SnsVerifier:
         if headers.get("x-amz-sns-rawdelivery", "").lower() == "true":
             raise Refused("raw message delivery is on for the subscription: nothing to verify (turn it off)")
         message = _envelope(body)
-        for header, field in (("x-amz-sns-message-type", "Type"), ("x-amz-sns-message-id", "MessageId")):
+        for header, field in _HEADERS:
             if header in headers and headers[header] != message[field]:
                 raise Refused(f"header {header} does not match the body's {field}")
         if message["TopicArn"] != self.topic_arn:
