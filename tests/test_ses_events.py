@@ -30,6 +30,7 @@ from tests.fakes.ses import FakeSes
 from tests.fakes.sns import FakeSns, iso
 from tests.fakes.webhooks import SesHooks
 from tests.process import write_config
+from tests.test_config import run_cli
 from tests.test_events import AUTH, events_url, metrics, start
 from tests.test_history import get_json, post_message, queue_cli, until_delivered
 
@@ -385,8 +386,6 @@ def test_webhook_topic_arn_is_checked(tmp_path):
             settings_of({**entry, "webhook_topic_arn": bad})
     config = tmp_path / "bad.toml"
     config.write_text('[[providers]]\nkind = "ses"\nregion = "eu-west-1"\nwebhook_topic_arn = "t"\n')
-    from tests.test_config import run_cli
-
     result = run_cli("check", "--config", str(config))
     assert result.returncode == 2 and "providers[0].webhook_topic_arn" in result.stderr
 
