@@ -14,6 +14,7 @@ batched, out of order, for unknown messages::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import io
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -31,23 +33,66 @@ from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery
 from tests.fakes.sns import FakeSns, iso
 
+#: Called before each retry with the attempt number (1 for the first retry) and the last
+#: status; a test uses it to change ratatoskr between attempts (a reload fixing a key).
+BeforeRetry = Callable[[int, int], Awaitable[None]]
+
+#: Seconds of real schedule per second waited: the providers' hours become milliseconds.
+COMPRESS = 1e-5
+
+
+async def _no_hook(attempt: int, status: int) -> None:
+    return None
+
 
 class _Poster:
+    #: The provider's retry waits in seconds (shared/events.md §1.5, §5.5, §7.5), compressed
+    #: by :data:`COMPRESS` when played; answers that stop retries; a per-attempt timeout.
+    SCHEDULE: tuple[float, ...] = ()
+    STOP_ON: frozenset[int] = frozenset()
+    TIMEOUT = 30.0
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.last: tuple[bytes, dict[str, str]] | None = None
-        self.answers: list[int] = []
+        self.answers: list[int] = []  # every attempt's status, 0 for a timeout or no connection
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> int:
         self.last = (body, headers)
         data = io.BytesIO(body) if len(body) > 1 << 20 else body  # aiohttp warns on large bytes
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(self.url, data=data, headers=headers) as r,
-        ):
-            await r.read()
-            self.answers.append(r.status)
-            return r.status
+        timeout = aiohttp.ClientTimeout(total=self.TIMEOUT)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(self.url, data=data, headers=headers) as r,
+            ):
+                await r.read()
+                status = r.status
+        except (TimeoutError, aiohttp.ClientConnectionError):
+            status = 0
+        self.answers.append(status)
+        return status
+
+    async def retries(self, before_retry: BeforeRetry = _no_hook) -> list[int]:
+        """What the provider does after the last attempt: the same bytes again (SparkPost's
+        batch id too) on the compressed schedule until a 200, an answer in :data:`STOP_ON`,
+        or the end of the schedule. Returns every attempt's status, the last one's first."""
+        assert self.last is not None and self.answers
+        body, headers = self.last
+        statuses = [self.answers[-1]]
+        if not self.retried(body):
+            return statuses
+        for attempt, wait in enumerate(self.SCHEDULE, start=1):
+            if statuses[-1] == 200 or statuses[-1] in self.STOP_ON:
+                break
+            await before_retry(attempt, statuses[-1])
+            await asyncio.sleep(wait * COMPRESS)  # the provider's own wait, compressed
+            statuses.append(await self._post(body, headers))
+        return statuses
+
+    def retried(self, body: bytes) -> bool:
+        """Whether the provider retries this request at all."""
+        return True
 
     async def replay(self) -> int:
         """The last request again, byte for byte (a provider's retry, or an attacker's replay)."""
@@ -56,7 +101,15 @@ class _Poster:
 
 
 class MailgunHooks(_Poster):
-    """Mailgun: one JSON event per POST, signature block in the body (§1)."""
+    """Mailgun: one JSON event per POST, signature block in the body (§1). Retries: 406
+    stops them, any other non-200 is retried for about 8 hours; a ``delivered`` event is not
+    retried (both versions of Mailgun's retry page say so)."""
+
+    SCHEDULE = (600.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)  # ≈8 h
+    STOP_ON = frozenset({406})
+
+    def retried(self, body: bytes) -> bool:
+        return bool(json.loads(body).get("event-data", {}).get("event") != "delivered")
 
     def __init__(self, fake: FakeMailgun, url: str, signing_key: str) -> None:
         super().__init__(url)
@@ -73,8 +126,10 @@ class MailgunHooks(_Poster):
         reason: str = "",
         at: float | None = None,
         code: int | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
-        """``event-data`` for ``delivery`` (None: a message Mailgun never had from us)."""
+        """``event-data`` for ``delivery`` (None: a message Mailgun never had from us);
+        ``extra`` goes into it as given (``flags``, ``delivery-status`` of its own, …)."""
         message_id = delivery.id.strip("<>") if delivery else f"{secrets.token_hex(6)}@elsewhere.test"
         queue_id = delivery.fields.get("v:queue_id", [""])[0] if delivery else ""
         data: dict[str, Any] = {
@@ -92,7 +147,7 @@ class MailgunHooks(_Poster):
             data["reason"] = reason
         if code is not None:
             data["delivery-status"] = {"code": code, "message": f"{code} {reason}", "attempt-no": 1}
-        return data
+        return {**data, **extra}
 
     def signed(
         self,
@@ -101,18 +156,27 @@ class MailgunHooks(_Poster):
         key: bytes | None = None,
         timestamp: float | None = None,
         token: str = "",
+        parent_key: bytes | None = None,
     ) -> bytes:
+        """The request body; with ``parent_key`` the event is a subaccount's, and the block
+        also carries ``parent-signature`` made with the primary account's key (Mailgun,
+        Securing Webhooks) while ``key`` makes the subaccount's own ``signature``."""
         ts = str(int(timestamp if timestamp is not None else time.time()))
         token = token or secrets.token_hex(25)  # 50 characters, as Mailgun's
-        digest = hmac.new(key or self.key, (ts + token).encode(), hashlib.sha256).hexdigest()
-        body = {"signature": {"timestamp": ts, "token": token, "signature": digest}, "event-data": data}
-        return json.dumps(body).encode()
+        block = {"timestamp": ts, "token": token, "signature": _mailgun_digest(key or self.key, ts, token)}
+        if parent_key is not None:
+            block["parent-signature"] = _mailgun_digest(parent_key, ts, token)
+        return json.dumps({"signature": block, "event-data": data}).encode()
 
     async def post(self, data: dict[str, Any], **signing: Any) -> int:
         return await self.post_raw(self.signed(data, **signing))
 
     async def post_raw(self, body: bytes) -> int:
         return await self._post(body, {"Content-Type": "application/json"})
+
+
+def _mailgun_digest(key: bytes, timestamp: str, token: str) -> str:
+    return hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
 
 
 class MandrillHooks(_Poster):
@@ -163,7 +227,11 @@ class MandrillHooks(_Poster):
 
 class PostmarkHooks(_Poster):
     """Postmark: one JSON record per POST, no signature; basic auth from the webhook URL's
-    userinfo (§5). Times carry 7 fractional digits and an offset, as Postmark's do."""
+    userinfo (§5). Times carry 7 fractional digits and an offset, as Postmark's do. Retries:
+    the inbound schedule (10 over ≈10.5 h, assumed for outbound too), stopped by a 403."""
+
+    SCHEDULE = (60.0, 300.0, 600.0, 600.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
+    STOP_ON = frozenset({403})
 
     def __init__(self, url: str, username: str, password: str) -> None:
         super().__init__(url)
@@ -188,17 +256,35 @@ class PostmarkHooks(_Poster):
             )
         return {**data, **extra}
 
-    async def post(self, data: dict[str, Any], *, password: str | None = None, auth: bool = True) -> int:
+    def authorization(self, username: str | None = None, password: str | None = None) -> str:
+        """The header the provider sends: these credentials, else the hooks' own."""
+        user = username if username is not None else self.username
+        token = f"{user}:{password if password is not None else self.password}"
+        return "Basic " + base64.b64encode(token.encode()).decode()
+
+    async def post(
+        self,
+        data: dict[str, Any],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        auth: bool = True,
+    ) -> int:
         headers = {"Content-Type": "application/json"}
         if auth:
-            token = f"{self.username}:{password if password is not None else self.password}"
-            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            headers["Authorization"] = self.authorization(username, password)
         return await self._post(json.dumps(data).encode(), headers)
 
 
 class SparkpostHooks(PostmarkHooks):
     """SparkPost: a JSON array of ``{"msys": {class: event}}`` per POST, ``auth_type`` basic,
-    a batch id header, timestamps as Unix seconds in strings (§7)."""
+    a batch id header, timestamps as Unix seconds in strings (§7). Retries: anything but a 200
+    within 10 s, for 8 hours (the schedule's steps are not published: these add up to 8 h);
+    nothing stops them early."""
+
+    SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14940.0)  # 8 h in all
+    STOP_ON: frozenset[int] = frozenset()
+    TIMEOUT = 10.0
 
     def event(
         self, name: str, delivery: Delivery | None, recipient: str, *, at: float | None = None, **extra: Any
@@ -220,12 +306,22 @@ class SparkpostHooks(PostmarkHooks):
         return {"msys": {event_class: {**data, **extra}}}
 
     async def batch(
-        self, events: list[dict[str, Any]], *, password: str | None = None, auth: bool = True
+        self,
+        events: list[dict[str, Any]],
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        auth: bool = True,
+        batch_id: str | None = None,
     ) -> int:
-        headers = {"Content-Type": "application/json", "X-MessageSystems-Batch-ID": secrets.token_hex(16)}
+        """POST ``events`` as one batch; ``batch_id`` again for SparkPost's resend of a batch
+        that failed (same id, same events)."""
+        headers = {
+            "Content-Type": "application/json",
+            "X-MessageSystems-Batch-ID": batch_id or secrets.token_hex(16),
+        }
         if auth:
-            token = f"{self.username}:{password if password is not None else self.password}"
-            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+            headers["Authorization"] = self.authorization(username, password)
         return await self._post(json.dumps(events).encode(), headers)
 
 
