@@ -479,3 +479,32 @@ async def test_a_permanent_ses_bounce_sends_a_notice_a_transient_one_does_not(
     assert b"Final-Recipient: rfc822; hidden@example.org" in status and b"bob@example.net" not in status
     assert b"Permanent bounce (General)" in report and b"550 5.1.1 user unknown no mailbox" in report
     assert len(fake_ses.messages) == 2
+
+
+class FlakyTransport:
+    """Fails the first ``failures`` fetches (SNS's host unreachable for a moment)."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def get(self, url: str, *, limit: int) -> bytes:
+        if self.failures:
+            self.failures -= 1
+            raise FetchFailed("connection refused")
+        return bytes(await self.inner.get(url, limit=limit))
+
+
+async def test_sns_retries_our_503_but_never_a_refusal(running_daemon, fake_ses: FakeSes, sns):
+    """A certificate that cannot be fetched is our trouble: 503, and SNS's retry gets the event
+    in. A refusal is 4xx, which SNS never retries (so it must only be for what is not SNS's)."""
+    daemon = await start(running_daemon, fake_ses.provider_entry(webhook_topic_arn=sns.topic_arn))
+    daemon.events.webhook("ses").transport = FlakyTransport(sns.transport(), failures=2)
+    hooks = SesHooks(sns, events_url(daemon, "ses"))
+    record = hooks.event("Bounce", None, ["bob@example.net"])
+    assert await hooks.notify(record) == 503
+    assert await hooks.retries() == [503, 503, 200]
+    assert await hooks.notify(record, topic_arn="arn:aws:sns:eu-west-1:999999999999:t") == 401
+    assert await hooks.retries() == [401]
+    text = await metrics(daemon.http_port)
+    assert 'ratatoskr_events_total{provider="ses",type="bounced"} 1.0' in text

@@ -329,7 +329,14 @@ class SesHooks(_Poster):
     """SES configuration-set event publishing through an SNS HTTPS subscription (§3): the SES
     event JSON as a string in the signed SNS envelope, posted as ``text/plain`` with SNS's
     ``x-amz-sns-*`` headers. Recipient texts carry a newline and a non-ASCII character, so a
-    receiver that verified the escaped JSON text instead of the decoded values would fail."""
+    receiver that verified the escaped JSON text instead of the decoded values would fail.
+
+    Retries as an SNS subscription's default delivery policy: 3 more tries 20 s apart, on a
+    5xx, a timeout (15 s) or no connection; any 4xx is final (§3.7)."""
+
+    SCHEDULE = (20.0, 20.0, 20.0)
+    STOP_ON = frozenset(range(400, 500))
+    TIMEOUT = 15.0
 
     def __init__(self, sns: FakeSns, url: str) -> None:
         super().__init__(url)
