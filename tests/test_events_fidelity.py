@@ -245,23 +245,23 @@ POSTMARK_TABLE = [
 
 
 @pytest.mark.parametrize(("record", "fields", "kind", "bounce_class"), POSTMARK_TABLE)
-def test_every_postmark_record_and_bounce_type_maps_as_the_facts_sheet_says(
+async def test_every_postmark_record_and_bounce_type_maps_as_the_facts_sheet_says(
     record, fields, kind, bounce_class
 ):
     hook = postmark.webhook(_settings("postmark", webhook_username=USER, webhook_password=PASSWORD))
     assert hook is not None
     data = PostmarkHooks("", USER, PASSWORD).record(record, None, "bob@example.net", **fields)
-    [event] = hook.events(_request(json.dumps(data).encode(), Authorization=_basic(USER, PASSWORD)))
+    [event] = await hook.events(_request(json.dumps(data).encode(), Authorization=_basic(USER, PASSWORD)))
     assert (event.type, event.detail.get("bounce_class")) == (kind, bounce_class)
     assert event.recipient == "bob@example.net"
 
 
-def test_postmark_refuses_without_reading_the_body():
+async def test_postmark_refuses_without_reading_the_body():
     hook = postmark.webhook(_settings("postmark", webhook_username=USER, webhook_password=PASSWORD))
     assert hook is not None
     for headers in ({}, {"Authorization": "Bearer x"}, {"Authorization": "Basic !!!"}):
         with pytest.raises(Refused) as info:
-            hook.events(_request(b"not json at all", **headers))
+            await hook.events(_request(b"not json at all", **headers))
         assert info.value.status == 401
 
 
@@ -345,23 +345,23 @@ SPARKPOST_CLASSES = [
 ]
 
 
-def _sparkpost_event(**fields: Any) -> Any:
+async def _sparkpost_event(**fields: Any) -> Any:
     hook = sparkpost.webhook(_settings("sparkpost", webhook_username=USER, webhook_password=PASSWORD))
     assert hook is not None
     data = SparkpostHooks("", USER, PASSWORD).event(fields.pop("type"), None, "Bob@Example.net", **fields)
-    [event] = hook.events(_request(json.dumps([data]).encode(), Authorization=_basic(USER, PASSWORD)))
+    [event] = await hook.events(_request(json.dumps([data]).encode(), Authorization=_basic(USER, PASSWORD)))
     return event
 
 
 @pytest.mark.parametrize(("name", "kind"), SPARKPOST_TYPES)
-def test_every_sparkpost_type_maps_as_the_facts_sheet_says(name, kind):
-    assert _sparkpost_event(type=name).type == kind
+async def test_every_sparkpost_type_maps_as_the_facts_sheet_says(name, kind):
+    assert (await _sparkpost_event(type=name)).type == kind
 
 
 @pytest.mark.parametrize(("bounce_class", "kind", "hardness"), SPARKPOST_CLASSES)
 @pytest.mark.parametrize("name", ["bounce", "out_of_band"])
-def test_every_sparkpost_bounce_class_maps_to_a_type_and_hardness(name, bounce_class, kind, hardness):
-    event = _sparkpost_event(type=name, bounce_class=bounce_class)
+async def test_every_sparkpost_bounce_class_maps_to_a_type_and_hardness(name, bounce_class, kind, hardness):
+    event = await _sparkpost_event(type=name, bounce_class=bounce_class)
     assert (event.type, event.detail.get("bounce_class")) == (kind, hardness)
     assert event.detail["sparkpost_bounce_class"] == bounce_class
     assert event.recipient == "Bob@Example.net"  # raw_rcpt_to, as sent
@@ -370,14 +370,14 @@ def test_every_sparkpost_bounce_class_maps_to_a_type_and_hardness(name, bounce_c
 # --- Mailgun -----------------------------------------------------------------------------
 
 
-def _mailgun_answer(configured: str, **signing: Any) -> int:
+async def _mailgun_answer(configured: str, **signing: Any) -> int:
     """The status a Mailgun webhook configured with ``configured`` gives a signed request."""
     hook = mailgun.webhook(_settings("mailgun", webhook_signing_key=configured))
     assert hook is not None
     hooks = MailgunHooks(None, "", configured)  # type: ignore[arg-type]
     body = hooks.signed(hooks.event("delivered", None, "bob@example.net"), **signing)
     try:
-        hook.events(_request(body))
+        await hook.events(_request(body))
     except Refused as refused:
         return refused.status
     return 200
@@ -403,18 +403,18 @@ def _mailgun_answer(configured: str, **signing: Any) -> int:
         ),
     ],
 )
-def test_mailgun_subaccount_events_are_checked_by_either_signature(configured, signing, status):
-    assert _mailgun_answer(configured, **signing) == status
+async def test_mailgun_subaccount_events_are_checked_by_either_signature(configured, signing, status):
+    assert await _mailgun_answer(configured, **signing) == status
 
 
-def test_mailgun_signatures_that_are_not_ascii_are_refused_not_a_400():
+async def test_mailgun_signatures_that_are_not_ascii_are_refused_not_a_400():
     hook = mailgun.webhook(_settings("mailgun", webhook_signing_key=MG_SUB_KEY))
     assert hook is not None
     block = {"timestamp": str(int(time.time())), "token": "t" * 50, "signature": "é" * 64}
     for field in ("signature", "parent-signature"):
         body = json.dumps({"signature": {**block, field: "é" * 64}, "event-data": {}}).encode()
         with pytest.raises(Refused) as info:
-            hook.events(_request(body))
+            await hook.events(_request(body))
         assert info.value.status == 401
 
 

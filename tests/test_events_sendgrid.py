@@ -70,10 +70,10 @@ def request(body: bytes, signature: str, timestamp: str, now: float) -> WebhookR
     return WebhookRequest("POST", body, headers, now)
 
 
-def test_sendgrids_published_example_verifies_and_nothing_else_does():
+async def test_sendgrids_published_example_verifies_and_nothing_else_does():
     hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
     now = float(SG_TIMESTAMP) + 60
-    [event] = hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, now))
+    [event] = await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, now))
     assert (event.type, event.recipient, event.key) == (
         "rejected",
         "hello@world.com",
@@ -98,10 +98,10 @@ def test_sendgrids_published_example_verifies_and_nothing_else_does():
     ]
     for webhook, body, signature, timestamp in refused:
         with pytest.raises(Refused):
-            webhook.events(request(body, signature, timestamp, now))
+            await webhook.events(request(body, signature, timestamp, now))
     stale = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=3600)
     with pytest.raises(Refused, match="stale"):
-        stale.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 3601))
+        await stale.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 3601))
 
 
 def test_the_public_key_is_checked_when_the_config_is_read(make_config, tmp_path):
@@ -254,11 +254,11 @@ async def test_sendgrid_retries_get_in_once_the_key_is_fixed(running_daemon, fak
     assert 'ratatoskr_events_total{provider="sendgrid",type="bounced"} 1.0' in text
 
 
-def test_a_retry_with_the_original_timestamp_is_taken_within_the_24_hours():
+async def test_a_retry_with_the_original_timestamp_is_taken_within_the_24_hours():
     """Whether SendGrid signs a retry afresh is not documented: one carrying the first
     timestamp 23 hours later still verifies with the default window."""
     hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
     late = float(SG_TIMESTAMP) + 23 * 3600
-    assert len(hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
+    assert len(await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
     with pytest.raises(Refused, match="stale"):
-        hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))
+        await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))

@@ -36,9 +36,13 @@ class Refused(Exception):
 class Webhook(Protocol):
     """One configured provider's webhook: verify, then parse. ``events`` raises
     :class:`Refused` before looking at the content when the signature does not hold, and
-    returns [] for a request that carries no events (a provider's check of the URL)."""
+    returns [] for a request that carries no events (a provider's check of the URL).
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
+    A coroutine because verifying can need the network: SNS signs with a certificate fetched
+    from its own hosts, and a subscription is confirmed by a GET. Kinds that verify with a
+    configured key do no I/O in it."""
+
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
 
 
 def webhook_for(settings: ProviderSettings) -> Webhook | None:

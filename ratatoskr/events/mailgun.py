@@ -62,7 +62,7 @@ class MailgunWebhook:
         self._tokens: OrderedDict[str, str] = OrderedDict()  # token → digest of the body it came with
         self._lock = threading.Lock()
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         signature = _signature_block(request.body)
         timestamp, token, given, parent = (
             text(signature.get(k)) for k in ("timestamp", "token", "signature", "parent-signature")

@@ -66,7 +66,7 @@ class PostmarkWebhook:
         self.provider = provider
         self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         check_credentials(request, self._accepted)
         try:
             data = json.loads(request.body)

@@ -88,6 +88,11 @@ class EventReceiver:
     def knows(self, provider: str) -> bool:
         return provider in self.known
 
+    def webhook(self, provider: str) -> Webhook | None:
+        """The webhook serving ``provider`` now (None: unknown, or no webhook keys)."""
+        kept = self._webhooks.get(provider)
+        return kept[1] if kept else None
+
     async def receive(self, provider: str, request: WebhookRequest) -> Answer:
         """The answer to one webhook request for ``provider`` (a configured provider name)."""
         if provider not in self.known:
@@ -96,7 +101,7 @@ class EventReceiver:
         try:
             if webhook is None:
                 raise Refused("no webhook key configured for this provider")
-            events = webhook.events(request)
+            events = await webhook.events(request)
         except Refused as refused:
             self._log_refusal(provider, refused.reason)
             return Answer(refused.status, {"error": "signature missing or invalid"})

@@ -61,7 +61,7 @@ class ResendWebhook:
         self.provider = provider
         self._key = key
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         svix_id = self.verify(request)
         data = json.loads(request.body)
         return [self.event(data, svix_id, request.now)] if isinstance(data, dict) else []

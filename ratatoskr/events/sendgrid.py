@@ -65,7 +65,7 @@ class SendGridWebhook:
         self._key = key
         self.max_age = max_age
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         self.verify(request)
         batch = json.loads(request.body)
         if not isinstance(batch, list):

@@ -56,7 +56,7 @@ class SparkpostWebhook:
         self.provider = provider
         self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         check_credentials(request, self._accepted)
         try:
             batch = json.loads(request.body)

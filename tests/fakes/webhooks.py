@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery
+from tests.fakes.sns import FakeSns, iso
 
 #: Called before each retry with the attempt number (1 for the first retry) and the last
 #: status; a test uses it to change ratatoskr between attempts (a reload fixing a key).
@@ -327,6 +328,93 @@ class SparkpostHooks(PostmarkHooks):
         if auth:
             headers["Authorization"] = self.authorization(username, password)
         return await self._post(json.dumps(events).encode(), headers)
+
+
+class SesHooks(_Poster):
+    """SES configuration-set event publishing through an SNS HTTPS subscription (§3): the SES
+    event JSON as a string in the signed SNS envelope, posted as ``text/plain`` with SNS's
+    ``x-amz-sns-*`` headers. Recipient texts carry a newline and a non-ASCII character, so a
+    receiver that verified the escaped JSON text instead of the decoded values would fail.
+
+    Retries as an SNS subscription's default delivery policy: 3 more tries 20 s apart, on a
+    5xx, a timeout (15 s) or no connection; any 4xx is final (§3.7)."""
+
+    SCHEDULE = (20.0, 20.0, 20.0)
+    STOP_ON = frozenset(range(400, 500))
+    TIMEOUT = 15.0
+
+    def __init__(self, sns: FakeSns, url: str) -> None:
+        super().__init__(url)
+        self.sns = sns
+
+    def event(
+        self,
+        name: str,
+        delivery: Delivery | None,
+        recipients: list[str],
+        *,
+        at: float | None = None,
+        **section: Any,
+    ) -> dict[str, Any]:
+        """The SES event record for ``delivery`` (a fake SES's; None: a message SES never had
+        from us). ``section`` is the event's own object (``bounce``, ``delivery``, …)."""
+        when = iso(at if at is not None else time.time())
+        if delivery is not None:
+            tags = json.loads(delivery.fields.get("EmailTags", ["[]"])[0])
+            mail_tags = {t["Name"]: [t["Value"]] for t in tags}
+            message_id, destination = delivery.id, list(delivery.envelope)
+        else:
+            mail_tags, message_id, destination = {}, f"0102018e{secrets.token_hex(8)}-000000", recipients
+        mail = {
+            "timestamp": when,
+            "messageId": message_id,
+            "source": "ada@example.com",
+            "destination": destination,
+            "tags": {"ses:configuration-set": ["ratatoskr"], **mail_tags},
+        }
+        record: dict[str, Any] = {"eventType": name, "mail": mail}
+        key = {"Rendering Failure": "failure", "DeliveryDelay": "deliveryDelay"}.get(name, name.lower())
+        if name == "Bounce":
+            section.setdefault("bounceType", "Permanent")
+            section.setdefault("bounceSubType", "General")
+            section["bouncedRecipients"] = [
+                {
+                    "emailAddress": r,
+                    "action": "failed",
+                    "status": "5.1.1",
+                    "diagnosticCode": "smtp; 550 5.1.1 user unknown\nno mailbox for Ren\u00e9e",
+                }
+                for r in recipients
+            ]
+        elif name == "Complaint":
+            section["complainedRecipients"] = [{"emailAddress": r} for r in recipients]
+            section.setdefault("complaintFeedbackType", "abuse")
+        elif name == "Delivery":
+            section["recipients"] = recipients
+            section.setdefault("smtpResponse", "250 2.0.0 OK caf\u00e9")
+        elif name == "DeliveryDelay":
+            section["delayedRecipients"] = [
+                {"emailAddress": r, "status": "4.4.7", "diagnosticCode": "smtp; 421 try later"}
+                for r in recipients
+            ]
+            section.setdefault("delayType", "MailboxFull")
+        record[key] = {"timestamp": when, **section}
+        return record
+
+    async def post(self, message: dict[str, Any], *, headers: dict[str, str] | None = None) -> int:
+        """POST one signed SNS message as SNS does; ``headers`` add to or replace SNS's."""
+        sent = {
+            "Content-Type": "text/plain; charset=UTF-8",
+            "User-Agent": "Amazon Simple Notification Service Agent",
+            "x-amz-sns-message-type": str(message.get("Type")),
+            "x-amz-sns-message-id": str(message.get("MessageId")),
+            "x-amz-sns-topic-arn": str(message.get("TopicArn")),
+        }
+        return await self._post(json.dumps(message, indent=2).encode(), {**sent, **(headers or {})})
+
+    async def notify(self, record: dict[str, Any], **signing: Any) -> int:
+        """``record`` (an SES event) as a signed SNS notification."""
+        return await self.post(self.sns.notification(json.dumps(record, ensure_ascii=False), **signing))
 
 
 class SendGridHooks(_Poster):
