@@ -220,3 +220,39 @@ async def test_svix_retries_signed_afresh_get_in_once_the_secret_is_fixed(
     text = await metrics(daemon.http_port)
     assert 'ratatoskr_events_total{provider="resend",type="bounced"} 1.0' in text
     assert 'ratatoskr_events_total{provider="resend",type="delivered"} 0.0' in text  # gave up
+
+
+@pytest.mark.parametrize(
+    ("name", "bounce", "kind", "hardness"),
+    [
+        ("email.scheduled", None, "queued", None),
+        ("email.sent", None, "sent", None),
+        ("email.delivered", None, "delivered", None),
+        ("email.delivery_delayed", None, "deferred", None),
+        ("email.bounced", {"type": "Permanent", "subType": "General"}, "bounced", "hard"),
+        ("email.bounced", {"type": "Transient", "subType": "MailboxFull"}, "bounced", "soft"),
+        ("email.bounced", {"type": "Undetermined"}, "bounced", "unknown"),
+        ("email.bounced", {"type": "Permanent", "subType": "Suppressed"}, "rejected", None),
+        ("email.suppressed", None, "rejected", None),
+        ("email.failed", None, "failed", None),
+        ("email.complained", None, "complained", None),
+        ("email.opened", None, "opened", None),
+        ("email.clicked", None, "clicked", None),
+        ("email.received", None, "unknown", None),
+        ("domain.updated", None, "unknown", None),
+    ],
+)
+def test_every_resend_type_maps_as_the_facts_sheet_says(name, bounce, kind, hardness):
+    data = {"email_id": "e-1", "to": ["Bob <bob@example.net>"], "tags": {"ratatoskr_id": "Q1"}}
+    if bounce is not None:
+        data["bounce"] = bounce
+    payload = {"type": name, "created_at": "2026-01-01T12:01:40.126Z", "data": data}
+    event = ResendWebhook("resend", b"k").event(payload, "msg_1", now=0.0)
+    assert (event.type, event.detail.get("bounce_class")) == (kind, hardness)
+    assert (event.key, event.recipient, event.queue_id, event.provider_message_id) == (
+        "msg_1",
+        "bob@example.net",
+        "Q1",
+        "e-1",
+    )
+    assert event.at == 1767268900.126

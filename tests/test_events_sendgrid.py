@@ -262,3 +262,29 @@ async def test_a_retry_with_the_original_timestamp_is_taken_within_the_24_hours(
     assert len(await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
     with pytest.raises(Refused, match="stale"):
         await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "kind", "hardness"),
+    [
+        ("processed", {}, "queued", None),
+        ("dropped", {"reason": "Unsubscribed Address"}, "rejected", None),
+        ("deferred", {"response": "421 try later", "attempt": "2"}, "deferred", None),
+        ("delivered", {"response": "250 OK"}, "delivered", None),
+        ("bounce", {"type": "bounce"}, "bounced", "hard"),
+        ("bounce", {"type": "blocked"}, "bounced", "soft"),
+        ("bounce", {}, "bounced", "unknown"),
+        ("open", {}, "opened", None),
+        ("click", {"url": "https://example.com"}, "clicked", None),
+        ("spamreport", {}, "complained", None),
+        ("unsubscribe", {}, "unsubscribed", None),
+        ("group_unsubscribe", {"asm_group_id": 7}, "unsubscribed", None),
+        ("group_resubscribe", {"asm_group_id": 7}, "subscribed", None),
+        ("account_status_change", {}, "unknown", None),
+    ],
+)
+def test_every_sendgrid_event_maps_as_the_facts_sheet_says(name, extra, kind, hardness):
+    hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
+    event = hook.event({"event": name, "email": "bob@example.net", "timestamp": 1, **extra}, now=5.0)
+    assert (event.type, event.detail.get("bounce_class"), event.at) == (kind, hardness, 1.0)
+    assert event.key  # built from the event itself when there is no sg_event_id
