@@ -7,6 +7,7 @@ it with webhooks signed as each provider signs (tests/fakes/webhooks.py), and th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -314,3 +315,39 @@ async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmi
     for kind, count in (("delivered", 2), ("bounced", 1), ("deferred", 0)):
         assert f'ratatoskr_events_total{{provider="sparkpost",type="{kind}"}} {count}.0' in text, kind
     assert 'ratatoskr_events_orphaned_total{provider="sparkpost"} 1.0' in text
+
+
+async def test_a_chunked_body_over_the_events_limit_is_refused(running_daemon, fake_mailgun: FakeMailgun):
+    """No Content-Length to refuse early: the events route's own cap (not the much larger
+    ``http.max_body_size`` of ``POST /v1/messages``) still bounds what an unsigned caller sends."""
+    daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
+
+    async def chunks() -> Any:
+        yield b'{"signature": {}, "pad": "'
+        for _ in range(11):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            events_url(daemon, "mailgun"), data=chunks(), headers={"Content-Type": "application/json"}
+        ) as r,
+    ):
+        assert r.status == 413
+
+
+async def test_webhook_bodies_are_held_to_the_shared_memory_budget(running_daemon, fake_mailgun: FakeMailgun):
+    """Anyone can post to the events route: its bodies count against the budget that bounds
+    the memory all request bodies take, as ``POST /v1/messages`` bodies do."""
+    from ratatoskr.api.app import SERVICES
+
+    daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
+    budget = daemon.http_runner.app[SERVICES].bodies
+    hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
+    await budget.acquire(budget.capacity)  # every byte of the budget held elsewhere
+    posting = asyncio.create_task(hooks.post_raw(b'{"signature": {}}'))
+    done, _ = await asyncio.wait({posting}, timeout=0.5)
+    assert not done, "a webhook body was read while the memory budget was exhausted"
+    await budget.release(budget.capacity)
+    assert await posting == 401

@@ -135,10 +135,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     # A declared length over the cap is refused before reading a byte of it.
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:  # a chunked body that ran past client_max_size
-        raise too_large from None
+    # Read here, not by request.read(): that caps a chunked body at the app's client_max_size,
+    # and the events route's limit is smaller than POST /v1/messages's.
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:  # a chunked body, whose size is known only as it arrives
+            raise too_large
+    return bytes(body)
 
 
 async def _build(body: bytes, services: Services) -> tuple[bytes, Envelope]:
@@ -250,17 +254,24 @@ async def post_events(request: web.Request) -> web.Response:
     if request.method == "HEAD":  # Mandrill's check of a new webhook URL
         return web.Response(status=200)
     limit = min(EVENTS_MAX_BODY, services.config.max_body_size)
-    try:
-        body = await _read_body(request, limit)
-    except Refused as refused:
-        return refused.response()
-    hook = WebhookRequest(method=request.method, body=body, headers=request.headers, now=time.time())
-    try:
-        answer = await receiver.receive(provider, hook)
-    except QueueUnavailable as exc:
-        # 503, never a 4xx: SNS and Mailgun give up on some 4xx, and this is our trouble.
-        log.error("queue unavailable, answering 503 to %s's webhook: %s", provider, exc)
-        return web.json_response({"error": "queue unavailable, try again later"}, status=503)
+    # Held to the memory budget of every request body, as POST /v1/messages is: this route
+    # takes bodies from anyone on the internet, before any signature is checked.
+    declared = request.content_length or 0
+    if declared > limit:  # refused before waiting for the budget, or reading a byte of it
+        return web.json_response({"error": f"request body exceeds {limit} bytes"}, status=413)
+    async with services.bodies.holding(declared):
+        try:
+            body = await _read_body(request, limit)
+        except Refused as refused:
+            return refused.response()
+        async with services.bodies.holding(max(0, len(body) - declared)):
+            hook = WebhookRequest(method=request.method, body=body, headers=request.headers, now=time.time())
+            try:
+                answer = await receiver.receive(provider, hook)
+            except QueueUnavailable as exc:
+                # 503, never a 4xx: SNS and Mailgun give up on some 4xx, and this is our trouble.
+                log.error("queue unavailable, answering 503 to %s's webhook: %s", provider, exc)
+                return web.json_response({"error": "queue unavailable, try again later"}, status=503)
     return web.json_response(answer.body, status=answer.status)
 
 
