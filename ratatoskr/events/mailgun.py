@@ -67,15 +67,18 @@ class MailgunWebhook:
         timestamp, token, given, parent = (
             text(signature.get(k)) for k in ("timestamp", "token", "signature", "parent-signature")
         )
-        expected = hmac.new(self._key, (timestamp + token).encode(), hashlib.sha256).hexdigest().encode()
+        # "surrogatepass": JSON can carry a lone surrogate, which strict UTF-8 cannot encode
+        # (such a value is no Mailgun's, and is refused as a bad signature, not a bad body).
+        signed = (timestamp + token).encode("utf-8", "surrogatepass")
+        expected = hmac.new(self._key, signed, hashlib.sha256).hexdigest().encode()
         # A subaccount's event is signed twice over the same timestamp+token: ``signature``
         # with the subaccount's key, ``parent-signature`` with the primary account's, "so the
         # receiving server does not have to account for each individual subaccount" (Mailgun,
         # Securing Webhooks). The configured key is either; one match is enough. Both are
         # compared, always, so the time taken does not tell which one was near. As bytes:
         # compare_digest refuses a str that is not ASCII, and a caller chooses these strings.
-        own = hmac.compare_digest(expected, given.encode())
-        primary = hmac.compare_digest(expected, parent.encode())
+        own = hmac.compare_digest(expected, given.encode("utf-8", "surrogatepass"))
+        primary = hmac.compare_digest(expected, parent.encode("utf-8", "surrogatepass"))
         if not (own or primary):
             raise Refused("bad signature")
         if abs(request.now - number(timestamp, 0.0)) > self.max_age:

@@ -68,12 +68,14 @@ class MandrillWebhook:
             fields = parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             raise Refused("not a Mandrill webhook (form is not UTF-8)") from None
-        given = request.headers.get("X-Mandrill-Signature", "")
-        if not given:
+        header = request.headers.get("X-Mandrill-Signature", "")
+        if not header:
             raise Refused("unsigned (no X-Mandrill-Signature)")
-        if hmac.compare_digest(signature(self._key, self.url, fields), given):
+        # As bytes, as the header came: compare_digest refuses a str that is not ASCII.
+        given = header.encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(signature(self._key, self.url, fields).encode(), given):
             test = False
-        elif hmac.compare_digest(signature(TEST_KEY, self.url, fields), given):
+        elif hmac.compare_digest(signature(TEST_KEY, self.url, fields).encode(), given):
             test = True
         else:
             raise Refused("bad signature (check webhook_url is the URL exactly as registered)")

@@ -80,7 +80,8 @@ class ResendWebhook:
             signed_at = str(math.floor(at))  # Svix's libraries sign the whole seconds
         except (ValueError, OverflowError):
             raise Refused("malformed svix-timestamp") from None
-        signed = f"{msg_id}.{signed_at}.".encode() + request.body
+        # The header's own bytes (aiohttp decodes a non-UTF-8 header with surrogateescape).
+        signed = f"{msg_id}.{signed_at}.".encode("utf-8", "surrogateescape") + request.body
         expected = hmac.new(self._key, signed, hashlib.sha256).digest()
         if not any(hmac.compare_digest(expected, given) for given in _v1_signatures(signatures)):
             raise Refused("bad signature")

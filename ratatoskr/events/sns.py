@@ -109,7 +109,10 @@ class HttpsTransport:
 def check_sns_url(url: str, what: str) -> None:
     """Refuse ``url`` unless it is https on an SNS host: checked on the parsed URL's host part
     as a whole (``sns.eu-west-1.amazonaws.com.evil.test``, ``user@host`` and ``:8443`` fail)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "https://[…": no host at all, and the caller's, not ours, to fix
+        raise Refused(f"{what} is not a URL") from None
     if parts.scheme != "https" or not SNS_HOST.fullmatch(parts.netloc):
         raise Refused(f"{what} is not https on an SNS host: {parts.scheme}://{parts.netloc[:100]}")
 
@@ -210,7 +213,7 @@ def _envelope(body: bytes) -> dict[str, str]:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise Refused("not an SNS message (body is not JSON)") from None
-    if not isinstance(parsed, dict) or parsed.get("Type") not in TYPES:
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("Type"), str) or parsed["Type"] not in TYPES:
         raise Refused("not an SNS message (no known Type)")
     keys = NOTIFICATION_KEYS if parsed["Type"] == "Notification" else CONFIRMATION_KEYS
     message: dict[str, str] = {}
