@@ -351,3 +351,23 @@ async def test_webhook_bodies_are_held_to_the_shared_memory_budget(running_daemo
     assert not done, "a webhook body was read while the memory budget was exhausted"
     await budget.release(budget.capacity)
     assert await posting == 401
+
+
+async def test_a_lone_surrogate_in_a_signed_event_is_stored_not_a_500_forever(
+    running_daemon, fake_mailgun: FakeMailgun, tmp_path
+):
+    """JSON may escape a lone surrogate (``\\udc80``), which no UTF-8 column takes: stored with
+    a ``?`` in its place, not a 500 that the provider retries until it drops the event (and, for
+    a batch, every event with it). Forwarding on: its body is stored too."""
+    daemon = await start(
+        running_daemon,
+        fake_mailgun.provider_entry(webhook_signing_key=MG_KEY),
+        events={"forward_url": "http://127.0.0.1:9/events", "forward_secret": "fwd-secret-1"},
+    )
+    hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
+    event = hooks.event("failed", None, "bob\udc80@example.net", severity="permanent", reason="x\ud800")
+    event["delivery-status"] = {"message": "550 unknown \udcff user", "code": 550}
+    assert await hooks.post(event) == 200
+    assert await hooks.post(event) == 200  # a duplicate, once the first is stored
+    text = await metrics(daemon.http_port)
+    assert 'ratatoskr_events_total{provider="mailgun",type="bounced"} 1.0' in text

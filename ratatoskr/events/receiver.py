@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratatoskr.delivery.bounce import build_dsn
 from ratatoskr.events.base import Refused, Webhook, WebhookRequest, webhook_for
@@ -111,6 +111,7 @@ class EventReceiver:
             return Answer(400, {"error": "signed, but not a webhook body we can read"})
         if not events:
             return Answer(200, {"stored": 0})
+        events = [_storable(e) for e in events]
         forward = self.forwarder.order if self.forwarder else None
         stored = await self.queue.record_events(
             events, keep_until=self.clock() + self.retention, forward=forward
@@ -181,6 +182,35 @@ class EventReceiver:
             queued += 1
         if queued:
             self.on_queued()
+
+
+def _storable(event: DeliveryEvent) -> DeliveryEvent:
+    """``event`` with every lone surrogate (which JSON can escape, ``"\\udc80"``, and no UTF-8
+    column or forward body takes) made a ``?``: else the batch would fail to store, answered
+    500, and be retried by the provider until it drops every event of it."""
+    return replace(
+        event,
+        key=_text(event.key),
+        type=_text(event.type),
+        recipient=_text(event.recipient),
+        detail=_json_text(event.detail),
+        queue_id=None if event.queue_id is None else _text(event.queue_id),
+        provider_message_id=None if event.provider_message_id is None else _text(event.provider_message_id),
+    )
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _json_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, Mapping):
+        return {_text(str(k)): _json_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_text(v) for v in value]
+    return value
 
 
 def _only(recipients: tuple[str, ...]) -> str:
