@@ -371,3 +371,21 @@ async def test_a_lone_surrogate_in_a_signed_event_is_stored_not_a_500_forever(
     assert await hooks.post(event) == 200  # a duplicate, once the first is stored
     text = await metrics(daemon.http_port)
     assert 'ratatoskr_events_total{provider="mailgun",type="bounced"} 1.0' in text
+
+
+async def test_an_event_time_no_calendar_holds_does_not_break_the_history(
+    running_daemon, fake_mailgun: FakeMailgun
+):
+    """A signed event's own time is the provider's to get wrong (1e20, a year past 9999): the
+    event is kept at the time it arrived, and ``GET /v1/messages/{id}`` still answers."""
+    daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_mailgun.messages
+    hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
+    before = time.time()
+    assert await hooks.post(hooks.event("delivered", sent, "bob@example.net", at=1e20)) == 200
+    status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert status == 200
+    [event] = history["events"]
+    assert event["at"] >= time.strftime("%Y-%m-%dT%H:%M", time.gmtime(before))

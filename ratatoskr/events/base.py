@@ -67,8 +67,16 @@ def obj(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+#: The latest time a calendar shows (9999-12-31T23:59:59Z): a later one cannot be shown in RFC 3339.
+LATEST = 253_402_300_799.0
+
+
 def number(value: object, default: float) -> float:
+    """A JSON value as a time in seconds since the epoch; ``default`` for anything that is
+    none, or that no calendar holds (NaN, infinities, before 1970, past 9999), which would
+    otherwise be stored and break every later showing of the message's history."""
     try:
-        return float(value)  # type: ignore[arg-type]
+        found = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
+    return found if 0.0 <= found <= LATEST else default
