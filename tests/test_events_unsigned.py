@@ -72,3 +72,18 @@ async def test_an_unsigned_request_is_refused_whatever_it_holds(case: str) -> No
     with pytest.raises(Refused) as caught:
         await webhook.events(req)
     assert caught.value.status == 401
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"TopicArn": "arn:aws:sns:x\n2026-01-01 00:00:00 WARNING ratatoskr: forged line"},
+        {"SigningCertURL": "https://evil\x1bc.test/x.pem"},
+    ],
+)
+async def test_what_an_unsigned_caller_wrote_reaches_the_log_line_escaped(fields: dict[str, str]) -> None:
+    """The refusal's reason is logged: the caller's text in it must not start a line of its
+    own (a forged log entry) or carry terminal escapes."""
+    with pytest.raises(Refused) as caught:
+        await SES.events(request(sns_message(**fields)))
+    assert not any(c in caught.value.reason for c in "\n\r\x1b")

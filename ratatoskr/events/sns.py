@@ -114,7 +114,8 @@ def check_sns_url(url: str, what: str) -> None:
     except ValueError:  # "https://[…": no host at all, and the caller's, not ours, to fix
         raise Refused(f"{what} is not a URL") from None
     if parts.scheme != "https" or not SNS_HOST.fullmatch(parts.netloc):
-        raise Refused(f"{what} is not https on an SNS host: {parts.scheme}://{parts.netloc[:100]}")
+        where = f"{parts.scheme}://{parts.netloc}"[:100]
+        raise Refused(f"{what} is not https on an SNS host: {where!r}")  # repr: the caller's text
 
 
 def string_to_sign(message: Mapping[str, str]) -> bytes:
@@ -152,7 +153,7 @@ class SnsVerifier:
             if header in headers and headers[header] != message[field]:
                 raise Refused(f"header {header} does not match the body's {field}")
         if message["TopicArn"] != self.topic_arn:
-            raise Refused(f"message from another SNS topic: {message['TopicArn'][:200]}")
+            raise Refused(f"message from another SNS topic: {message['TopicArn'][:200]!r}")
         version = message["SignatureVersion"]
         if version not in _HASHES:
             raise Refused(f"unknown SignatureVersion {version[:10]!r}")
