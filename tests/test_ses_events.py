@@ -164,6 +164,9 @@ async def test_wrong_signature_or_altered_message_is_refused(webhook, sns):
     assert "base64" in (await refused(webhook, request(garbage))).reason
     missing = {k: v for k, v in sns.notification(record).items() if k != "Signature"}
     assert "Signature" in (await refused(webhook, request(missing))).reason
+    # A lone surrogate (JSON escapes one) in a signed field: no UTF-8 of it is SNS's.
+    surrogate = {**sns.notification(record), "Message": "\udc80"}
+    assert (await refused(webhook, request(surrogate))).reason == "bad signature"
 
 
 async def test_another_topic_is_refused_even_when_genuinely_signed(webhook, sns):

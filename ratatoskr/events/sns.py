@@ -121,7 +121,10 @@ def check_sns_url(url: str, what: str) -> None:
 def string_to_sign(message: Mapping[str, str]) -> bytes:
     """The canonical text SNS signs for ``message`` (its ``Type`` decides the keys)."""
     keys = NOTIFICATION_KEYS if message["Type"] == "Notification" else CONFIRMATION_KEYS
-    return "".join(f"{key}\n{message[key]}\n" for key in keys if key in message).encode()
+    text = "".join(f"{key}\n{message[key]}\n" for key in keys if key in message)
+    # "surrogatepass": JSON can escape a lone surrogate, which strict UTF-8 cannot encode (the
+    # message is then no SNS's, and fails as a bad signature, not as a body we cannot read).
+    return text.encode("utf-8", "surrogatepass")
 
 
 def parse_timestamp(value: str) -> float:
