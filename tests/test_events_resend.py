@@ -279,3 +279,21 @@ async def test_a_hard_bounce_naming_no_recipient_sends_no_notice(
     assert "without a recipient: no notice" in caplog.text
     counts = await daemon.spool.stats()
     assert sum(counts[0].values()) == 0, counts  # no notice waiting in the queue
+
+
+async def test_a_created_at_past_9999_in_utc_does_not_break_the_history(
+    running_daemon, fake_resend: FakeResend
+):
+    """ISO times parse within years 1 to 9999 of their own offset, not always of UTC's
+    (``9999-12-31T23:59:59-23:59``): the event is kept at the time it arrived, and
+    ``GET /v1/messages/{id}`` still answers."""
+    hooks = ResendHooks("")
+    daemon = await start(running_daemon, fake_resend.provider_entry(webhook_secret=hooks.secret))
+    hooks.url = events_url(daemon, "resend")
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_resend.messages
+    event = {**hooks.event("email.delivered", sent), "created_at": "9999-12-31T23:59:59-23:59"}
+    assert await hooks.post(event) == 200
+    status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert status == 200 and history["events"][0]["at"] < "9999"

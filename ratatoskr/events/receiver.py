@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ratatoskr.delivery.bounce import build_dsn
-from ratatoskr.events.base import Refused, Webhook, WebhookRequest, webhook_for
+from ratatoskr.events.base import LATEST, Refused, Webhook, WebhookRequest, webhook_for
 from ratatoskr.events.types import EventType
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
@@ -111,7 +111,7 @@ class EventReceiver:
             return Answer(400, {"error": "signed, but not a webhook body we can read"})
         if not events:
             return Answer(200, {"stored": 0})
-        events = [_storable(e) for e in events]
+        events = [_storable(e, request.now) for e in events]
         forward = self.forwarder.order if self.forwarder else None
         stored = await self.queue.record_events(
             events, keep_until=self.clock() + self.retention, forward=forward
@@ -184,12 +184,15 @@ class EventReceiver:
             self.on_queued()
 
 
-def _storable(event: DeliveryEvent) -> DeliveryEvent:
-    """``event`` with every lone surrogate (which JSON can escape, ``"\\udc80"``, and no UTF-8
-    column or forward body takes) made a ``?``: else the batch would fail to store, answered
-    500, and be retried by the provider until it drops every event of it."""
+def _storable(event: DeliveryEvent, now: float) -> DeliveryEvent:
+    """``event`` as the queue can keep and show it: every lone surrogate (which JSON can
+    escape, ``"\\udc80"``, and no UTF-8 column or forward body takes) made a ``?``, else the
+    batch would fail to store, answered 500, and be retried by the provider until it drops
+    every event of it; and a time no calendar shows in UTC (an ISO time of year 9999 west of
+    Greenwich, a NaN) taken as ``now``, else the message's history could never be shown again."""
     return replace(
         event,
+        at=event.at if 0.0 <= event.at <= LATEST else now,
         key=_text(event.key),
         type=_text(event.type),
         recipient=_text(event.recipient),
