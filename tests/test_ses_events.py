@@ -511,3 +511,27 @@ async def test_sns_retries_our_503_but_never_a_refusal(running_daemon, fake_ses:
     assert await hooks.retries() == [401]
     text = await metrics(daemon.http_port)
     assert 'ratatoskr_events_total{provider="ses",type="bounced"} 1.0' in text
+
+
+async def test_the_https_transport_reads_a_certificate_that_arrives_in_pieces():
+    """A read of the body returns what has arrived so far, not all of it: a certificate
+    sent in two pieces (a server or network slow between them) is still read whole."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse()
+        answer.content_length = 2000
+        await answer.prepare(request)
+        await answer.write(b"a" * 1000)
+        await asyncio.sleep(0.2)  # the gap is the network's: nothing on this side to wait for
+        await answer.write(b"b" * 1000)
+        return answer
+
+    app = web.Application()
+    app.router.add_get("/cert.pem", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        body = await HttpsTransport().get(str(server.make_url("/cert.pem")), limit=CERT_MAX_BYTES)
+        assert body == b"a" * 1000 + b"b" * 1000
+    finally:
+        await server.close()

@@ -98,12 +98,24 @@ class HttpsTransport:
             ):
                 if answer.status != 200:
                     raise FetchFailed(f"answered {answer.status}")
-                body = await answer.content.read(limit + 1)
+                body = await _read_at_most(answer.content, limit + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchFailed(f"{type(exc).__name__}: {exc}") from exc
         if len(body) > limit:
             raise FetchFailed(f"answer over {limit} bytes")
         return body
+
+
+async def _read_at_most(content: aiohttp.StreamReader, size: int) -> bytes:
+    """The body up to ``size`` bytes: one ``read(size)`` returns only what has arrived so far
+    (a certificate in two TCP segments would come back cut, and fail to load)."""
+    body = bytearray()
+    while len(body) < size:
+        chunk = await content.read(size - len(body))
+        if not chunk:  # the end of the body
+            break
+        body += chunk
+    return bytes(body)
 
 
 def check_sns_url(url: str, what: str) -> None:
