@@ -22,10 +22,11 @@ import pytest
 
 from ratatoskr.config import SpoolConfig, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
+from ratatoskr.message import Envelope
 from ratatoskr.queue import queue_for
 from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from tests.conftest import smtp_data_reply, wait_until
-from tests.postgres import ADMIN_URL, database, terminate_all
+from tests.postgres import ADMIN_URL, LosingProxy, database, terminate_all
 from tests.process import write_config
 
 pytestmark = pytest.mark.postgres
@@ -207,6 +208,91 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(tmp_pat
         finally:
             await a.close()
             await b.close()
+
+
+async def in_flight_rows(url: str) -> dict[str, tuple[str | None, str | None, int]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, owner, lease_token, recoveries FROM ratatoskr_messages WHERE state = 'inflight'"
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: (r["owner"], r["lease_token"], r["recoveries"]) for r in rows}
+
+
+async def test_a_claim_whose_answer_was_lost_strands_nothing(tmp_path):
+    """The server commits a claim, then its connection is terminated before the answer reaches
+    the node: the claim's retry must hand over those messages (they used to stay in flight
+    under this node with nobody delivering them until the lease ran out, then counted as a
+    crash), and no other node may get them meanwhile."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
+        other = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        await other.open()
+        try:
+            for qid in ("M1", "M2", "M3"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"UPDATE 3\x00")
+            claimed = await node.claim(10)
+            assert proxy.lost == 1
+            assert [m.id for m in claimed] == ["M1", "M2", "M3"]
+            rows = await in_flight_rows(url)
+            assert rows == {m.id: (node.node_id, node._held[m.id], 0) for m in claimed}
+            assert await other.claim(10) == []
+            assert [await node.complete(m.id) for m in claimed] == [True, True, True]
+        finally:
+            await node.close()
+            await other.close()
+
+
+async def test_a_claim_that_lost_both_answers_is_made_good_by_the_next_claim(tmp_path):
+    """Both tries lose their answer (the retry's transaction is rolled back by the second
+    termination): the claim says the queue is unavailable, and the next claim hands over the
+    messages the first try committed."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
+        await node.open()
+        try:
+            for qid in ("M1", "M2"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [held] = await node.claim(1)  # held across the trouble: not to be released
+            await node.put("M3", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"UPDATE 2\x00", times=2)
+            with pytest.raises(QueueUnavailable):
+                await node.claim(10)
+            assert proxy.lost == 2
+            assert set(await in_flight_rows(url)) == {"M1", "M2", "M3"}  # the first try's claim held
+            claimed = await node.claim(10)
+            assert [m.id for m in claimed] == ["M2", "M3"]
+            rows = await in_flight_rows(url)
+            assert {qid: token for qid, (_, token, _) in rows.items()} == node._held
+            assert held.id == "M1" and all(n == 0 for _, _, n in rows.values())
+        finally:
+            await node.close()
+
+
+async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path):
+    """The COMMIT of a put went through and its answer was lost: the retry finds the row it
+    wrote and acknowledges it (it used to refuse it as a duplicate, a 451 for a committed
+    message, which the client would have sent again); a real duplicate is still refused."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60)
+        await node.open()
+        try:
+            await node.put("M0", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"COMMIT")
+            assert await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {}) == "M1"
+            assert proxy.lost == 1
+            assert [m.id for m in await node.list()] == ["M0", "M1"]
+            with pytest.raises(QueueUnavailable, match="already in the queue"):
+                await node.put("M0", env, b"Subject: other\r\n\r\nhi\r\n", {})
+        finally:
+            await node.close()
 
 
 def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path: Path):

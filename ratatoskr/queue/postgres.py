@@ -173,6 +173,7 @@ _INSERT = (
     " $9, $10)"
 )
 _INSERT_IF_ABSENT = _INSERT + " ON CONFLICT (id) DO NOTHING"
+_UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 # $1 due, $2 excluded ids, $3 limit, $4 byte budget (NULL: none), $5 node, $6 token, $7 lease.
 # SKIP LOCKED: rows another node is claiming right now are passed over, never waited for.
 _CLAIM = f"""
@@ -189,9 +190,15 @@ FROM budget b WHERE m.id = b.id AND ($4::bigint IS NULL OR b.before < $4::bigint
 RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
     m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error, m.raw
 """
+# A claim whose answer never came (the connection dropped after the server committed it) left
+# rows in flight under this node that it does not know it holds: back to the queue with them.
+# $1 this node, $2 the ids it knows it holds.
+_RELEASE_UNKNOWN = (
+    "UPDATE ratatoskr_messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued'"
+    f" END, {_UNLEASE} WHERE state = 'inflight' AND owner = $1 AND NOT (id = ANY($2::text[]))"
+)
 # Transitions hold only under the lease the claim gave: $1 id, $2 token.
 _IN_FLIGHT = "id = $1 AND lease_token = $2 AND state = 'inflight'"
-_UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 _COMPLETE = f"DELETE FROM ratatoskr_messages WHERE {_IN_FLIGHT}"
 # $3 keep until, $4 now, $5 attempts (JSON list), $6 1 when it counts as an attempt.
 _KEEP_DELIVERED = (
@@ -203,6 +210,7 @@ _INDEX_PROVIDER_ID = (
     "INSERT INTO ratatoskr_provider_ids (provider, pid, qid) VALUES ($1, $2, $3)"
     " ON CONFLICT (provider, pid) DO UPDATE SET qid = EXCLUDED.qid"
 )
+_OUR_ROW = "SELECT 1 FROM ratatoskr_messages WHERE id = $1 AND created_at = $2 AND size = $3"
 _MESSAGE_EXISTS = "SELECT 1 FROM ratatoskr_messages WHERE id = $1"
 _BY_PROVIDER_ID = "SELECT qid FROM ratatoskr_provider_ids WHERE provider = $1 AND pid = $2"
 _INSERT_EVENT = (
@@ -404,6 +412,8 @@ class PostgresQueue:
         self._puts: asyncio.Queue[_Put] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._registered = False
+        self._claiming = asyncio.Lock()
+        self._claim_in_doubt = False  # a claim was sent and its answer never came
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -534,15 +544,24 @@ class PostgresQueue:
                     puts.task_done()
 
     async def _insert(self, batch: list[_Put]) -> None:
-        async def insert_all(conn: asyncpg.Connection) -> None:
+        tries = 0
+
+        async def insert_all(conn: asyncpg.Connection) -> list[BaseException | None]:
+            nonlocal tries
+            tries += 1
             async with conn.transaction():
-                for put in batch:
-                    await conn.execute(_INSERT_IF_ABSENT if put.if_absent else _INSERT, *put.row)
+                if tries == 1:
+                    for put in batch:
+                        await conn.execute(_INSERT_IF_ABSENT if put.if_absent else _INSERT, *put.row)
+                    return [None] * len(batch)
+                # The first try's COMMIT may have gone through with its answer lost: a row
+                # that is there already with our arrival time and size is ours, not a clash
+                # (refusing it would 451 a committed message, and the client would send it again).
+                return [await _insert_again(conn, put) for put in batch]
 
         try:
-            await self._run(insert_all)
+            outcomes = await self._run(insert_all)
             self.commits += 1
-            outcomes: list[BaseException | None] = [None] * len(batch)
         except asyncpg.UniqueViolationError:
             outcomes = [await self._insert_one(put) for put in batch]  # only the duplicate fails
         except QueueUnavailable as exc:
@@ -583,10 +602,29 @@ class PostgresQueue:
             token,
             self.lease,
         )
-        rows = await self._run(lambda c: c.fetch(_CLAIM, *args))
-        found = [_message(row) for row in rows]
-        for message in found:
-            self._held[message.id] = token
+
+        async def claim_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            if not self._claim_in_doubt:
+                self._claim_in_doubt = True  # until this claim's answer is in hand
+                rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, *args)
+                return rows
+            # An earlier claim (maybe this one's first try) got no answer, yet the server may
+            # have committed it: those rows are in flight here with nobody delivering them, and
+            # would wait out their lease, then count as a crash. Released and claimed afresh in
+            # one transaction, they are in this claim's answer instead.
+            async with conn.transaction():
+                released = _count(await conn.execute(_RELEASE_UNKNOWN, self.node_id, list(self._held)))
+                rows = await conn.fetch(_CLAIM, *args)
+            if released:
+                log.warning("%d messages claimed by a claim whose answer was lost claimed again", released)
+            return rows
+
+        async with self._claiming:  # one claim at a time: the release above must see every hold
+            rows = await self._run(claim_rows)
+            self._claim_in_doubt = False
+            found = [_message(row) for row in rows]
+            for message in found:
+                self._held[message.id] = token
         return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
 
     def _lease(self, qid: str) -> str:
@@ -803,6 +841,17 @@ class _Put(NamedTuple):
     row: tuple[Any, ...]
     if_absent: bool
     done: asyncio.Future[str]
+
+
+async def _insert_again(conn: asyncpg.Connection, put: _Put) -> BaseException | None:
+    """A put retried after its connection dropped: inserted, or found already stored by the
+    first try (same id, arrival time and size), or a real duplicate."""
+    if _count(await conn.execute(_INSERT_IF_ABSENT, *put.row)) == 1 or put.if_absent:
+        return None
+    qid, created_at, size = put.row[0], put.row[1], put.row[8]
+    if await conn.fetchval(_OUR_ROW, qid, created_at, size):
+        return None
+    return QueueUnavailable(f"message {qid} is already in the queue")
 
 
 def _reason(exc: BaseException) -> str:
