@@ -194,7 +194,7 @@ async def _check_cluster(config: Config) -> bool:
     assert config.spool.url is not None
     queue = PostgresQueue(config.spool.url, lifetime=config.delivery.max_queue_lifetime)
     try:
-        await queue.open(create=False)
+        await queue.open(create=False, older_schema=True)  # check before an upgrade
         lines = await queue.describe()
     except QueueUnavailable as exc:
         print(f"queue database: FAILED: {exc}")
@@ -264,6 +264,9 @@ async def _queue_command(settings: config_mod.QueueSettings, args: argparse.Name
     except QueueUnavailable as exc:  # says what and where
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    except ConfigError as exc:  # the database has synchronous_commit = off
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     # Circuits are published next to a SQLite queue by the daemon on this machine.
     states = circuits.read(settings.spool.path)
     try:

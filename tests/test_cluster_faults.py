@@ -137,6 +137,9 @@ async def test_synchronous_commit_off_is_refused_naming_the_setting(tmp_path):
         )
         assert done.returncode == 2, done.stderr
         assert "synchronous_commit" in done.stderr
+        listing = await asyncio.to_thread(ratatoskr, config, "queue", "list")
+        assert listing.returncode == 2, listing.stderr
+        assert "spool.url" in listing.stderr and "synchronous_commit" in listing.stderr
 
 
 async def test_several_nodes_starting_at_once_migrate_once(tmp_path):
@@ -293,6 +296,105 @@ async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path)
                 await node.put("M0", env, b"Subject: other\r\n\r\nhi\r\n", {})
         finally:
             await node.close()
+
+
+def ratatoskr(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ratatoskr", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+QUEUE_COMMANDS = [("list",), ("show", "M1"), ("retry", "M1"), ("delete", "M1")]
+
+
+async def schema_state(url: str) -> tuple[bool, int | None]:
+    """Whether any ratatoskr table exists, and the recorded schema version."""
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'ratatoskr%'")
+        version = None
+        if await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
+            version = await conn.fetchval("SELECT MAX(version) FROM ratatoskr_schema")
+        return tables > 0, version
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("command", QUEUE_COMMANDS, ids=[c[0] for c in QUEUE_COMMANDS])
+def test_queue_commands_never_create_the_schema(tmp_path: Path, command: tuple[str, ...]):
+    """A database without our schema: each queue command exits 1 naming the database (without
+    the password), and creates nothing there, nor the local folder."""
+
+    async def run() -> tuple[subprocess.CompletedProcess[str], str, tuple[bool, int | None]]:
+        async with database() as url:
+            config = write_config(
+                tmp_path / "r.toml",
+                {"spool": {"path": str(tmp_path / "var"), "url": with_password(url)}},
+                [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+            )
+            done = await asyncio.to_thread(ratatoskr, config, "queue", *command)
+            return done, url, await schema_state(url)
+
+    done, url, state = asyncio.run(run())
+    assert done.returncode == 1, done.stderr
+    assert f"no queue in {redact_url(with_password(url))}" in done.stderr
+    assert "never" in done.stderr
+    assert PASSWORD not in done.stdout + done.stderr
+    assert state == (False, None)
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("recorded", [SCHEMA_VERSION - 1, SCHEMA_VERSION + 1], ids=["older", "newer"])
+def test_queue_commands_refuse_a_schema_of_another_version_and_never_migrate(tmp_path: Path, recorded: int):
+    """The schema is at a version this binary does not run: queue commands exit 1 saying which
+    and what to do, and leave it as it is; check accepts an older one (a node of this version
+    migrates it at start-up: checking before an upgrade) and fails on a newer one."""
+
+    async def run() -> tuple[list[subprocess.CompletedProcess[str]], str, tuple[bool, int | None]]:
+        async with database() as url:
+            node = PostgresQueue(url, lifetime=60)
+            await node.open()
+            await node.close()
+            await admin_on(url, "DELETE FROM ratatoskr_schema WHERE version > $1", recorded)
+            if recorded > SCHEMA_VERSION:
+                await admin_on(url, "INSERT INTO ratatoskr_schema (version) VALUES ($1)", recorded)
+            config = write_config(
+                tmp_path / "r.toml",
+                {"spool": {"path": str(tmp_path / "var"), "url": with_password(url)}},
+                [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+            )
+            runs = [await asyncio.to_thread(ratatoskr, config, "queue", *c) for c in QUEUE_COMMANDS]
+            runs.append(await asyncio.to_thread(ratatoskr, config, "check"))
+            return runs, url, await schema_state(url)
+
+    runs, url, state = asyncio.run(run())
+    *commands, check = runs
+    word = "older" if recorded < SCHEMA_VERSION else "newer"
+    for done in commands:
+        assert done.returncode == 1, done.stderr
+        assert f"the queue in {redact_url(with_password(url))} has schema version {recorded}" in done.stderr
+        assert f"{word} than this ratatoskr" in done.stderr
+        assert PASSWORD not in done.stdout + done.stderr
+    assert state == (True, recorded)  # nothing migrated
+    assert PASSWORD not in check.stdout + check.stderr
+    if recorded < SCHEMA_VERSION:
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"queue schema version {recorded} (this ratatoskr: {SCHEMA_VERSION};" in check.stdout
+        assert "migrates it when it starts" in check.stdout
+    else:
+        assert check.returncode == 1
+        assert "queue database: FAILED" in check.stdout and "newer than this ratatoskr" in check.stdout
+
+
+async def admin_on(url: str, sql: str, *args: Any) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
 
 
 def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path: Path):

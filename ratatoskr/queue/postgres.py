@@ -48,6 +48,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
@@ -55,6 +56,7 @@ import asyncpg
 from ratatoskr.config import redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
+from ratatoskr.private import private_dir
 from ratatoskr.queue.base import RawParts
 from ratatoskr.queue.values import (
     IN_QUEUE,
@@ -321,6 +323,13 @@ async def migrate(conn: asyncpg.Connection) -> int:
         return SCHEMA_VERSION
 
 
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    """The version the schema is at, or None where there is none (nothing is created)."""
+    if not await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
+        return None
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM ratatoskr_schema"))
+
+
 async def check_durability(conn: asyncpg.Connection) -> None:
     """Refuse a server that would acknowledge a COMMIT before flushing it."""
     setting = await conn.fetchval("SHOW synchronous_commit")
@@ -396,8 +405,12 @@ class PostgresQueue:
         clock: Callable[[], float] = time.time,
         lease: float = 30.0,
         pool_size: int = 10,
+        local_dir: Path | None = None,
     ) -> None:
+        """``local_dir``: this node's folder for temporary files, made by ``open()`` (never by
+        ``open(create=False)``: queue commands create nothing)."""
         self.url = url
+        self.local_dir = local_dir
         self.where = redact_url(url)  #: the queue's place as logs and errors show it
         self.lifetime = lifetime
         self.clock = clock
@@ -417,9 +430,16 @@ class PostgresQueue:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def open(self, *, create: bool = True) -> None:
-        """Connect, check durability, migrate (with ``create``) and start the group-commit
-        writers and the lease keeper."""
+    async def open(self, *, create: bool = True, older_schema: bool = False) -> None:
+        """Connect, check durability, migrate and start the group-commit writers and the lease
+        keeper. With ``create=False`` (``queue …`` commands, ``check``) nothing is created or
+        migrated and no lease is kept: the schema must be there at this version (or older, with
+        ``older_schema``), else :class:`QueueUnavailable` says so, naming the database."""
+        if create and self.local_dir is not None:
+            try:
+                private_dir(self.local_dir)  # spill files hold mail: 0700
+            except OSError as exc:
+                raise QueueUnavailable(f"cannot create {self.local_dir}: {exc}") from None
         try:
             conn = await asyncpg.connect(self.url, timeout=10)
         except _TROUBLE as exc:
@@ -428,8 +448,8 @@ class PostgresQueue:
             await check_durability(conn)
             if create:
                 await migrate(conn)
-            elif not await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
-                raise QueueUnavailable(f"no queue in {self.where}")
+            else:
+                self._check_version(await schema_version(conn), older_ok=older_schema)
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, timeout=5, command_timeout=30
             )
@@ -439,7 +459,26 @@ class PostgresQueue:
             await conn.close()
         self._puts = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_puts()) for _ in range(_WRITERS)]
-        self._tasks.append(asyncio.create_task(self._keep_leases()))
+        if create:  # an admin handle holds no leases, and sweeping others' is the nodes' work
+            self._tasks.append(asyncio.create_task(self._keep_leases()))
+
+    def _check_version(self, version: int | None, *, older_ok: bool) -> None:
+        if version is None:
+            raise QueueUnavailable(
+                f"no queue in {self.where}: its schema is not there (a node creates it when it"
+                " starts; queue commands never do)"
+            )
+        if version > SCHEMA_VERSION:
+            raise QueueUnavailable(
+                f"the queue in {self.where} has schema version {version}, newer than this"
+                f" ratatoskr knows ({SCHEMA_VERSION}): use the ratatoskr version the nodes run"
+            )
+        if version < SCHEMA_VERSION and not older_ok:
+            raise QueueUnavailable(
+                f"the queue in {self.where} has schema version {version}, older than this"
+                f" ratatoskr's ({SCHEMA_VERSION}): start a node of this version to migrate it"
+                " (queue commands never migrate), or use the ratatoskr version the nodes run"
+            )
 
     async def close(self) -> None:
         """Finish the puts already submitted, mark this node stopped (so the others take back
@@ -803,7 +842,8 @@ class PostgresQueue:
         """For ``check``: the schema version and the nodes seen in the last five minutes."""
         version = await self._run(lambda c: c.fetchval("SELECT MAX(version) FROM ratatoskr_schema"))
         nodes = await self._run(lambda c: c.fetch(_RECENT_NODES))
-        lines = [f"queue schema version {version} (this ratatoskr: {SCHEMA_VERSION})"]
+        later = "; a node of this version migrates it when it starts" if version < SCHEMA_VERSION else ""
+        lines = [f"queue schema version {version} (this ratatoskr: {SCHEMA_VERSION}{later})"]
         lines.append(f"nodes seen in the last 5 minutes: {len(nodes)}")
         lines += [
             f"  {n['id']}: seen {float(n['ago']):.0f}s ago{' (stopped)' if n['stopped'] else ''}"
