@@ -103,13 +103,14 @@ async def schema_url(database_url: str) -> AsyncIterator[str]:
 
 
 async def terminate_all(database_url: str) -> int:
-    """pg_terminate_backend every connection to the database (but this one): how many."""
+    """pg_terminate_backend every connection to the database (but this one): how many. Each
+    is gone when this returns (the call waits for it), so nothing more runs on them."""
     name = database_url.split("?", 1)[0].rsplit("/", 1)[-1]
     conn = await asyncpg.connect(ADMIN_URL)
     try:
         return int(
             await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                 " WHERE datname = $1 AND pid <> pg_backend_pid()",
                 name,
             )
@@ -211,7 +212,7 @@ async def _terminate_port(client_port: int) -> None:
     conn = await asyncpg.connect(ADMIN_URL)
     try:
         await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE client_port = $1", client_port
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE client_port = $1", client_port
         )
     finally:
         await conn.close()

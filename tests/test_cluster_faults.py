@@ -397,6 +397,44 @@ async def admin_on(url: str, sql: str, *args: Any) -> None:
         await conn.close()
 
 
+async def test_a_delivery_bug_while_the_database_is_away_is_recorded_once_it_is_back(
+    tmp_path, running_daemon, fake_mailgun, monkeypatch, caplog
+):
+    """A round ends in an unexpected exception just as the database goes away: the deferral
+    (and then the release) failed, and the message stayed in flight at this node, its lease
+    renewed, until a restart. Now the deferral is retried until the database is back."""
+    from ratatoskr.delivery.dispatcher import Dispatcher
+
+    async with database() as url:
+        real_round = Dispatcher._round
+
+        async def round_then_bug(self: Dispatcher, *args: Any) -> Any:
+            await real_round(self, *args)
+            await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS false')
+            await terminate_all(url)
+            raise RuntimeError("a bug meets a database outage")
+
+        monkeypatch.setattr(Dispatcher, "_round", round_then_bug)
+        daemon = await running_daemon(
+            spool={"path": str(tmp_path / "var"), "url": url, "lease": 2.0},
+            providers=[fake_mailgun.provider_entry()],
+            delivery={"retry_max": 3600},
+        )
+        assert (await smtp_data_reply(daemon.smtp_port, message("unlucky")))[0] == 250
+        caplog.set_level(logging.ERROR)
+        await wait_until(
+            lambda: "delivery failed unexpectedly" in caplog.text and "cannot claim messages" in caplog.text,
+            10,
+            what="the bug and the outage",
+        )
+        await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS true')
+        await wait_until(lambda: daemon.dispatcher.in_flight == 0, 10, what="the deferral recorded")
+        [stored] = await daemon.spool.list()
+        assert stored.state.value == "deferred"
+        assert stored.last_error == "internal error: RuntimeError"
+        await daemon.stop()
+
+
 def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path: Path):
     url_holder: list[str] = []
 
