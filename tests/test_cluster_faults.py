@@ -298,6 +298,28 @@ async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path)
             await node.close()
 
 
+async def test_a_forwards_claim_whose_answer_was_lost_gets_them_on_its_retry(tmp_path):
+    """As for messages: the lost claim's forwards would otherwise wait out their lease."""
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60)
+        await node.open()
+        try:
+            for fid in ("f1", "f2"):
+                await admin_on(
+                    url,
+                    "INSERT INTO ratatoskr_forwards (id, body, created_at, due_at, give_up_at)"
+                    " VALUES ($1, '{}', 0, 0, 1e12)",
+                    fid,
+                )
+            proxy.lose(b"UPDATE 2\x00")
+            claimed = await node.claim_forwards(10, lease=60)
+            assert proxy.lost == 1
+            assert [f.id for f in claimed] == ["f1", "f2"]
+            assert [await node.finish_forward(f.id, f.token) for f in claimed] == [True, True]
+        finally:
+            await node.close()
+
+
 def ratatoskr(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ratatoskr", *args, "--config", str(config)],

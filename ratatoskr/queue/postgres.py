@@ -326,11 +326,13 @@ _INSERT_FORWARD = (
 )
 # $1 now (queue clock: when due), $2 limit, $3 token, $4 lease. The lease is in the database's
 # clock, as messages' are; SKIP LOCKED: a forward another node is claiming is passed over.
+# Those leased under $3 already are this claim's own, taken by a first try whose answer was
+# lost (the connection dropped after the commit): its retry, with the same token, gets them.
 _CLAIM_FORWARDS = f"""
 UPDATE ratatoskr_forwards f SET lease_token = $3, lease_until = {_NOW} + $4
 FROM (
     SELECT id FROM ratatoskr_forwards
-    WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until < {_NOW})
+    WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until < {_NOW} OR lease_token = $3)
     ORDER BY due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
 ) d WHERE f.id = d.id
 RETURNING f.id, f.body, f.attempts, f.give_up_at, f.lease_token, f.due_at
