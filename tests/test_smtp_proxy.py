@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ratatoskr import config as config_mod
+from ratatoskr.cli import describe
 from ratatoskr.errors import ConfigError
 from ratatoskr.smtp import replies
 from tests.conftest import RawSmtp, wait_until
@@ -149,6 +150,7 @@ def test_config_asks_for_the_trusted_proxies_and_refuses_a_trusted_listener(tmp_
     cfg = config_mod.parse(smtp_section(proxy_protocol=True, proxy_trusted=["10.0.0.2", "10.0.1.0/24"]))
     assert cfg.smtp.proxy_protocol
     assert [str(n) for n in cfg.smtp.proxy_trusted] == ["10.0.0.2/32", "10.0.1.0/24"]
+    assert describe(cfg)[1].endswith(", PROXY protocol from 10.0.0.2/32, 10.0.1.0/24")  # check
     assert config_mod.parse(smtp_section(proxy_trusted=["10.0.0.2"])).smtp.proxy_trusted == ()  # off
     with pytest.raises(ConfigError, match=r"^smtp\.proxy_trusted: required"):
         config_mod.parse(smtp_section(proxy_protocol=True))
