@@ -572,6 +572,60 @@ async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
         assert len(fake_mailgun.calls) == calls_before
 
 
+async def test_an_open_circuit_gets_one_trial_for_the_cluster(tmp_path, running_daemon, fake_mailgun):
+    """Node A's circuit opens: B pauses past A's cool-down and sends nothing when it ends, while
+    A's trial goes out alone; the failed trial keeps B paused; the delivered one lets B (and its
+    held mail) go at once, long before B's own wait would have ended."""
+    from ratatoskr.cluster import TRIAL_WAIT
+
+    async with database() as url:
+        spool = {"url": url, "lease": 2.0}
+        delivery = {"circuit_failures": 1, "circuit_cooldown": 1, "retry_initial": 1}
+        a = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "a")},
+            providers=[fake_mailgun.provider_entry()],
+            delivery=delivery,
+        )
+        b = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "b")},
+            providers=[fake_mailgun.provider_entry()],
+            delivery=delivery,
+        )
+
+        def health(node: Any) -> Any:
+            return node.dispatcher.pool.health["mailgun"]
+
+        fake_mailgun.fail(503, times=None)
+        assert (await smtp_data_reply(a.smtp_port, message("first")))[0] == 250
+        await wait_until(lambda: "open" in (health(a).state(), health(b).state()), 10, what="a circuit open")
+        met, other = (a, b) if health(a).state() == "open" else (b, a)
+        await wait_until(
+            lambda: "circuit open at node" in health(other).last_error, 5, what="the other paused"
+        )
+        assert health(other).ready_at() >= health(met).ready_at() + TRIAL_WAIT - 1
+        for name in ("held 1", "held 2"):  # due now: the other node would send them if it could
+            assert (await smtp_data_reply(other.smtp_port, message(name)))[0] == 250
+        calls = len(fake_mailgun.calls)
+
+        # The cool-down ends: A's trial fails (its cool-down doubles); B has sent nothing.
+        await wait_until(lambda: health(met).cooldown == 2.0, 10, what="the first trial")
+        assert len(fake_mailgun.calls) == calls + 1
+        assert not health(other).up
+
+        fake_mailgun.heal()
+        await wait_until(lambda: health(met).up, 10, what="the second trial delivered")
+        loop = asyncio.get_running_loop()
+        delivered_at = loop.time()
+        await wait_until(lambda: health(other).up, 5, what="the other taking traffic again")
+        assert loop.time() - delivered_at < 3  # not TRIAL_WAIT later
+        await fake_mailgun.wait_for(3)
+        assert sorted(str(m.header("Subject")) for m in fake_mailgun.messages) == [
+            "first",
+            "held 1",
+            "held 2",
+        ]
+
+
 def test_spool_url_takes_env_and_is_checked(monkeypatch):
     from ratatoskr import config as config_mod
 

@@ -178,6 +178,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ratatoskr_forwards_due ON ratatoskr_forwards (due_at, id);
     """,
+    # 5: whether a provider's shared pause is an open circuit, whose trial its node sends.
+    """
+    ALTER TABLE ratatoskr_provider_state ADD COLUMN circuit boolean NOT NULL DEFAULT false;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_KEY = 0x7261746174  # "ratat": the advisory lock our migrations take
