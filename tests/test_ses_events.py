@@ -186,6 +186,10 @@ async def test_another_topic_is_refused_even_when_genuinely_signed(webhook, sns)
         "https://s3.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem",
         "https://evil.test/sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem",
         "https://sns.x.amazonaws.com/SimpleNotificationService-x.pem",  # region under 3 characters
+        # An SNS host, but no signing certificate's path: an unsigned caller picks no path.
+        "https://sns.eu-west-1.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=x",
+        "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-x.pem/../other",
+        "https://sns.eu-west-1.amazonaws.com/other/SimpleNotificationService-x.pem",
     ],
 )
 async def test_certificate_url_off_sns_hosts_is_refused_never_fetched(webhook, sns, url):

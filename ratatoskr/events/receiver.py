@@ -104,7 +104,8 @@ class EventReceiver:
             events = await webhook.events(request)
         except Refused as refused:
             self._log_refusal(provider, refused.reason)
-            return Answer(refused.status, {"error": "signature missing or invalid"})
+            error = "try again later" if refused.status >= 500 else "signature missing or invalid"
+            return Answer(refused.status, {"error": error})
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # Signed, yet not in the provider's format: nothing to retry into shape.
             log.warning("provider=%s signed webhook not understood: %s", provider, type(exc).__name__)

@@ -44,6 +44,9 @@ from ratatoskr.events.base import Refused
 #: AWS's own validators' host pattern (PHP SDK, aws-js-sns-message-validator), held against the
 #: whole ``host`` part of the URL: no userinfo, no port.
 SNS_HOST = re.compile(r"sns\.[a-zA-Z0-9-]{3,}\.amazonaws\.com(\.cn)?")
+#: The path of SNS's signing certificates (``/SimpleNotificationService-<hex>.pem``): an
+#: unsigned caller must not make us fetch any other path on an SNS host.
+SNS_CERT_PATH = re.compile(r"/SimpleNotificationService-[A-Za-z0-9]+\.pem")
 
 NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 CONFIRMATION_KEYS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
@@ -173,6 +176,8 @@ class SnsVerifier:
         if version not in _HASHES:
             raise Refused(f"unknown SignatureVersion {version[:10]!r}")
         check_sns_url(message["SigningCertURL"], "SigningCertURL")
+        if not SNS_CERT_PATH.fullmatch(urlsplit(message["SigningCertURL"]).path):
+            raise Refused("SigningCertURL is not an SNS signing certificate's path")
         try:
             published = parse_timestamp(message["Timestamp"])
         except ValueError:
