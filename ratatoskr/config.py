@@ -125,9 +125,19 @@ class SpoolConfig:
         return redact_url(self.url) if self.url else str(self.path)
 
 
+#: Query keys whose values are credentials: libpq's ``password``, and the ``?token=`` /
+#: ``?key=`` / ``?sig=`` an application's webhook URL (``forward_url``) may carry.
+_SECRET_QUERY_WORDS = ("pass", "token", "secret", "key", "sig", "auth", "credential")
+
+
+def _secret_query_key(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_QUERY_WORDS)
+
+
 def url_passwords(url: str) -> list[str]:
-    """Every password ``url`` carries: in its user info, or as ``?password=`` (libpq and asyncpg
-    take both), for the log redaction filter."""
+    """Every password ``url`` carries: in its user info, or as a credential in its query
+    (``?password=``, which libpq and asyncpg take; ``?token=`` and the like), for the log
+    redaction filter."""
     userinfo = url.partition("://")[2].rpartition("@")[0]
     found = [userinfo.partition(":")[2]] if ":" in userinfo else []  # even with a raw '/' in it
     try:
@@ -135,7 +145,7 @@ def url_passwords(url: str) -> list[str]:
     except ValueError:
         return found
     found += [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    found += [v for k, v in parse_qsl(parts.query) if _secret_query_key(k) and v]
     return sorted({*found, *(unquote(f) for f in found)})  # as written and as the driver reads it
 
 
@@ -153,7 +163,7 @@ def redact_url(url: str) -> str:
     user, at, host = netloc.rpartition("@")
     if at and ":" in user:
         netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(parts.query))
+    query = "&".join(f"{k}=***" if _secret_query_key(k) else f"{k}={v}" for k, v in parse_qsl(parts.query))
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 

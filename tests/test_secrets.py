@@ -117,3 +117,14 @@ async def http_requests(port: int, token: str, wrong: str) -> None:
             assert r.status == 401
         async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 202
+
+
+def test_credentials_in_a_url_query_are_redacted_and_listed_for_the_log_filter():
+    """An application's webhook URL (``forward_url``) may carry its credential as
+    ``?token=``: ``check`` and the logs must not show it, while harmless keys stay readable."""
+    from ratatoskr.config import redact_url, url_passwords
+
+    url = "https://app.example/hooks?token=t0ps3cret&sslmode=require&api_key=k3y"
+    assert redact_url(url) == "https://app.example/hooks?token=***&sslmode=require&api_key=***"
+    assert set(url_passwords(url)) == {"t0ps3cret", "k3y"}
+    assert redact_url("postgresql://u:pw@db/q?password=x") == "postgresql://u:***@db/q?password=***"
