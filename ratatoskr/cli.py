@@ -17,7 +17,7 @@ from typing import Any
 from ratatoskr import __version__, circuits, queue_output
 from ratatoskr import config as config_mod
 from ratatoskr.auth import hash_password
-from ratatoskr.config import Config
+from ratatoskr.config import Config, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.providers import build_providers
 from ratatoskr.queue import Queue, queue_for
@@ -178,6 +178,8 @@ def describe(config: Config) -> list[str]:
     ]
     for i, p in enumerate(config.providers):
         lines.append(f"provider {i + 1}: {p.name} ({p.kind}) {p.describe()}")
+    if config.events.forward_url:
+        lines.append(f"events: forwarded to {redact_url(config.events.forward_url)}, signed")
     return lines
 
 

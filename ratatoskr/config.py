@@ -170,6 +170,18 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """``[events]``: where the normalized events go (``docs/events.md``, "Forwarding")."""
+
+    forward_url: str | None = None  #: http(s) URL the application takes events at; None: off
+    forward_secret: Secret | None = None  #: the HMAC-SHA256 key each forward is signed with
+    forward_timeout: float = 10.0  #: seconds one POST to the application may take
+
+    def url_passwords(self) -> list[str]:
+        return url_passwords(self.forward_url) if self.forward_url else []
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -183,6 +195,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     providers: tuple[ProviderSettings, ...] = (OutboxSettings(name="outbox"),)
     log: LogConfig = LogConfig()
+    events: EventsConfig = EventsConfig()
     source: str = DEFAULTS_SOURCE
 
     def secrets(self) -> list[str]:
@@ -191,6 +204,8 @@ class Config:
         found += [t.reveal() for t in self.http.api_tokens]
         found += [h.reveal() for h in self.smtp.users.values()]
         found += self.spool.url_passwords()
+        found += [self.events.forward_secret.reveal()] if self.events.forward_secret else []
+        found += self.events.url_passwords()
         return [s for s in found if s]
 
 
@@ -437,6 +452,31 @@ def _log(t: _Table) -> LogConfig:
     return LogConfig(format=fmt, level=level)
 
 
+def _events(t: _Table) -> EventsConfig:
+    url = t.get("forward_url", str, "") or None
+    secret = t.optional_secret("forward_secret")
+    timeout = t.positive("forward_timeout", float, EventsConfig().forward_timeout)
+    if url is None:
+        if secret is not None:
+            raise ConfigError(
+                t.key("forward_url"), "missing: forward_secret is set, but no URL to forward to"
+            )
+        return EventsConfig(forward_timeout=timeout)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a malformed port raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        # Not shown: the URL may carry a password of the application's.
+        raise ConfigError(t.key("forward_url"), "must be an http:// or https:// URL with a host")
+    if secret is None:
+        raise ConfigError(
+            t.key("forward_secret"), "missing (or set forward_secret_file): forwards are signed"
+        )
+    return EventsConfig(forward_url=url, forward_secret=secret, forward_timeout=timeout)
+
+
 def _section(root: _Table, name: str, build: Callable[[_Table], T]) -> T:
     table = root.table(name)
     result = build(table)
@@ -476,6 +516,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
         delivery=_section(root, "delivery", _delivery),
         providers=_providers(data.get("providers")),
         log=_section(root, "log", _log),
+        events=_section(root, "events", _events),
         source=source,
     )
     root.finish()

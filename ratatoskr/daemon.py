@@ -45,6 +45,7 @@ from ratatoskr.smtp.server import Policy, RelayHandler, smtp_factory
 
 if TYPE_CHECKING:
     from ratatoskr.cluster import SharedProviderState
+    from ratatoskr.events.forward import Forwarder
 
 log = logging.getLogger("ratatoskr")
 
@@ -88,6 +89,7 @@ class Daemon:
             on_queued=self.dispatcher.wake,
             max_header_size=config.smtp.max_header_size,
         )
+        self.forwarder = self._build_forwarder(config, clock, poll_interval)
         self.events = EventReceiver(
             config.providers,
             self.spool,
@@ -97,6 +99,7 @@ class Daemon:
             hostname=config.smtp.hostname,
             clock=clock,
             on_queued=self.dispatcher.wake,
+            forwarder=self.forwarder,
         )
         for settings in config.providers:
             self.metrics.register_events(settings.name, (t.value for t in EventType))
@@ -119,6 +122,19 @@ class Daemon:
         self._watchdog_task: asyncio.Task[None] | None = None
         self.shared_state: SharedProviderState | None = None
 
+    def _build_forwarder(
+        self, config: Config, clock: Callable[[], float], poll_interval: float
+    ) -> Forwarder | None:
+        """``[events] forward_url``: the task that tells the application each event."""
+        if config.events.forward_url is None:
+            return None
+        from ratatoskr.events.forward import Forwarder
+
+        retention = config.delivery.history_retention
+        return Forwarder(
+            config.events, self.spool, self.metrics, retention=retention, clock=clock, poll=poll_interval
+        )
+
     @property
     def providers(self) -> Sequence[Provider]:
         """The providers delivering now (the dispatcher's pool owns them)."""
@@ -132,6 +148,8 @@ class Daemon:
         for provider in self.providers:
             await provider.start()
         self.dispatcher.start()
+        if self.forwarder is not None:
+            self.forwarder.start()  # forwards a previous run left are due: they go out now
         self.shared_state = self._share_provider_state()
         self.publish_circuits()
         await self._start_http()
@@ -335,6 +353,8 @@ class Daemon:
             await provider.close()
         if self.shared_state is not None:
             await self.shared_state.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         circuits.withdraw(self.config.spool.path)
         await self.spool.close()
         if self._watchdog_task is not None:
@@ -350,7 +370,7 @@ _RELOADED = {"smtp": {"users", "senders", "tls_cert", "tls_key"}}
 def needs_restart(old: Config, new: Config) -> list[str]:
     """The keys whose new values a reload cannot apply (``smtp.listen``, ``http.api_tokens``)."""
     changed = []
-    for section in ("smtp", "http", "spool", "delivery", "log"):
+    for section in ("smtp", "http", "spool", "delivery", "log", "events"):
         before, after = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(before):
             if f.name in _RELOADED.get(section, ()):

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("sent", "temporary_failure", "permanent_failure")
 QUEUE_STATES = ("queued", "inflight", "deferred", "dead")
+FORWARD_RESULTS = ("delivered", "failed", "given_up")
 
 
 class Metrics:
@@ -96,10 +97,24 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.events_forwarded = Counter(
+            "ratatoskr_events_forwarded",
+            "Attempts to forward an event to [events] forward_url: delivered (2xx), failed (to be"
+            " retried), given_up (still failing at the end of history_retention).",
+            ["result"],
+            registry=r,
+        )
+        self.events_forward_pending = Gauge(
+            "ratatoskr_events_forward_pending",
+            "Events stored but not yet taken by the application (cluster mode: the whole cluster's).",
+            registry=r,
+        )
         for ingress in ("smtp", "http"):
             self.messages_received.labels(ingress=ingress)
         for state in QUEUE_STATES:
             self.queue_messages.labels(state=state).set(0)
+        for result in FORWARD_RESULTS:  # zeros, forwarding on or off: panels read 0, not "No data"
+            self.events_forwarded.labels(result=result)
 
     def register_provider(self, name: str) -> None:
         self.provider_up.labels(provider=name).set(1)
@@ -119,6 +134,12 @@ class Metrics:
 
     def orphan_event(self, provider: str) -> None:
         self.orphan_events.labels(provider=provider).inc()
+
+    def forwarded(self, result: str) -> None:
+        self.events_forwarded.labels(result=result).inc()
+
+    def set_forwards_pending(self, count: int) -> None:
+        self.events_forward_pending.set(count)
 
     def received(self, ingress: str) -> None:
         self.messages_received.labels(ingress=ingress).inc()

@@ -275,6 +275,10 @@ async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
     ]
     assert history["events"][1]["detail"]["bounce_class"] == "hard"
     assert PM_PASS not in json.dumps(history)
+    text = await metrics(daemon.http_port)
+    for kind, count in (("delivered", 2), ("bounced", 1), ("unsubscribed", 1), ("complained", 0)):
+        assert f'ratatoskr_events_total{{provider="postmark",type="{kind}"}} {count}.0' in text, kind
+    assert 'ratatoskr_events_orphaned_total{provider="postmark"} 1.0' in text
 
 
 async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmission(
@@ -306,3 +310,7 @@ async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmi
         ("bounced", "hidden@example.org"),
     ]
     assert history["events"][1]["detail"]["bounce_class"] == "hard"
+    text = await metrics(daemon.http_port)
+    for kind, count in (("delivered", 2), ("bounced", 1), ("deferred", 0)):
+        assert f'ratatoskr_events_total{{provider="sparkpost",type="{kind}"}} {count}.0' in text, kind
+    assert 'ratatoskr_events_orphaned_total{provider="sparkpost"} 1.0' in text

@@ -273,6 +273,23 @@ async def test_partly_refused_recipients_are_retried_not_dropped(
     await wait_until(lambda: _empty(daemon), what="queue drained")
 
 
+async def test_every_recipient_refused_for_mixed_reasons_is_not_counted_sent(
+    mandrill_first, fake_mailgun, fake_mandrill
+):
+    """A 200 from Mandrill that took nobody (one hard, one soft bounce) is a failure in the
+    metrics: `sent` would tell an operator the mail went out."""
+    fake_mandrill.reject("hard@example.net", "hard-bounce")
+    fake_mandrill.reject("soft@example.net", "soft-bounce")
+    daemon = await mandrill_first()
+    await send(daemon, 0, recipients=["hard@example.net", "soft@example.net"])
+    await fake_mandrill.wait_for(1)
+    await wait_until(lambda: daemon.dispatcher.in_flight == 0, what="delivery finished")
+    deliveries = "ratatoskr_deliveries_total"
+    assert metric(daemon, deliveries, provider="mandrill", outcome="sent") == 0
+    assert metric(daemon, deliveries, provider="mandrill", outcome="permanent_failure") == 1
+    fake_mailgun.assert_nothing_sent()
+
+
 async def test_lifetime_ends_during_an_outage_even_untried(relay, fake_mailgun, fake_mandrill, clock):
     """While every circuit is open only trial messages are tried; the rest still die when
     their lifetime is over instead of waiting forever."""

@@ -9,6 +9,7 @@ A new backend adds its entry here and must pass every test unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,17 @@ import pytest
 from ratatoskr.config import SpoolConfig
 from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
-from ratatoskr.queue import Attempt, DeliveryEvent, Outcome, Queue, State, new_id, queue_for
+from ratatoskr.queue import (
+    Attempt,
+    ClaimedForward,
+    DeliveryEvent,
+    NewForward,
+    Outcome,
+    Queue,
+    State,
+    new_id,
+    queue_for,
+)
 from tests.conftest import FakeClock
 from tests.postgres import database, schema_url
 
@@ -553,3 +564,92 @@ async def test_delete_removes_the_history_and_its_events(queue, clock):
     await queue.record_events([event(queue_id=qid)], keep_until=clock() + 100)
     assert await queue.delete(qid) == 1
     assert await queue.show(qid) is None and await queue.events(qid) == []
+
+
+# -- forwarding events to the application ---------------------------------------------------------
+
+
+def forward_of(stored: Any) -> NewForward:
+    return NewForward(f"f-{stored.event.key}", f'{{"message_id": "{stored.queue_id}"}}', START + 50)
+
+
+async def test_a_new_events_forward_is_committed_with_it_and_a_duplicate_adds_none(queue, open_queue, clock):
+    qid = await deliver(queue, clock)
+    keep = clock() + 100
+    await queue.record_events([event("k1", queue_id=qid), event("k2")], keep_until=keep, forward=forward_of)
+    await queue.record_events([event("k1", queue_id=qid)], keep_until=keep, forward=forward_of)
+    await queue.record_events([event("k3")], keep_until=keep)  # forwarding off: none
+    again = await open_queue()  # after a restart, as another process sees it
+    assert await again.pending_forwards() == 2
+    claimed = await again.claim_forwards(10, lease=60)
+    assert [(f.id, f.body, f.attempts, f.give_up_at) for f in claimed] == [
+        ("f-k1", f'{{"message_id": "{qid}"}}', 0, START + 50),
+        ("f-k2", '{"message_id": "None"}', 0, START + 50),
+    ]
+
+
+async def test_a_claimed_forward_is_owned_until_its_outcome_and_retries_wait_their_turn(
+    queue, open_queue, clock
+):
+    await queue.record_events([event("k1")], keep_until=clock() + 100, forward=forward_of)
+    other = await open_queue()  # another node's handle
+    [mine] = await queue.claim_forwards(10, lease=60)
+    assert await other.claim_forwards(10, lease=60) == []  # leased: nobody else sends it
+    assert await other.finish_forward(mine.id, "not-the-token") is False
+    assert await queue.retry_forward(mine.id, mine.token, due_at=clock() + 30, error="HTTP 500") is True
+    assert await queue.retry_forward(mine.id, mine.token, due_at=clock() + 30, error="x") is False
+    assert await other.claim_forwards(10, lease=60) == []  # not due yet
+    clock.advance(31)
+    [theirs] = await other.claim_forwards(10, lease=60)
+    assert (theirs.id, theirs.attempts) == (mine.id, 1) and theirs.token != mine.token
+    assert await other.finish_forward(theirs.id, theirs.token) is True
+    assert await queue.pending_forwards() == 0 and await queue.claim_forwards(10, lease=60) == []
+
+
+async def test_a_lease_that_runs_out_lets_another_claim_send_it(queue, open_queue, clock):
+    await queue.record_events([event("k1")], keep_until=clock() + 100, forward=forward_of)
+    [lost] = await queue.claim_forwards(10, lease=0.2)  # its sender died mid-send
+    other = await open_queue()
+    taken = await wait_for_claim(other, clock)
+    assert taken.id == lost.id
+    assert await queue.finish_forward(lost.id, lost.token) is False  # the late outcome changes nothing
+
+
+async def wait_for_claim(queue: Queue, clock: FakeClock) -> ClaimedForward:
+    """The next claim that returns a forward: a PostgreSQL lease runs out by the database's own
+    clock, a SQLite one by the queue's (advanced here)."""
+    for _ in range(200):
+        clock.advance(1)
+        found = await queue.claim_forwards(10, lease=60)
+        if found:
+            return found[0]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the lost lease never ran out")
+
+
+async def test_start_up_recovery_lets_go_of_a_previous_runs_forward_leases_on_sqlite(
+    storage, open_queue, clock
+):
+    if storage.url is not None:
+        pytest.skip("a cluster's leases run out by themselves (tested above)")
+    first = await open_queue()
+    await first.record_events([event("k1")], keep_until=clock() + 100, forward=forward_of)
+    await first.claim_forwards(10, lease=3600)
+    await first.close()  # a crash mid-send
+    second = await open_queue()
+    assert await second.claim_forwards(10, lease=60) == []
+    await second.recover(5)
+    assert [f.id for f in await second.claim_forwards(10, lease=60)] == ["f-k1"]
+
+
+async def test_an_event_whose_forward_cannot_be_stored_is_not_stored_either(queue, clock):
+    qid = await deliver(queue, clock)
+
+    def broken(stored: Any) -> NewForward:
+        raise RuntimeError("the forward could not be built")
+
+    with pytest.raises(RuntimeError):
+        await queue.record_events([event("k1", queue_id=qid)], keep_until=clock() + 100, forward=broken)
+    assert await queue.events(qid) == [] and await queue.pending_forwards() == 0
+    [stored] = await queue.record_events([event("k1", queue_id=qid)], keep_until=clock() + 100)
+    assert stored.new  # the provider's retry stores it then

@@ -358,7 +358,14 @@ class Dispatcher:
     ) -> None:
         seconds = time.monotonic() - started
         if counted:
-            self.metrics.delivery(provider.name, outcome.metric, seconds)
+            metric = outcome.metric
+            if receipt is not None and not receipt.accepted:
+                metric = (
+                    Outcome.TEMPORARY.metric
+                    if set(receipt.rejected) <= set(receipt.retry_later)
+                    else Outcome.PERMANENT.metric
+                )
+            self.metrics.delivery(provider.name, metric, seconds)
         result.attempts.append(
             Attempt(
                 at=round(self.clock(), 3),

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,9 +36,13 @@ class Refused(Exception):
 class Webhook(Protocol):
     """One configured provider's webhook: verify, then parse. ``events`` raises
     :class:`Refused` before looking at the content when the signature does not hold, and
-    returns [] for a request that carries no events (a provider's check of the URL)."""
+    returns [] for a request that carries no events (a provider's check of the URL).
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
+    A coroutine because verifying can need the network: SNS signs with a certificate fetched
+    from its own hosts, and a subscription is confirmed by a GET. Kinds that verify with a
+    configured key do no I/O in it."""
+
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
 
 
 def webhook_for(settings: ProviderSettings) -> Webhook | None:
@@ -71,16 +72,3 @@ def number(value: object, default: float) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
-
-
-def check_basic_auth(request: WebhookRequest, expected: bytes) -> None:
-    """Refuse unless ``Authorization: Basic`` carries ``expected`` (constant-time compare)."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic" or not token:
-        raise Refused("no basic auth credentials")
-    try:
-        given = base64.b64decode(token.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise Refused("malformed basic auth credentials") from None
-    if not hmac.compare_digest(given, expected):
-        raise Refused("wrong basic auth credentials")

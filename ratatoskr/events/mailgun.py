@@ -2,14 +2,17 @@
 
 Authenticity (shared/events.md §1.2): HMAC-SHA256, keyed with the HTTP webhook signing key
 (``webhook_signing_key``), over ``signature.timestamp`` immediately followed by
-``signature.token``, lowercase hex. The signature does **not** cover ``event-data``: a captured
+``signature.token``, lowercase hex; for a subaccount's event also ``parent-signature``, made
+the same way with the primary account's key (so that key, configured, checks every
+subaccount). The signature does **not** cover ``event-data``: a captured
 signature block could be pasted onto a forged event, so a token seen before with another body is
 refused (406, which tells Mailgun to stop), and a timestamp further than ``webhook_max_age``
 from now is refused as stale (401, so a genuine retry re-signed later still gets through). The
 same request again (a retry, a replay) is the same event and is stored once.
 
 Matching: ``user-variables.queue_id`` (what we sent as ``v:queue_id``), else the Message-ID in
-``message.headers.message-id`` (without the ``<>`` the send answer had). Event key:
+``message.headers.message-id`` (without the ``<>`` the send answer had). A ``rejected`` event
+may lack ``recipient``: the first address of ``message.headers.to`` stands in. Event key:
 ``event-data.id`` (unique within a day, so with the day of the event).
 """
 
@@ -20,6 +23,7 @@ import hmac
 import json
 import threading
 from collections import OrderedDict
+from email.utils import getaddresses
 from typing import Any
 
 from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
@@ -58,11 +62,21 @@ class MailgunWebhook:
         self._tokens: OrderedDict[str, str] = OrderedDict()  # token → digest of the body it came with
         self._lock = threading.Lock()
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         signature = _signature_block(request.body)
-        timestamp, token, given = (text(signature.get(k)) for k in ("timestamp", "token", "signature"))
-        expected = hmac.new(self._key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, given):
+        timestamp, token, given, parent = (
+            text(signature.get(k)) for k in ("timestamp", "token", "signature", "parent-signature")
+        )
+        expected = hmac.new(self._key, (timestamp + token).encode(), hashlib.sha256).hexdigest().encode()
+        # A subaccount's event is signed twice over the same timestamp+token: ``signature``
+        # with the subaccount's key, ``parent-signature`` with the primary account's, "so the
+        # receiving server does not have to account for each individual subaccount" (Mailgun,
+        # Securing Webhooks). The configured key is either; one match is enough. Both are
+        # compared, always, so the time taken does not tell which one was near. As bytes:
+        # compare_digest refuses a str that is not ASCII, and a caller chooses these strings.
+        own = hmac.compare_digest(expected, given.encode())
+        primary = hmac.compare_digest(expected, parent.encode())
+        if not (own or primary):
             raise Refused("bad signature")
         if abs(request.now - number(timestamp, 0.0)) > self.max_age:
             raise Refused(f"stale timestamp (more than {self.max_age:.0f} s from now)")
@@ -96,6 +110,10 @@ class MailgunWebhook:
             else:
                 kind = EventType.BOUNCED
                 detail["bounce_class"] = "hard" if severity == "permanent" else "unknown"
+        if obj(data.get("flags")).get("is-delayed-bounce"):
+            detail["delayed_bounce"] = True  # a DSN that came back after Mailgun's 250
+        message = obj(data.get("message"))
+        headers = obj(message.get("headers"))
         for key, value in (
             ("severity", severity),
             ("reason", reason),
@@ -105,8 +123,6 @@ class MailgunWebhook:
         ):
             if value not in (None, ""):
                 detail[key] = value
-        message = obj(data.get("message"))
-        headers = obj(message.get("headers"))
         variables = obj(data.get("user-variables"))
         event_id = (
             text(data.get("id")) or hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -116,11 +132,18 @@ class MailgunWebhook:
             provider=self.provider,
             type=kind.value,
             at=at,
-            recipient=text(data.get("recipient")),
+            recipient=text(data.get("recipient")) or _first_address(headers.get("to")),
             detail=detail,
             queue_id=text(variables.get(QUEUE_ID_VARIABLE)) or None,
             provider_message_id=text(headers.get("message-id")) or None,
         )
+
+
+def _first_address(header: object) -> str:
+    """The first address of a To header: a ``rejected`` event may name no ``recipient``
+    (django-anymail falls back the same way)."""
+    found = [address for _, address in getaddresses([text(header)]) if "@" in address]
+    return found[0] if found else ""
 
 
 def _signature_block(body: bytes) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class MandrillWebhook:
         self._key = key
         self.url = url
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
         try:
             fields = parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:

@@ -1,7 +1,8 @@
 """Postmark's webhooks: one JSON record per POST, keyed by ``RecordType``.
 
 Authenticity (shared/events.md §5.2): Postmark signs nothing; the webhook URL carries HTTP basic
-auth credentials (``webhook_username``/``webhook_password``), compared in constant time. No
+auth credentials (``webhook_username``/``webhook_password``, and while they are rotated the
+``webhook_previous_*`` pair too), compared in constant time. No
 timestamp, no nonce: a replay is the same record, stored once.
 
 Matching: ``Metadata.ratatoskr_id`` (set at send), else ``MessageID`` (the send answer's). Only
@@ -14,7 +15,8 @@ import json
 from datetime import datetime
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, check_basic_auth, obj, text
+from ratatoskr.events.base import Refused, WebhookRequest, obj, text
+from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.postmark import PostmarkSettings
 from ratatoskr.queue import DeliveryEvent
@@ -48,10 +50,8 @@ _TIMES = ("DeliveredAt", "BouncedAt", "ReceivedAt", "ChangedAt")
 
 
 def webhook(settings: PostmarkSettings) -> PostmarkWebhook | None:
-    if settings.webhook_username is None or settings.webhook_password is None:
-        return None
-    expected = f"{settings.webhook_username}:{settings.webhook_password.reveal()}".encode()
-    return PostmarkWebhook(settings.name, expected)
+    accepted = accepted_credentials(settings)
+    return PostmarkWebhook(settings.name, accepted) if accepted else None
 
 
 def _at(value: object, default: float) -> float:
@@ -62,12 +62,12 @@ def _at(value: object, default: float) -> float:
 
 
 class PostmarkWebhook:
-    def __init__(self, provider: str, credentials: bytes) -> None:
+    def __init__(self, provider: str, accepted: tuple[bytes, ...]) -> None:
         self.provider = provider
-        self._credentials = credentials
+        self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        check_basic_auth(request, self._credentials)
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+        check_credentials(request, self._accepted)
         try:
             data = json.loads(request.body)
         except ValueError:

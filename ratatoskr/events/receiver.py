@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ratatoskr.delivery.bounce import build_dsn
 from ratatoskr.events.base import Refused, Webhook, WebhookRequest, webhook_for
@@ -23,6 +24,9 @@ from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers.base import ProviderSettings
 from ratatoskr.queue import DeliveryEvent, Queue, StoredEvent
+
+if TYPE_CHECKING:
+    from ratatoskr.events.forward import Forwarder
 
 log = logging.getLogger("ratatoskr.events")
 
@@ -54,6 +58,7 @@ class EventReceiver:
         hostname: str,
         clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.queue = queue
         self.metrics = metrics
@@ -62,6 +67,7 @@ class EventReceiver:
         self.hostname = hostname
         self.clock = clock
         self.on_queued = on_queued
+        self.forwarder = forwarder  #: [events] forward_url: each new event's forward is committed with it
         self.known: set[str] = set()
         self._webhooks: dict[str, tuple[ProviderSettings, Webhook | None]] = {}
         self.replace_providers(providers)
@@ -82,6 +88,11 @@ class EventReceiver:
     def knows(self, provider: str) -> bool:
         return provider in self.known
 
+    def webhook(self, provider: str) -> Webhook | None:
+        """The webhook serving ``provider`` now (None: unknown, or no webhook keys)."""
+        kept = self._webhooks.get(provider)
+        return kept[1] if kept else None
+
     async def receive(self, provider: str, request: WebhookRequest) -> Answer:
         """The answer to one webhook request for ``provider`` (a configured provider name)."""
         if provider not in self.known:
@@ -90,7 +101,7 @@ class EventReceiver:
         try:
             if webhook is None:
                 raise Refused("no webhook key configured for this provider")
-            events = webhook.events(request)
+            events = await webhook.events(request)
         except Refused as refused:
             self._log_refusal(provider, refused.reason)
             return Answer(refused.status, {"error": "signature missing or invalid"})
@@ -100,7 +111,12 @@ class EventReceiver:
             return Answer(400, {"error": "signed, but not a webhook body we can read"})
         if not events:
             return Answer(200, {"stored": 0})
-        stored = await self.queue.record_events(events, keep_until=self.clock() + self.retention)
+        forward = self.forwarder.order if self.forwarder else None
+        stored = await self.queue.record_events(
+            events, keep_until=self.clock() + self.retention, forward=forward
+        )
+        if self.forwarder and any(s.new for s in stored):
+            self.forwarder.wake()
         new = [s for s in stored if s.new]
         for s in new:
             self.metrics.event(provider, s.event.type)

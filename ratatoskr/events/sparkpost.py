@@ -1,7 +1,8 @@
 """SparkPost's webhooks: a JSON array of ``{"msys": {"<class>": {event}}}`` per POST.
 
 Authenticity (shared/events.md §7.2): no payload signature; the webhook's ``auth_type`` basic
-credentials (``webhook_username``/``webhook_password``) are compared in constant time. The URL
+credentials (``webhook_username``/``webhook_password``, and while they are rotated the
+``webhook_previous_*`` pair too) are compared in constant time. The URL
 check (``[{"msys": {}}]``) and empty pings store nothing.
 
 Matching: ``rcpt_meta.queue_id`` (our transmission metadata), else ``transmission_id`` (the
@@ -14,7 +15,8 @@ import hashlib
 import json
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, check_basic_auth, number, obj, text
+from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.sparkpost import SparkpostSettings
 from ratatoskr.queue import DeliveryEvent
@@ -36,24 +38,26 @@ _TYPES = {
     "list_unsubscribe": EventType.UNSUBSCRIBED,
     "link_unsubscribe": EventType.UNSUBSCRIBED,
 }
-_HARD = {"10", "30", "90"}
+# SparkPost's bounce classification (shared/events.md §7.4, [C K4]): only the Hard (10, 30, 90)
+# and Admin (25 "admin failure", 80) categories mean the address should be suppressed; soft,
+# block (50-54) and undetermined (1) are usually temporary. 80 and 90 become subscribed and
+# unsubscribed below, so 25 is the Admin class left to count as hard.
+_HARD = {"10", "25", "30", "90"}
 _BY_CLASS = {"60": EventType.AUTORESPONDED, "100": EventType.AUTORESPONDED, "80": EventType.SUBSCRIBED}
 
 
 def webhook(settings: SparkpostSettings) -> SparkpostWebhook | None:
-    if settings.webhook_username is None or settings.webhook_password is None:
-        return None
-    expected = f"{settings.webhook_username}:{settings.webhook_password.reveal()}".encode()
-    return SparkpostWebhook(settings.name, expected)
+    accepted = accepted_credentials(settings)
+    return SparkpostWebhook(settings.name, accepted) if accepted else None
 
 
 class SparkpostWebhook:
-    def __init__(self, provider: str, credentials: bytes) -> None:
+    def __init__(self, provider: str, accepted: tuple[bytes, ...]) -> None:
         self.provider = provider
-        self._credentials = credentials
+        self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        check_basic_auth(request, self._credentials)
+    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+        check_credentials(request, self._accepted)
         try:
             batch = json.loads(request.body)
         except ValueError:

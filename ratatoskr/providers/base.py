@@ -45,6 +45,9 @@ class Receipt:
     rejected: Mapping[str, str] = field(default_factory=dict)
     retry_later: tuple[str, ...] = ()
     retry_elsewhere: tuple[str, ...] = ()
+    #: False when the provider answered for the call but took no recipient (each refused one
+    #: still gets its own outcome): counted as a failure, not as ``sent``, in the metrics.
+    accepted: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,8 @@ class MailgunSettings(HttpSettings):
     ``tracking_opens``/``tracking_clicks`` (``o:tracking-opens``/``o:tracking-clicks``; unset:
     the domain's setting; clicks also ``"htmlonly"``) and ``require_tls`` (``o:require-tls``).
     For its webhooks (``POST /v1/events/{name}``): ``webhook_signing_key`` (the account's HTTP
-    webhook signing key; unset: its events are refused) and ``webhook_max_age`` (seconds a
+    webhook signing key; unset: its events are refused; for a subaccount, its own key or the
+    primary account's, which signs ``parent-signature``) and ``webhook_max_age`` (seconds a
     signature's timestamp may be from now).
     """
 
@@ -118,8 +119,7 @@ class MailgunSettings(HttpSettings):
             tracking_opens=t.get("tracking_opens", bool, cls.default("tracking_opens")),
             tracking_clicks=clicks,
             require_tls=t.get("require_tls", bool, cls.default("require_tls")),
-            webhook_signing_key=t.optional_secret("webhook_signing_key"),
-            webhook_max_age=t.positive("webhook_max_age", float, cls.default("webhook_max_age")),
+            **_webhook_keys(t, cls.default("webhook_max_age")),
         )
 
     def build(self) -> MailgunProvider:
@@ -144,6 +144,17 @@ class MailgunSettings(HttpSettings):
 
     def describe(self) -> str:
         return f"{self.base_url} domain={self.domain}"
+
+
+def _webhook_keys(t: Table, default_max_age: float) -> dict[str, Any]:
+    key = t.optional_secret("webhook_signing_key")
+    max_age = t.positive("webhook_max_age", float, default_max_age)
+    if "webhook_max_age" in t.data and key is None:
+        # Half a webhook set-up: the window would bound nothing, every event being refused.
+        raise ConfigError(
+            t.key("webhook_signing_key"), "needed with webhook_max_age (or set webhook_signing_key_file)"
+        )
+    return {"webhook_signing_key": key, "webhook_max_age": max_age}
 
 
 REGIONS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}

@@ -36,6 +36,7 @@ from email import encoders, policy
 from email.generator import BytesGenerator
 from email.parser import BytesParser
 from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
 
 from aiohttp.payload import BytesIOPayload
 
@@ -127,14 +128,41 @@ class MandrillSettings(HttpSettings):
 
 
 def _webhook_keys(t: Table) -> dict[str, Any]:
+    """``webhook_key`` and ``webhook_url`` come as a pair: the key signs the URL, so either
+    alone would leave every event refused (exit 2 naming the missing one)."""
     key = t.optional_secret("webhook_key")
     url = t.get("webhook_url", str, "")
-    if key is not None and not url.startswith(("http://", "https://")):
+    if key is not None and not url:
         raise ConfigError(
             t.key("webhook_url"),
             "needed with webhook_key: the URL exactly as registered at Mandrill (it is signed)",
         )
+    if url and key is None:
+        raise ConfigError(t.key("webhook_key"), "needed with webhook_url (or set webhook_key_file)")
+    if url:
+        _check_webhook_url(t, url)
     return {"webhook_key": key, "webhook_url": url}
+
+
+def _check_webhook_url(t: Table, url: str) -> None:
+    """A URL Mandrill could have registered and called: http(s), a host, no whitespace (it
+    is signed character for character, so a stray space would fail every signature)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in url)
+    ):
+        # Not shown: a registered URL may carry user:password@.
+        raise ConfigError(
+            t.key("webhook_url"),
+            "not an http(s) URL with a host: give the URL exactly as registered at Mandrill (it is signed)",
+        )
 
 
 def _header_safe(t: Table, name: str, value: str) -> str:
@@ -296,6 +324,7 @@ class MandrillProvider(HttpProvider):
             provider=self.name,
             rejected=dict(refused),
             retry_later=tuple(r for r in refused if reasons[r] == "soft-bounce"),
+            accepted=False,
         )
 
     def _note_odd(self, rcpt: str, result: Mapping[str, Any]) -> None:

@@ -43,6 +43,7 @@ from ratatoskr.providers._structured import (
     split_calls,
     take_apart,
 )
+from ratatoskr.providers._webhook_auth import read_basic_auth
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
 from ratatoskr.table import Secret, Table
@@ -73,7 +74,9 @@ class PostmarkSettings(HttpSettings):
 
     For its webhooks (``POST /v1/events/{name}``): ``webhook_username`` and
     ``webhook_password``, the HTTP basic auth credentials put in the webhook URL at Postmark
-    (Postmark signs nothing); unset: its events are refused."""
+    (Postmark signs nothing); unset: its events are refused. ``webhook_previous_username`` and
+    ``webhook_previous_password``: a second pair taken during a rotation
+    (:mod:`ratatoskr.providers._webhook_auth`)."""
 
     kind: ClassVar[str] = "postmark"
     default_url: ClassVar[str] = "https://api.postmarkapp.com"
@@ -82,6 +85,8 @@ class PostmarkSettings(HttpSettings):
     track_clicks: bool = False  # TrackLinks "HtmlAndText" instead of "None"
     webhook_username: str | None = None
     webhook_password: Secret | None = None
+    webhook_previous_username: str | None = None
+    webhook_previous_password: Secret | None = None
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
@@ -94,12 +99,11 @@ class PostmarkSettings(HttpSettings):
             message_stream=stream,
             track_opens=t.get("track_opens", bool, cls.default("track_opens")),
             track_clicks=t.get("track_clicks", bool, cls.default("track_clicks")),
-            webhook_username=t.get("webhook_username", str, None),
-            webhook_password=t.optional_secret("webhook_password"),
+            **read_basic_auth(t).as_fields(),
         )
 
     def secrets(self) -> tuple[Secret, ...]:
-        found = (self.api_key, self.webhook_password)
+        found = (self.api_key, self.webhook_password, self.webhook_previous_password)
         return tuple(s for s in found if s is not None)
 
     def build(self) -> PostmarkProvider:

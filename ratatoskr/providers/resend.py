@@ -27,13 +27,15 @@ sending key gets 401 ``restricted_api_key``: proof the key is valid (§4.9).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import mimetypes
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
+from ratatoskr.errors import AmbiguousFailure, CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._structured import (
     Call,
     Fields,
@@ -48,9 +50,12 @@ from ratatoskr.providers._structured import (
     split_calls,
     take_apart,
 )
-from ratatoskr.providers.base import Outbound, ProbeResult, Receipt
+from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
+from ratatoskr.table import Secret, Table
 
+QUEUE_ID_TAG = "ratatoskr_id"  # the tag carrying our queue id (Resend echoes it in data.tags)
+SVIX_PREFIX = "whsec_"
 MAX_RECIPIENTS = 50
 MAX_ATTACHMENT_BYTES = 40_000_000  # in total, counted in base64 (before or after is unclear)
 QUOTA_PAUSE = 3600.0  # daily quota without a retry-after: look again in an hour
@@ -79,13 +84,44 @@ PERMANENT = frozenset(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResendSettings(HttpSettings):
-    """``kind = "resend"``: the common HTTP keys (``api_key``, ``base_url``) only."""
+    """``kind = "resend"``: the common HTTP keys (``api_key``, ``base_url``), and for its
+    webhooks (``POST /v1/events/{name}``) ``webhook_secret`` (or ``webhook_secret_file``): the
+    endpoint's signing secret as Resend shows it, ``whsec_…``; unset: its events are refused."""
 
     kind: ClassVar[str] = "resend"
     default_url: ClassVar[str] = "https://api.resend.com"
+    webhook_secret: Secret | None = None
+
+    @classmethod
+    def read(cls, t: Table, common: CommonSettings) -> Self:
+        secret = t.optional_secret("webhook_secret")
+        if secret is not None:
+            try:
+                svix_key(secret.reveal())
+            except ValueError as exc:
+                raise ConfigError(t.key("webhook_secret"), str(exc)) from None
+        return cls(**common, **cls.http_keys(t), webhook_secret=secret)
+
+    def secrets(self) -> tuple[Secret, ...]:
+        found = (self.api_key, self.webhook_secret)
+        return tuple(s for s in found if s is not None)
 
     def build(self) -> ResendProvider:
         return ResendProvider(self)
+
+
+def svix_key(secret: str) -> bytes:
+    """The HMAC key of a Svix signing secret: the base64 after ``whsec_``. ValueError (never
+    quoting the secret) for anything else."""
+    if not secret.startswith(SVIX_PREFIX):
+        raise ValueError(f"not a Resend signing secret: it starts with {SVIX_PREFIX!r}")
+    try:
+        key = base64.b64decode(secret[len(SVIX_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"not a Resend signing secret: base64 expected after {SVIX_PREFIX!r}") from None
+    if not key:
+        raise ValueError(f"not a Resend signing secret: nothing after {SVIX_PREFIX!r}")
+    return key
 
 
 class ResendProvider(HttpProvider):
@@ -223,9 +259,7 @@ def _attachment(part: Part) -> dict[str, str]:
 
 def resend_tags(tags: tuple[str, ...], queue_id: str) -> list[dict[str, str]]:
     """Our tags as ``{name, value}`` pairs (only ``[A-Za-z0-9_-]``, ≤256), plus the queue id."""
-    found = [
-        {"name": t, "value": "true"} for t in dict.fromkeys(tags) if _TAG.match(t) and t != "ratatoskr_id"
-    ]
+    found = [{"name": t, "value": "true"} for t in dict.fromkeys(tags) if _TAG.match(t) and t != QUEUE_ID_TAG]
     if _TAG.match(queue_id):
-        found.append({"name": "ratatoskr_id", "value": queue_id})
+        found.append({"name": QUEUE_ID_TAG, "value": queue_id})
     return found

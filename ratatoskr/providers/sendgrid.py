@@ -5,7 +5,8 @@ SendGrid's Web API takes no MIME (shared/providers-more.md §2), so the message 
 headers and whose ``bcc`` is every other envelope recipient; ``content`` text/plain first, then
 text/html; ``attachments`` with name, type, base64 bytes and, for inline parts, ``disposition:
 inline`` and ``content_id``; ``reply_to``/``reply_to_list``; custom headers in ``headers``; tags
-as ``categories``; the queue id in ``custom_args.ratatoskr_id`` (echoed in SendGrid's events).
+as ``categories``; the queue id in ``custom_args.ratatoskr_id`` (:data:`QUEUE_ID_ARG`, echoed at
+the top level of each of SendGrid's events).
 Open, click and subscription tracking and Google Analytics link tagging are switched off per
 message unless ``track_opens``/``track_clicks`` say otherwise, so the HTML arrives as written.
 
@@ -22,13 +23,19 @@ key's own scopes and sends nothing; healthy means ``mail.send`` is among them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass
 from email.header import Header
 from typing import Any, ClassVar, Self
 
-from ratatoskr.errors import CannotCarry, DeliveryError
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
+
+from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.message import Address
 from ratatoskr.providers._structured import (
     Fields,
@@ -45,6 +52,7 @@ from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Rece
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
 from ratatoskr.table import Table
 
+QUEUE_ID_ARG = "ratatoskr_id"  # the custom arg carrying our queue id (SendGrid echoes it)
 MAX_RECIPIENTS = 1000
 MAX_REQUEST_BYTES = 30_000_000  # "total email size < 30 MB", checked on the JSON we send
 MAX_CATEGORIES = 10
@@ -71,24 +79,60 @@ _BAD_NAME_CHARS = frozenset(";,\r\n")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendGridSettings(HttpSettings):
-    """``kind = "sendgrid"``: ``api_key``, ``base_url`` and the tracking switches."""
+    """``kind = "sendgrid"``: ``api_key``, ``base_url`` and the tracking switches.
+
+    For its Event Webhook (``POST /v1/events/{name}``): ``webhook_public_key``, the signed
+    webhook's verification key as SendGrid shows it (base64 DER, or PEM; unset: its events are
+    refused), and ``webhook_max_age`` (seconds the signed timestamp may be from now)."""
 
     kind: ClassVar[str] = "sendgrid"
     default_url: ClassVar[str] = "https://api.sendgrid.com"
     track_opens: bool = False  # open-tracking pixel; off: pass-through
     track_clicks: bool = False  # click tracking (rewrites links); off: pass-through
+    webhook_public_key: str | None = None  # public: not a secret
+    # SendGrid documents no tolerance and retries for up to 24 hours; whether a retry is
+    # re-signed is unknown (shared/events.md §4.2), so the window covers the whole retry
+    # period. A replayed request holds the same signed events, stored once by sg_event_id.
+    webhook_max_age: float = 86400.0
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
+        key = t.get("webhook_public_key", str, "") or None
+        if key is not None:
+            try:
+                webhook_public_key(key)
+            except ValueError as exc:
+                raise ConfigError(t.key("webhook_public_key"), str(exc)) from None
         return cls(
             **common,
             **cls.http_keys(t),
             track_opens=t.get("track_opens", bool, cls.default("track_opens")),
             track_clicks=t.get("track_clicks", bool, cls.default("track_clicks")),
+            webhook_public_key=key,
+            webhook_max_age=t.positive("webhook_max_age", float, cls.default("webhook_max_age")),
         )
 
     def build(self) -> SendGridProvider:
         return SendGridProvider(self)
+
+
+def webhook_public_key(text: str) -> ec.EllipticCurvePublicKey:
+    """The Event Webhook's verification key from its text: the base64 DER
+    SubjectPublicKeyInfo SendGrid shows (``MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE…``), or the
+    same in PEM armour. ValueError, saying why, for anything but a P-256 public key."""
+    text = text.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            key = load_pem_public_key(text.encode())
+        else:
+            key = load_der_public_key(base64.b64decode("".join(text.split()), validate=True))
+    except (ValueError, binascii.Error, UnsupportedAlgorithm):
+        raise ValueError(
+            "not a public key: give the verification key SendGrid shows (base64 DER, or PEM)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("not an ECDSA P-256 public key, which is what SendGrid signs with")
+    return key
 
 
 class SendGridProvider(HttpProvider):
@@ -133,7 +177,7 @@ class SendGridProvider(HttpProvider):
             # "subject: min length 1" (400 otherwise): a lone space shows as an empty subject.
             "subject": fields.subject or " ",
             "content": _content(fields),
-            "custom_args": {"ratatoskr_id": queue_id},
+            "custom_args": {QUEUE_ID_ARG: queue_id},
             "tracking_settings": self._tracking(),
         }
         if len(fields.reply_to) == 1:

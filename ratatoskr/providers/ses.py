@@ -65,6 +65,11 @@ DAILY_QUOTA_WAIT = 3600.0
 NO_API_KEY = Secret("")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+# arn:<partition>:sns:<region>:<12-digit account>:<topic name> (SNS topic names: 1-256 of
+# [A-Za-z0-9_-]; a FIFO topic's ends in .fifo, though SES publishes to standard topics only).
+TOPIC_ARN = re.compile(
+    r"arn:aws(-cn|-us-gov)?:sns:[a-z]{2}(-[a-z]+)+-\d+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?"
+)
 # Answers that mean our account, key or set-up is wrong for every message (§1.7, §1.13).
 _UNUSABLE = {
     "AccountSuspendedException": "the SES account's sending is suspended",
@@ -90,7 +95,10 @@ class SesSettings(HttpSettings):
     """``kind = "ses"``: ``region`` (required), ``access_key_id`` with ``secret_access_key``
     (or ``secret_access_key_file``), both or neither (neither: the standard AWS chain),
     ``configuration_set``, ``base_url`` (default ``https://email.<region>.amazonaws.com``).
-    SES has no API key: ``api_key`` is refused as an unknown key."""
+    SES has no API key: ``api_key`` is refused as an unknown key. For its delivery events:
+    ``webhook_topic_arn``, the SNS topic the configuration set publishes to (unset: its events
+    are refused; a message from any other topic is refused too, as anyone's topic can
+    subscribe our URL)."""
 
     kind: ClassVar[str] = "ses"
     api_key: Secret = NO_API_KEY  # unused: SES signs requests instead
@@ -98,6 +106,7 @@ class SesSettings(HttpSettings):
     access_key_id: str = ""
     secret_access_key: Secret | None = None
     configuration_set: str = ""
+    webhook_topic_arn: str | None = None
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
@@ -116,6 +125,12 @@ class SesSettings(HttpSettings):
         configuration_set = t.get("configuration_set", str, "")
         if configuration_set and not _TAG.match(configuration_set):
             raise ConfigError(t.key("configuration_set"), "must be letters, digits, '-' or '_'")
+        topic = t.get("webhook_topic_arn", str, None)
+        if topic is not None and not TOPIC_ARN.fullmatch(topic):
+            raise ConfigError(
+                t.key("webhook_topic_arn"),
+                f"{topic!r} is not an SNS topic ARN such as arn:aws:sns:eu-west-1:111122223333:ses-events",
+            )
         return cls(
             **common,
             base_url=read_base_url(t, f"https://email.{region}.amazonaws.com"),
@@ -123,6 +138,7 @@ class SesSettings(HttpSettings):
             access_key_id=key_id,
             secret_access_key=secret,
             configuration_set=configuration_set,
+            webhook_topic_arn=topic,
         )
 
     def build(self) -> SesProvider:

@@ -36,6 +36,7 @@ from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
 from ratatoskr.mime import split_head
+from ratatoskr.providers._webhook_auth import read_basic_auth
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
 from ratatoskr.table import Secret, Table
@@ -60,7 +61,9 @@ class SparkpostSettings(HttpSettings):
     ``https://api.eu.sparkpost.com/api/v1``), and the content rewriting SparkPost does by
     default, each off unless turned on: ``open_tracking``, ``click_tracking``,
     ``perform_substitutions``. For its webhooks: ``webhook_username`` and ``webhook_password``
-    (the webhook's ``auth_type = "basic"`` credentials; unset: its events are refused)."""
+    (the webhook's ``auth_type = "basic"`` credentials; unset: its events are refused), and
+    ``webhook_previous_username``/``webhook_previous_password``, a second pair taken during a
+    rotation (:mod:`ratatoskr.providers._webhook_auth`)."""
 
     kind: ClassVar[str] = "sparkpost"
     default_url: ClassVar[str] = "https://api.sparkpost.com/api/v1"
@@ -69,10 +72,12 @@ class SparkpostSettings(HttpSettings):
     perform_substitutions: bool = False
     webhook_username: str | None = None
     webhook_password: Secret | None = None
+    webhook_previous_username: str | None = None
+    webhook_previous_password: Secret | None = None
 
     @classmethod
     def read(cls, t: Table, common: CommonSettings) -> Self:
-        flags = {
+        flags: dict[str, Any] = {  # Any: mypy checks a ** dict against every field
             name: t.get(name, bool, cls.default(name))
             for name in ("open_tracking", "click_tracking", "perform_substitutions")
         }
@@ -80,12 +85,11 @@ class SparkpostSettings(HttpSettings):
             **common,
             **cls.http_keys(t),
             **flags,
-            webhook_username=t.get("webhook_username", str, None),
-            webhook_password=t.optional_secret("webhook_password"),
+            **read_basic_auth(t).as_fields(),
         )
 
     def secrets(self) -> tuple[Secret, ...]:
-        found = (self.api_key, self.webhook_password)
+        found = (self.api_key, self.webhook_password, self.webhook_previous_password)
         return tuple(s for s in found if s is not None)
 
     def build(self) -> SparkpostProvider:

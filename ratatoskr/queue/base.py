@@ -33,13 +33,15 @@ Rules every backend keeps (``tests/test_queue_contract.py`` checks them):
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from ratatoskr.message import Envelope
 from ratatoskr.queue.values import (
     Attempt,
+    ClaimedForward,
     DeliveryEvent,
+    NewForward,
     QueueStats,
     Recovery,
     StoredEvent,
@@ -145,7 +147,8 @@ class Queue(Protocol):
         them, one daemon owns the file; in a cluster: those whose owner is gone). Each one's
         ``recoveries`` goes up by one; one that has now been in flight during more than
         ``max_recoveries`` crashes is probably what crashes us and is made dead ("quarantined"
-        in its last error), the others wait again, due now."""
+        in its last error), the others wait again, due now. SQLite also lets go of the forward
+        leases a previous run held (a cluster's run out by themselves)."""
         ...
 
     async def reschedule_deferred(self, not_after: float) -> int:
@@ -155,11 +158,19 @@ class Queue(Protocol):
 
     # -- delivery events -----------------------------------------------------------------------
 
-    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+    async def record_events(
+        self,
+        events: Sequence[DeliveryEvent],
+        *,
+        keep_until: float,
+        forward: Callable[[StoredEvent], NewForward] | None = None,
+    ) -> list[StoredEvent]:
         """Store provider events, all in one transaction, each once per ``key`` (a duplicate
         changes nothing and comes back with ``new`` False). Each is matched to a message by its
         ``queue_id`` (when that message exists) or else by (provider, provider message id);
-        one that matches none is kept as an orphan until ``keep_until``."""
+        one that matches none is kept as an orphan until ``keep_until``. With ``forward``,
+        each new event's forward to the application (built by ``forward`` once it is matched)
+        is committed in the same transaction, due now: no event is stored without it."""
         ...
 
     async def events(self, qid: str) -> list[DeliveryEvent]:
@@ -171,6 +182,28 @@ class Queue(Protocol):
         their events and provider ids) and at most ``limit`` such orphan events; return how
         many rows went. Bounded, so one call never holds the queue for long: call again while
         it returns ``limit`` or more."""
+        ...
+
+    # -- forwarding events to the application ([events] forward_url) ---------------------------
+
+    async def claim_forwards(self, limit: int, *, lease: float) -> list[ClaimedForward]:
+        """Up to ``limit`` forwards due by now, oldest due first, each leased to the caller for
+        ``lease`` seconds: no other claim (any node) returns one until its outcome is recorded
+        or its lease runs out (a node that died mid-send: at least once, rarely twice)."""
+        ...
+
+    async def finish_forward(self, fid: str, token: str) -> bool:
+        """The forward is done with (the application took it, or it is given up): gone. False
+        (nothing changed) when the claim ``token`` no longer holds it."""
+        ...
+
+    async def retry_forward(self, fid: str, token: str, *, due_at: float, error: str) -> bool:
+        """The attempt failed: due again at ``due_at``, one more attempt counted, the lease
+        let go. False (nothing changed) when the claim ``token`` no longer holds it."""
+        ...
+
+    async def pending_forwards(self) -> int:
+        """Forwards not yet done with (due or waiting for a retry)."""
         ...
 
     # -- observation ---------------------------------------------------------------------------

@@ -25,7 +25,9 @@ and the HTTP API do not know which one they hold. What a cluster adds:
   database's clock. A background task extends the leases of everything this node holds and
   sweeps expired ones back to the queue (``recoveries`` + 1; too many → dead, as at a SQLite
   start-up). Every later transition (complete, defer, bury, release) names the lease token, so
-  the late outcome of a node that lost its lease changes nothing (it is logged).
+  the late outcome of a node that lost its lease changes nothing (it is logged). Events owed
+  to the application (``ratatoskr_forwards``, ``[events] forward_url``) are claimed the same
+  way; their leases simply run out when a node dies (no sweep needed).
 * **Large messages** are ``bytea`` (TOASTed out of line). Measured against large objects
   (``bench/pg_drivers.py``, 1 MB bodies, 4 tasks): bytea stores 22.6/s vs 11.3/s and reads
   76.5/s vs 66.7/s, with no orphaned objects to clean up. The claim's byte budget bounds how
@@ -59,7 +61,9 @@ from ratatoskr.queue.base import RawParts
 from ratatoskr.queue.values import (
     IN_QUEUE,
     Attempt,
+    ClaimedForward,
     DeliveryEvent,
+    NewForward,
     Outcome,
     QueueStats,
     Recovery,
@@ -156,6 +160,21 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (provider, pid)
     );
     CREATE INDEX ratatoskr_provider_ids_qid ON ratatoskr_provider_ids (qid);
+    """,
+    # 4: events owed to the application ([events] forward_url), leased like messages.
+    """
+    CREATE TABLE ratatoskr_forwards (
+        id text PRIMARY KEY,
+        body text NOT NULL,
+        created_at double precision NOT NULL,
+        due_at double precision NOT NULL,
+        give_up_at double precision NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        last_error text NOT NULL DEFAULT '',
+        lease_token text,
+        lease_until double precision
+    );
+    CREATE INDEX ratatoskr_forwards_due ON ratatoskr_forwards (due_at, id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -291,6 +310,27 @@ _RETRY = (
 _DELETE = "DELETE FROM ratatoskr_messages WHERE id = $1"
 _DELETE_EVENTS = "DELETE FROM ratatoskr_events WHERE qid = $1"
 _DELETE_PROVIDER_IDS = "DELETE FROM ratatoskr_provider_ids WHERE qid = $1"
+_INSERT_FORWARD = (
+    "INSERT INTO ratatoskr_forwards (id, body, created_at, due_at, give_up_at)"
+    " VALUES ($1, $2, $3, $3, $4) ON CONFLICT (id) DO NOTHING"
+)
+# $1 now (queue clock: when due), $2 limit, $3 token, $4 lease. The lease is in the database's
+# clock, as messages' are; SKIP LOCKED: a forward another node is claiming is passed over.
+_CLAIM_FORWARDS = f"""
+UPDATE ratatoskr_forwards f SET lease_token = $3, lease_until = {_NOW} + $4
+FROM (
+    SELECT id FROM ratatoskr_forwards
+    WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until < {_NOW})
+    ORDER BY due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
+) d WHERE f.id = d.id
+RETURNING f.id, f.body, f.attempts, f.give_up_at, f.lease_token, f.due_at
+"""
+_FINISH_FORWARD = "DELETE FROM ratatoskr_forwards WHERE id = $1 AND lease_token = $2"
+_RETRY_FORWARD = (
+    "UPDATE ratatoskr_forwards SET due_at = $3, last_error = $4, attempts = attempts + 1,"
+    " lease_token = NULL, lease_until = NULL WHERE id = $1 AND lease_token = $2"
+)
+_PENDING_FORWARDS = "SELECT count(*) FROM ratatoskr_forwards"
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -671,7 +711,15 @@ class PostgresQueue:
 
     # -- delivery events -------------------------------------------------------------------------
 
-    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+    async def record_events(
+        self,
+        events: Sequence[DeliveryEvent],
+        *,
+        keep_until: float,
+        forward: Callable[[StoredEvent], NewForward] | None = None,
+    ) -> list[StoredEvent]:
+        now = self.clock()
+
         async def record(conn: asyncpg.Connection) -> list[StoredEvent]:
             stored = []
             async with conn.transaction():
@@ -691,6 +739,9 @@ class PostgresQueue:
                     if not new:  # recorded before: report the message it was matched to then
                         qid = await conn.fetchval(_EVENT_QID, event.provider, event.key)
                     stored.append(StoredEvent(event, qid, new))
+                    if new and forward is not None:  # the same transaction: stored means forwarded
+                        fwd = forward(stored[-1])
+                        await conn.execute(_INSERT_FORWARD, fwd.id, fwd.body, now, fwd.give_up_at)
             return stored
 
         return await self._run(record)
@@ -706,6 +757,26 @@ class PostgresQueue:
             return messages + orphans
 
         return await self._run(sweep)
+
+    # -- forwarding events to the application ----------------------------------------------------
+
+    async def claim_forwards(self, limit: int, *, lease: float) -> list[ClaimedForward]:
+        now, token = self.clock(), uuid.uuid4().hex
+        rows = await self._run(lambda c: c.fetch(_CLAIM_FORWARDS, now, limit, token, lease))
+        rows = sorted(rows, key=lambda r: (r["due_at"], r["id"]))  # RETURNING has no order
+        return [
+            ClaimedForward(r["id"], r["body"], r["attempts"], r["give_up_at"], r["lease_token"]) for r in rows
+        ]
+
+    async def finish_forward(self, fid: str, token: str) -> bool:
+        return _count(await self._run(lambda c: c.execute(_FINISH_FORWARD, fid, token))) == 1
+
+    async def retry_forward(self, fid: str, token: str, *, due_at: float, error: str) -> bool:
+        status = await self._run(lambda c: c.execute(_RETRY_FORWARD, fid, token, due_at, error))
+        return _count(status) == 1
+
+    async def pending_forwards(self) -> int:
+        return int(await self._run(lambda c: c.fetchval(_PENDING_FORWARDS)))
 
     # -- leases ----------------------------------------------------------------------------------
 

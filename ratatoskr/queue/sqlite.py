@@ -15,6 +15,8 @@ JSON list of :meth:`Attempt.as_json <ratatoskr.queue.values.Attempt.as_json>` en
 delivered message keeps its row (``raw`` emptied, ``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
+``forwards`` holds the events still owed to the application (``[events] forward_url``), each
+inserted by the transaction that stores its event and deleted once it is done with.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +38,9 @@ from ratatoskr.queue.base import RawParts
 from ratatoskr.queue.values import (
     IN_QUEUE,
     Attempt,
+    ClaimedForward,
     DeliveryEvent,
+    NewForward,
     Outcome,
     QueueStats,
     Recovery,
@@ -94,6 +99,18 @@ CREATE TABLE IF NOT EXISTS provider_ids (
     PRIMARY KEY (provider, pid)
 );
 CREATE INDEX IF NOT EXISTS provider_ids_qid ON provider_ids (qid);
+CREATE TABLE IF NOT EXISTS forwards (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    give_up_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    lease_token TEXT,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS forwards_due ON forwards (due_at, id);
 """
 _ADD_SIZE_COLUMN = "ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0"
 _FILL_SIZE_COLUMN = "UPDATE messages SET size = length(raw)"
@@ -203,6 +220,25 @@ _RETRY_ONE = _RETRY_SET + " AND id = :id"
 _DELETE = "DELETE FROM messages WHERE id = :id"
 _DELETE_EVENTS = "DELETE FROM events WHERE qid = ?"
 _DELETE_PROVIDER_IDS = "DELETE FROM provider_ids WHERE qid = ?"
+_INSERT_FORWARD = """
+INSERT INTO forwards (id, body, created_at, due_at, give_up_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (id) DO NOTHING
+"""
+# One daemon owns the file, so a lease only needs to outlast the send; recover() clears them.
+_CLAIM_FORWARDS = """
+UPDATE forwards SET lease_token = :token, lease_until = :now + :lease WHERE id IN (
+    SELECT id FROM forwards WHERE due_at <= :now AND (lease_until IS NULL OR lease_until < :now)
+    ORDER BY due_at, id LIMIT :limit)
+RETURNING id, body, attempts, give_up_at, lease_token, due_at
+"""
+_FINISH_FORWARD = "DELETE FROM forwards WHERE id = :id AND lease_token = :token"
+_RETRY_FORWARD = """
+UPDATE forwards SET due_at = :due_at, last_error = :error, attempts = attempts + 1,
+    lease_token = NULL, lease_until = NULL
+WHERE id = :id AND lease_token = :token
+"""
+_RELEASE_FORWARDS = "UPDATE forwards SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL"
+_PENDING_FORWARDS = "SELECT COUNT(*) AS n FROM forwards"
 _USER_VERSION = "PRAGMA user_version"
 
 # Every state by name (:queued, :inflight, :deferred, :dead, :delivered), for the statements above.
@@ -471,6 +507,7 @@ class SqliteQueue:
         def recover(conn: sqlite3.Connection) -> Recovery:
             buried = conn.execute(_QUARANTINE, params).rowcount
             requeued = conn.execute(_REQUEUE, params).rowcount
+            conn.execute(_RELEASE_FORWARDS)  # the sends of a previous run are over
             return Recovery(requeued=requeued, buried=buried)
 
         return await self._submit(recover)
@@ -481,7 +518,15 @@ class SqliteQueue:
 
     # -- delivery events -------------------------------------------------------------------------
 
-    async def record_events(self, events: Sequence[DeliveryEvent], *, keep_until: float) -> list[StoredEvent]:
+    async def record_events(
+        self,
+        events: Sequence[DeliveryEvent],
+        *,
+        keep_until: float,
+        forward: Callable[[StoredEvent], NewForward] | None = None,
+    ) -> list[StoredEvent]:
+        now = self.clock()
+
         def record(conn: sqlite3.Connection) -> list[StoredEvent]:
             stored = []
             for event in events:
@@ -500,6 +545,9 @@ class SqliteQueue:
                 if not new:  # recorded before: report the message it was matched to then
                     qid = conn.execute(_EVENT_QID, (event.provider, event.key)).fetchone()["qid"]
                 stored.append(StoredEvent(event, qid, new))
+                if new and forward is not None:  # the same transaction: stored means forwarded
+                    fwd = forward(stored[-1])
+                    conn.execute(_INSERT_FORWARD, (fwd.id, fwd.body, now, now, fwd.give_up_at))
             return stored
 
         return await self._submit(record)
@@ -518,6 +566,31 @@ class SqliteQueue:
             return len(ids) + conn.execute(_SWEEP_ORPHANS, params).rowcount
 
         return await self._submit(sweep)
+
+    # -- forwarding events to the application ----------------------------------------------------
+
+    async def claim_forwards(self, limit: int, *, lease: float) -> list[ClaimedForward]:
+        params = {"token": uuid.uuid4().hex, "now": self.clock(), "lease": lease, "limit": limit}
+
+        def claim(conn: sqlite3.Connection) -> list[ClaimedForward]:
+            rows = sorted(conn.execute(_CLAIM_FORWARDS, params), key=lambda r: (r["due_at"], r["id"]))
+            return [
+                ClaimedForward(r["id"], r["body"], r["attempts"], r["give_up_at"], r["lease_token"])
+                for r in rows
+            ]
+
+        return await self._submit(claim)
+
+    async def finish_forward(self, fid: str, token: str) -> bool:
+        params = {"id": fid, "token": token}
+        return await self._submit(lambda conn: conn.execute(_FINISH_FORWARD, params).rowcount == 1)
+
+    async def retry_forward(self, fid: str, token: str, *, due_at: float, error: str) -> bool:
+        params = {"id": fid, "token": token, "due_at": due_at, "error": error}
+        return await self._submit(lambda conn: conn.execute(_RETRY_FORWARD, params).rowcount == 1)
+
+    async def pending_forwards(self) -> int:
+        return await self._read(lambda conn: int(conn.execute(_PENDING_FORWARDS).fetchone()["n"]))
 
     # -- observation -----------------------------------------------------------------------------
 

@@ -167,6 +167,27 @@ class StoredEvent(NamedTuple):
     new: bool
 
 
+class NewForward(NamedTuple):
+    """An event the application is to be told about (``[events] forward_url``), committed by
+    :meth:`Queue.record_events` in the transaction that stores the event: ``id`` is the event's
+    stable id (one forward per id), ``body`` the exact bytes to sign and send, as UTF-8 text."""
+
+    id: str
+    body: str
+    give_up_at: float  #: the queue's clock: no retry is scheduled after this
+
+
+class ClaimedForward(NamedTuple):
+    """A forward :meth:`Queue.claim_forwards` handed to this node: no other claim returns it
+    until the lease runs out; ``token`` names this claim in the outcome."""
+
+    id: str
+    body: str
+    attempts: int  #: failed attempts before this one
+    give_up_at: float
+    token: str
+
+
 def provider_ids(provider_id: str | None) -> list[str]:
     """The ids a send answer's ``provider_id`` holds, as events name them: several are joined
     with ", " (one per recipient or per call), Mailgun's come in ``<>`` that its events leave
