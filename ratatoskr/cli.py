@@ -171,7 +171,8 @@ def describe(config: Config) -> list[str]:
         f"smtp: {smtp.listen} as {smtp.hostname}, max size {smtp.max_message_size} bytes, "
         f"max {smtp.max_recipients} recipients, auth {auth}, "
         f"STARTTLS {'on' if smtp.tls_cert else 'off'}, implicit TLS {smtp.tls_listen or 'off'}"
-        f"{'' if smtp.trust_loopback else ', loopback not trusted'}",
+        f"{'' if smtp.trust_loopback else ', loopback not trusted'}"
+        f"{_proxy_note(smtp.proxy_trusted) if smtp.proxy_protocol else ''}",
         f"http: {http.listen}, API tokens: {len(http.api_tokens) or 'none (loopback callers only)'}",
         f"queue: {_queue_place(config)}",
         f"delivery: lifetime {config.delivery.max_queue_lifetime:.0f}s, {config.delivery.workers} workers",
@@ -181,6 +182,10 @@ def describe(config: Config) -> list[str]:
     if config.events.forward_url:
         lines.append(f"events: forwarded to {redact_url(config.events.forward_url)}, signed")
     return lines
+
+
+def _proxy_note(trusted: Sequence[object]) -> str:
+    return f", PROXY protocol from {', '.join(str(n) for n in trusted)}"
 
 
 def _queue_place(config: Config) -> str:
@@ -196,7 +201,7 @@ async def _check_cluster(config: Config) -> bool:
     assert config.spool.url is not None
     queue = PostgresQueue(config.spool.url, lifetime=config.delivery.max_queue_lifetime)
     try:
-        await queue.open(create=False)
+        await queue.open(create=False, older_schema=True)  # check before an upgrade
         lines = await queue.describe()
     except QueueUnavailable as exc:
         print(f"queue database: FAILED: {exc}")
@@ -266,6 +271,9 @@ async def _queue_command(settings: config_mod.QueueSettings, args: argparse.Name
     except QueueUnavailable as exc:  # says what and where
         print(f"ratatoskr: {exc}", file=sys.stderr)
         return TROUBLE
+    except ConfigError as exc:  # the database has synchronous_commit = off
+        print(f"ratatoskr: invalid config: {exc}", file=sys.stderr)
+        return USAGE
     # Circuits are published next to a SQLite queue by the daemon on this machine.
     states = circuits.read(settings.spool.path)
     try:

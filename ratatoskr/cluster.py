@@ -7,15 +7,24 @@ beside the dispatcher without changing it:
 
 * every ``interval`` it looks at the local :class:`~ratatoskr.delivery.health.ProviderHealth`
   of each provider; one that stopped taking traffic here until a later time than the table says
-  is written to ``ratatoskr_provider_state`` (the later time wins) and announced with
-  ``NOTIFY ratatoskr_provider_state``;
+  is written to ``ratatoskr_provider_state`` (the later time wins), marked ``circuit`` when it
+  is an open circuit rather than a rate limit, and announced with ``NOTIFY
+  ratatoskr_provider_state``;
 * on a notification (LISTEN, so within a fraction of a second), and at every tick anyway, it
   reads the table and pauses, through ``record_rate_limit``, any local provider that is still
   taking traffic here although another node has it paused until later.
 
+**One trial for the cluster.** A rate limit ends for everyone at the provider's time. An open
+circuit does not simply end: its node sends one trial message when its cool-down is over, and
+the others wait for the answer (their pause runs :data:`TRIAL_WAIT` seconds past the
+cool-down). A trial that is delivered closes the row (``paused_until`` 0, no longer
+``circuit``) and the others take traffic again at once; one that fails reopens the circuit with
+a doubled cool-down, published as a later pause. Should the trial's node die, the others take
+traffic again :data:`TRIAL_WAIT` seconds after the cool-down.
+
 When the database is unreachable nothing is read or written: every node goes on judging its
 providers by itself, as a single node does. Cluster mode only (``[spool] url``); the table is
-migration 2 of :mod:`ratatoskr.queue.postgres`.
+migrations 2 and 5 of :mod:`ratatoskr.queue.postgres`.
 """
 
 from __future__ import annotations
@@ -29,19 +38,30 @@ from typing import Any
 
 import asyncpg
 
-from ratatoskr.delivery.health import ProviderHealth
+from ratatoskr.delivery.health import Circuit, ProviderHealth
 
 log = logging.getLogger("ratatoskr.cluster")
 CHANNEL = "ratatoskr_provider_state"
 # The later pause wins; a row only changes (and is announced) when it moves later.
 _PUBLISH = """
-INSERT INTO ratatoskr_provider_state (provider, paused_until, reason, node) VALUES ($1, $2, $3, $4)
+INSERT INTO ratatoskr_provider_state (provider, paused_until, reason, node, circuit)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (provider) DO UPDATE SET paused_until = EXCLUDED.paused_until, reason = EXCLUDED.reason,
-    node = EXCLUDED.node, updated_at = now()
+    node = EXCLUDED.node, circuit = EXCLUDED.circuit, updated_at = now()
 WHERE ratatoskr_provider_state.paused_until < EXCLUDED.paused_until
 """
-_READ = "SELECT provider, paused_until, reason, node FROM ratatoskr_provider_state WHERE paused_until > $1"
+# Our trial was delivered: the circuit we published is closed (unless another node's pause
+# has replaced it since).
+_CLOSE = """
+UPDATE ratatoskr_provider_state SET paused_until = 0, circuit = false, reason = $3, updated_at = now()
+WHERE provider = $1 AND node = $2 AND circuit
+"""
+_READ = "SELECT provider, paused_until, reason, node, circuit FROM ratatoskr_provider_state"
 _SLACK = 0.5  # seconds: pauses closer than this to what is known are not news
+#: How long past an open circuit's cool-down the other nodes wait for its node's trial: a
+#: trial takes at most two provider timeouts (10 s each by default: an ambiguous answer is
+#: tried once more).
+TRIAL_WAIT = 30.0
 
 
 class SharedProviderState:
@@ -62,6 +82,9 @@ class SharedProviderState:
         self.clock = clock
         self.interval = interval
         self.known: dict[str, float] = {}  #: provider → the pause the table holds, as last seen
+        self.trials: set[str] = set()  #: providers whose open circuit we published: our trial
+        self.waiting: dict[str, float] = {}  #: provider → our pause for another node's trial
+        self.applied: dict[str, float] = {}  #: provider → the pause we took from the table
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -103,16 +126,49 @@ class SharedProviderState:
         now = self.clock()
         healths = self.healths()
         for name, health in healths.items():
-            until = health.ready_at() if not health.up else 0.0
-            if until > now and until > self.known.get(name, 0.0) + _SLACK:
-                status = await conn.execute(_PUBLISH, name, until, health.last_error[:500], self.node)
-                self.known[name] = until
-                if status.endswith(" 1"):
+            if health.up and name in self.trials:  # our trial was delivered: tell the others
+                self.trials.discard(name)
+                if _count(await conn.execute(_CLOSE, name, self.node, "trial delivered")):
+                    self.known[name] = 0.0
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, name)
-        for row in await conn.fetch(_READ, now):
-            name, until = row["provider"], float(row["paused_until"])
-            self.known[name] = max(self.known.get(name, 0.0), until)
-            local = healths.get(name)
-            if local is None or row["node"] == self.node or local.ready_at() + _SLACK >= until:
                 continue
-            local.record_rate_limit(until - now, f"paused by node {row['node']}: {row['reason']}")
+            until = health.ready_at() if not health.up else 0.0
+            if abs(until - self.applied.get(name, -1.0)) <= _SLACK:
+                continue  # the others' pause, not news of ours
+            if until > now and until > self.known.get(name, 0.0) + _SLACK:
+                circuit = health.circuit is not Circuit.CLOSED
+                reason = health.last_error[:500]
+                status = await conn.execute(_PUBLISH, name, until, reason, self.node, circuit)
+                self.known[name] = until
+                if _count(status):
+                    if circuit:
+                        self.trials.add(name)
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, name)
+        for row in await conn.fetch(_READ):
+            self._apply(row, healths.get(row["provider"]), now)
+
+    def _apply(self, row: asyncpg.Record, local: ProviderHealth | None, now: float) -> None:
+        name, until, circuit = row["provider"], float(row["paused_until"]), bool(row["circuit"])
+        if until > now:
+            self.known[name] = max(self.known.get(name, 0.0), until)
+        if local is None or row["node"] == self.node:
+            return
+        if until <= now:
+            waited = self.waiting.get(name)
+            if waited is not None and not circuit:  # the trial we waited for was delivered
+                del self.waiting[name]
+                if local.lift_pause(waited, f"trial delivered by node {row['node']}"):
+                    log.info("provider %s: node %s's trial was delivered", name, row["node"])
+            return
+        pause = until + TRIAL_WAIT if circuit else until  # a circuit: wait for its node's trial
+        if local.ready_at() + _SLACK >= pause:
+            return
+        what = "circuit open at" if circuit else "paused by"
+        local.record_rate_limit(pause - now, f"{what} node {row['node']}: {row['reason']}")
+        self.applied[name] = local.paused_until
+        if circuit:
+            self.waiting[name] = local.paused_until
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])

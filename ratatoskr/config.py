@@ -85,6 +85,9 @@ class SmtpConfig:
     auth_rate_limit: int = 0
     tls_session_rate_limit: int = 0
     stress_timeout: float = 10.0
+    # PROXY protocol (v1/v2) on `listen`, believed only from these networks (cluster.md).
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def listeners(self) -> tuple[Listen, ...]:
@@ -251,9 +254,38 @@ def _smtp(t: _Table) -> SmtpConfig:
         auth_failure_delay=t.positive("auth_failure_delay", float, 1.0),
         max_errors=t.positive("max_errors", int, 20),
         **_hostile_client_limits(t),
+        **_proxy_protocol(t, listen, trust_loopback),
     )
     _refuse_open_relay(t, config)
     return config
+
+
+def _proxy_protocol(t: _Table, listen: Listen, trust_loopback: bool) -> dict[str, Any]:
+    """``proxy_protocol`` (opt-in) and the proxies whose PROXY headers are believed."""
+    enabled = t.get("proxy_protocol", bool, False)
+    entries = t.get("proxy_trusted", list, [])
+    trusted = []
+    for i, entry in enumerate(entries):
+        try:
+            trusted.append(ipaddress.ip_network(entry if isinstance(entry, str) else "", strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{t.key('proxy_trusted')}[{i}]",
+                f"{entry!r} is not an address or network (10.0.0.5, 10.0.0.0/24)",
+            ) from None
+    if enabled and not trusted:
+        raise ConfigError(
+            t.key("proxy_trusted"),
+            "required with proxy_protocol = true: the balancers' addresses, never anyone's",
+        )
+    if enabled and trust_loopback and listen.is_loopback:
+        # The listener's trust (auth optional) would pass to every client the proxy brings.
+        raise ConfigError(
+            t.key("proxy_protocol"),
+            f"on the trusted loopback listener {listen} every proxied client would be trusted: set"
+            " trust_loopback = false",
+        )
+    return {"proxy_protocol": enabled, "proxy_trusted": tuple(trusted) if enabled else ()}
 
 
 def _hostile_client_limits(t: _Table) -> dict[str, Any]:

@@ -10,6 +10,7 @@ line saying why (this module is a pytest plugin, loaded by ``tests/conftest.py``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -102,16 +103,116 @@ async def schema_url(database_url: str) -> AsyncIterator[str]:
 
 
 async def terminate_all(database_url: str) -> int:
-    """pg_terminate_backend every connection to the database (but this one): how many."""
+    """pg_terminate_backend every connection to the database (but this one): how many. Each
+    is gone when this returns (the call waits for it), so nothing more runs on them."""
     name = database_url.split("?", 1)[0].rsplit("/", 1)[-1]
     conn = await asyncpg.connect(ADMIN_URL)
     try:
         return int(
             await conn.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                 " WHERE datname = $1 AND pid <> pg_backend_pid()",
                 name,
             )
+        )
+    finally:
+        await conn.close()
+
+
+class LosingProxy:
+    """A TCP proxy in front of the test PostgreSQL that can lose one answer the way a dropped
+    connection does: the server has done (and committed) the work, the client never hears so.
+
+    :meth:`lose` arms it: the next statement whose CommandComplete tag starts with ``tag``
+    (``b"UPDATE 3"``) has its answer held back until the server's ReadyForQuery (the implicit
+    transaction has committed by then), its backend is ended with ``pg_terminate_backend``, and
+    the client's connection is closed without the answer. Use :meth:`url` with a url of the
+    test server; SSL is off on it so the proxy can read the protocol's frames."""
+
+    def __init__(self) -> None:
+        self._armed: list[bytes] = []
+        self.lost = 0  #: answers lost so far
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._upstream = urlsplit(ADMIN_URL)
+
+    async def __aenter__(self) -> LosingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for client in self._clients:
+            client.transport.abort()
+
+    def url(self, database_url: str) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(database_url)
+        rest = database_url.split(parts.netloc, 1)[1]
+        netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return f"{parts.scheme}://{netloc}{rest}{'&' if '?' in rest else '?'}sslmode=disable"
+
+    def lose(self, tag: bytes, times: int = 1) -> None:
+        self._armed += [tag] * times
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._clients.add(client_w)
+        up_r, up_w = await asyncio.open_connection(self._upstream.hostname, self._upstream.port or 5432)
+        backend_port = up_w.get_extra_info("sockname")[1]
+
+        async def upstream() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await client_r.read(65536):
+                    up_w.write(data)
+                    await up_w.drain()
+            up_w.close()
+
+        pump = asyncio.create_task(upstream())
+        try:
+            await self._downstream(up_r, client_w, backend_port)
+        finally:
+            client_w.transport.abort()
+            self._clients.discard(client_w)
+            up_w.close()
+            pump.cancel()
+
+    async def _downstream(
+        self, up_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, backend_port: int
+    ) -> None:
+        buffer = b""
+        rows: list[bytes] = []  # DataRows wait for their CommandComplete: they may be lost too
+        losing = False
+        while data := await up_r.read(65536):
+            buffer += data
+            out: list[bytes] = []
+            while len(buffer) >= 5 and len(buffer) >= 1 + int.from_bytes(buffer[1:5], "big"):
+                end = 1 + int.from_bytes(buffer[1:5], "big")
+                frame, buffer = buffer[:end], buffer[end:]
+                kind = frame[:1]
+                if losing:
+                    if kind == b"Z":  # committed: now the server goes, and the answer with it
+                        self.lost += 1
+                        await _terminate_port(backend_port)
+                        return
+                elif kind == b"D":
+                    rows.append(frame)
+                elif kind == b"C" and self._armed and frame[5:].startswith(self._armed[0]):
+                    self._armed.pop(0)
+                    losing, rows = True, []
+                else:
+                    out += [*rows, frame]
+                    rows = []
+            client_w.write(b"".join(out))
+            await client_w.drain()
+
+
+async def _terminate_port(client_port: int) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE client_port = $1", client_port
         )
     finally:
         await conn.close()

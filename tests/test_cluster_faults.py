@@ -22,10 +22,11 @@ import pytest
 
 from ratatoskr.config import SpoolConfig, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
+from ratatoskr.message import Envelope
 from ratatoskr.queue import queue_for
 from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from tests.conftest import smtp_data_reply, wait_until
-from tests.postgres import ADMIN_URL, database, terminate_all
+from tests.postgres import ADMIN_URL, LosingProxy, database, terminate_all
 from tests.process import write_config
 
 pytestmark = pytest.mark.postgres
@@ -136,6 +137,9 @@ async def test_synchronous_commit_off_is_refused_naming_the_setting(tmp_path):
         )
         assert done.returncode == 2, done.stderr
         assert "synchronous_commit" in done.stderr
+        listing = await asyncio.to_thread(ratatoskr, config, "queue", "list")
+        assert listing.returncode == 2, listing.stderr
+        assert "spool.url" in listing.stderr and "synchronous_commit" in listing.stderr
 
 
 async def test_several_nodes_starting_at_once_migrate_once(tmp_path):
@@ -207,6 +211,250 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(tmp_pat
         finally:
             await a.close()
             await b.close()
+
+
+async def in_flight_rows(url: str) -> dict[str, tuple[str | None, str | None, int]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, owner, lease_token, recoveries FROM ratatoskr_messages WHERE state = 'inflight'"
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: (r["owner"], r["lease_token"], r["recoveries"]) for r in rows}
+
+
+async def test_a_claim_whose_answer_was_lost_strands_nothing(tmp_path):
+    """The server commits a claim, then its connection is terminated before the answer reaches
+    the node: the claim's retry must hand over those messages (they used to stay in flight
+    under this node with nobody delivering them until the lease ran out, then counted as a
+    crash), and no other node may get them meanwhile."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
+        other = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        await other.open()
+        try:
+            for qid in ("M1", "M2", "M3"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"UPDATE 3\x00")
+            claimed = await node.claim(10)
+            assert proxy.lost == 1
+            assert [m.id for m in claimed] == ["M1", "M2", "M3"]
+            rows = await in_flight_rows(url)
+            assert rows == {m.id: (node.node_id, node._held[m.id], 0) for m in claimed}
+            assert await other.claim(10) == []
+            assert [await node.complete(m.id) for m in claimed] == [True, True, True]
+        finally:
+            await node.close()
+            await other.close()
+
+
+async def test_a_claim_that_lost_both_answers_is_made_good_by_the_next_claim(tmp_path):
+    """Both tries lose their answer (the retry's transaction is rolled back by the second
+    termination): the claim says the queue is unavailable, and the next claim hands over the
+    messages the first try committed."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
+        await node.open()
+        try:
+            for qid in ("M1", "M2"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [held] = await node.claim(1)  # held across the trouble: not to be released
+            await node.put("M3", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"UPDATE 2\x00", times=2)
+            with pytest.raises(QueueUnavailable):
+                await node.claim(10)
+            assert proxy.lost == 2
+            assert set(await in_flight_rows(url)) == {"M1", "M2", "M3"}  # the first try's claim held
+            claimed = await node.claim(10)
+            assert [m.id for m in claimed] == ["M2", "M3"]
+            rows = await in_flight_rows(url)
+            assert {qid: token for qid, (_, token, _) in rows.items()} == node._held
+            assert held.id == "M1" and all(n == 0 for _, _, n in rows.values())
+        finally:
+            await node.close()
+
+
+async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path):
+    """The COMMIT of a put went through and its answer was lost: the retry finds the row it
+    wrote and acknowledges it (it used to refuse it as a duplicate, a 451 for a committed
+    message, which the client would have sent again); a real duplicate is still refused."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60)
+        await node.open()
+        try:
+            await node.put("M0", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.lose(b"COMMIT")
+            assert await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {}) == "M1"
+            assert proxy.lost == 1
+            assert [m.id for m in await node.list()] == ["M0", "M1"]
+            with pytest.raises(QueueUnavailable, match="already in the queue"):
+                await node.put("M0", env, b"Subject: other\r\n\r\nhi\r\n", {})
+        finally:
+            await node.close()
+
+
+async def test_a_forwards_claim_whose_answer_was_lost_gets_them_on_its_retry(tmp_path):
+    """As for messages: the lost claim's forwards would otherwise wait out their lease."""
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60)
+        await node.open()
+        try:
+            for fid in ("f1", "f2"):
+                await admin_on(
+                    url,
+                    "INSERT INTO ratatoskr_forwards (id, body, created_at, due_at, give_up_at)"
+                    " VALUES ($1, '{}', 0, 0, 1e12)",
+                    fid,
+                )
+            proxy.lose(b"UPDATE 2\x00")
+            claimed = await node.claim_forwards(10, lease=60)
+            assert proxy.lost == 1
+            assert [f.id for f in claimed] == ["f1", "f2"]
+            assert [await node.finish_forward(f.id, f.token) for f in claimed] == [True, True]
+        finally:
+            await node.close()
+
+
+def ratatoskr(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ratatoskr", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+QUEUE_COMMANDS = [("list",), ("show", "M1"), ("retry", "M1"), ("delete", "M1")]
+
+
+async def schema_state(url: str) -> tuple[bool, int | None]:
+    """Whether any ratatoskr table exists, and the recorded schema version."""
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'ratatoskr%'")
+        version = None
+        if await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
+            version = await conn.fetchval("SELECT MAX(version) FROM ratatoskr_schema")
+        return tables > 0, version
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("command", QUEUE_COMMANDS, ids=[c[0] for c in QUEUE_COMMANDS])
+def test_queue_commands_never_create_the_schema(tmp_path: Path, command: tuple[str, ...]):
+    """A database without our schema: each queue command exits 1 naming the database (without
+    the password), and creates nothing there, nor the local folder."""
+
+    async def run() -> tuple[subprocess.CompletedProcess[str], str, tuple[bool, int | None]]:
+        async with database() as url:
+            config = write_config(
+                tmp_path / "r.toml",
+                {"spool": {"path": str(tmp_path / "var"), "url": with_password(url)}},
+                [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+            )
+            done = await asyncio.to_thread(ratatoskr, config, "queue", *command)
+            return done, url, await schema_state(url)
+
+    done, url, state = asyncio.run(run())
+    assert done.returncode == 1, done.stderr
+    assert f"no queue in {redact_url(with_password(url))}" in done.stderr
+    assert "never" in done.stderr
+    assert PASSWORD not in done.stdout + done.stderr
+    assert state == (False, None)
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("recorded", [SCHEMA_VERSION - 1, SCHEMA_VERSION + 1], ids=["older", "newer"])
+def test_queue_commands_refuse_a_schema_of_another_version_and_never_migrate(tmp_path: Path, recorded: int):
+    """The schema is at a version this binary does not run: queue commands exit 1 saying which
+    and what to do, and leave it as it is; check accepts an older one (a node of this version
+    migrates it at start-up: checking before an upgrade) and fails on a newer one."""
+
+    async def run() -> tuple[list[subprocess.CompletedProcess[str]], str, tuple[bool, int | None]]:
+        async with database() as url:
+            node = PostgresQueue(url, lifetime=60)
+            await node.open()
+            await node.close()
+            await admin_on(url, "DELETE FROM ratatoskr_schema WHERE version > $1", recorded)
+            if recorded > SCHEMA_VERSION:
+                await admin_on(url, "INSERT INTO ratatoskr_schema (version) VALUES ($1)", recorded)
+            config = write_config(
+                tmp_path / "r.toml",
+                {"spool": {"path": str(tmp_path / "var"), "url": with_password(url)}},
+                [{"name": "outbox", "kind": "outbox", "path": str(tmp_path / "outbox")}],
+            )
+            runs = [await asyncio.to_thread(ratatoskr, config, "queue", *c) for c in QUEUE_COMMANDS]
+            runs.append(await asyncio.to_thread(ratatoskr, config, "check"))
+            return runs, url, await schema_state(url)
+
+    runs, url, state = asyncio.run(run())
+    *commands, check = runs
+    word = "older" if recorded < SCHEMA_VERSION else "newer"
+    for done in commands:
+        assert done.returncode == 1, done.stderr
+        assert f"the queue in {redact_url(with_password(url))} has schema version {recorded}" in done.stderr
+        assert f"{word} than this ratatoskr" in done.stderr
+        assert PASSWORD not in done.stdout + done.stderr
+    assert state == (True, recorded)  # nothing migrated
+    assert PASSWORD not in check.stdout + check.stderr
+    if recorded < SCHEMA_VERSION:
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"queue schema version {recorded} (this ratatoskr: {SCHEMA_VERSION};" in check.stdout
+        assert "migrates it when it starts" in check.stdout
+    else:
+        assert check.returncode == 1
+        assert "queue database: FAILED" in check.stdout and "newer than this ratatoskr" in check.stdout
+
+
+async def admin_on(url: str, sql: str, *args: Any) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def test_a_delivery_bug_while_the_database_is_away_is_recorded_once_it_is_back(
+    tmp_path, running_daemon, fake_mailgun, monkeypatch, caplog
+):
+    """A round ends in an unexpected exception just as the database goes away: the deferral
+    (and then the release) failed, and the message stayed in flight at this node, its lease
+    renewed, until a restart. Now the deferral is retried until the database is back."""
+    from ratatoskr.delivery.dispatcher import Dispatcher
+
+    async with database() as url:
+        real_round = Dispatcher._round
+
+        async def round_then_bug(self: Dispatcher, *args: Any) -> Any:
+            await real_round(self, *args)
+            await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS false')
+            await terminate_all(url)
+            raise RuntimeError("a bug meets a database outage")
+
+        monkeypatch.setattr(Dispatcher, "_round", round_then_bug)
+        daemon = await running_daemon(
+            spool={"path": str(tmp_path / "var"), "url": url, "lease": 2.0},
+            providers=[fake_mailgun.provider_entry()],
+            delivery={"retry_max": 3600},
+        )
+        assert (await smtp_data_reply(daemon.smtp_port, message("unlucky")))[0] == 250
+        caplog.set_level(logging.ERROR)
+        await wait_until(
+            lambda: "delivery failed unexpectedly" in caplog.text and "cannot claim messages" in caplog.text,
+            10,
+            what="the bug and the outage",
+        )
+        await admin(f'ALTER DATABASE "{dbname(url)}" ALLOW_CONNECTIONS true')
+        await wait_until(lambda: daemon.dispatcher.in_flight == 0, 10, what="the deferral recorded")
+        [stored] = await daemon.spool.list()
+        assert stored.state.value == "deferred"
+        assert stored.last_error == "internal error: RuntimeError"
+        await daemon.stop()
 
 
 def test_check_shows_connection_schema_and_nodes_but_never_the_password(tmp_path: Path):
@@ -322,6 +570,60 @@ async def test_a_rate_limit_one_node_meets_pauses_the_others_within_a_second(
         assert (await smtp_data_reply(b.smtp_port, message("held")))[0] == 250
         await asyncio.sleep(0.3)  # a send B might make would come within this (no event exists)
         assert len(fake_mailgun.calls) == calls_before
+
+
+async def test_an_open_circuit_gets_one_trial_for_the_cluster(tmp_path, running_daemon, fake_mailgun):
+    """Node A's circuit opens: B pauses past A's cool-down and sends nothing when it ends, while
+    A's trial goes out alone; the failed trial keeps B paused; the delivered one lets B (and its
+    held mail) go at once, long before B's own wait would have ended."""
+    from ratatoskr.cluster import TRIAL_WAIT
+
+    async with database() as url:
+        spool = {"url": url, "lease": 2.0}
+        delivery = {"circuit_failures": 1, "circuit_cooldown": 1, "retry_initial": 1}
+        a = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "a")},
+            providers=[fake_mailgun.provider_entry()],
+            delivery=delivery,
+        )
+        b = await running_daemon(
+            spool={**spool, "path": str(tmp_path / "b")},
+            providers=[fake_mailgun.provider_entry()],
+            delivery=delivery,
+        )
+
+        def health(node: Any) -> Any:
+            return node.dispatcher.pool.health["mailgun"]
+
+        fake_mailgun.fail(503, times=None)
+        assert (await smtp_data_reply(a.smtp_port, message("first")))[0] == 250
+        await wait_until(lambda: "open" in (health(a).state(), health(b).state()), 10, what="a circuit open")
+        met, other = (a, b) if health(a).state() == "open" else (b, a)
+        await wait_until(
+            lambda: "circuit open at node" in health(other).last_error, 5, what="the other paused"
+        )
+        assert health(other).ready_at() >= health(met).ready_at() + TRIAL_WAIT - 1
+        for name in ("held 1", "held 2"):  # due now: the other node would send them if it could
+            assert (await smtp_data_reply(other.smtp_port, message(name)))[0] == 250
+        calls = len(fake_mailgun.calls)
+
+        # The cool-down ends: A's trial fails (its cool-down doubles); B has sent nothing.
+        await wait_until(lambda: health(met).cooldown == 2.0, 10, what="the first trial")
+        assert len(fake_mailgun.calls) == calls + 1
+        assert not health(other).up
+
+        fake_mailgun.heal()
+        await wait_until(lambda: health(met).up, 10, what="the second trial delivered")
+        loop = asyncio.get_running_loop()
+        delivered_at = loop.time()
+        await wait_until(lambda: health(other).up, 5, what="the other taking traffic again")
+        assert loop.time() - delivered_at < 3  # not TRIAL_WAIT later
+        await fake_mailgun.wait_for(3)
+        assert sorted(str(m.header("Subject")) for m in fake_mailgun.messages) == [
+            "first",
+            "held 1",
+            "held 2",
+        ]
 
 
 def test_spool_url_takes_env_and_is_checked(monkeypatch):

@@ -256,3 +256,26 @@ def test_every_resend_type_maps_as_the_facts_sheet_says(name, bounce, kind, hard
         "e-1",
     )
     assert event.at == 1767268900.126
+
+
+async def test_a_hard_bounce_naming_no_recipient_sends_no_notice(
+    running_daemon, fake_resend: FakeResend, caplog
+):
+    """Resend's event for a message with two To addresses names neither: a notice would tell
+    the sender every recipient failed, so none is queued (the event itself is kept)."""
+    hooks = ResendHooks("")
+    daemon = await start(
+        running_daemon, fake_resend.provider_entry(webhook_secret=hooks.secret), delivery={"bounce": True}
+    )
+    hooks.url = events_url(daemon, "resend")
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake_resend.messages
+    several = hooks.event("email.bounced", sent, bounce={"type": "Permanent", "subType": "General"})
+    several["data"]["to"] = ["Bob <bob@example.net>", "carol@example.net"]
+    assert await hooks.post(several) == 200
+    _, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)
+    assert [(e["type"], e["recipient"]) for e in history["events"]][-1] == ("bounced", "")
+    assert "without a recipient: no notice" in caplog.text
+    counts = await daemon.spool.stats()
+    assert sum(counts[0].values()) == 0, counts  # no notice waiting in the queue

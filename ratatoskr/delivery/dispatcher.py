@@ -268,14 +268,14 @@ class Dispatcher:
             await asyncio.sleep(self.poll_interval)
 
     async def _defer_after_bug(self, stored: StoredMessage, exc: Exception) -> bool:
+        # Retried like any outcome: given up on, and its release failing too, the message would
+        # stay in flight here (in cluster mode with its lease renewed) until a restart.
         reason = f"internal error: {type(exc).__name__}"
         attempt = Attempt(round(self.clock(), 3), NO_PROVIDER, Outcome.ERROR, detail=reason)
         delay = self.config.retry_max
-        try:
-            await self.outcomes.apply(stored, Deferred(self.clock() + delay, delay, reason, (attempt,)))
-        except QueueUnavailable:
-            return False
-        return True
+        return await self._apply_when_possible(
+            stored, Deferred(self.clock() + delay, delay, reason, (attempt,))
+        )
 
     async def _round(self, outbound: Outbound, stored: StoredMessage) -> Round:
         refused = refused_by(stored.history)

@@ -162,6 +162,16 @@ class ProviderHealth:
             self.trial_taken = False
         self._set_up(False, f"rate limited for {wait:.0f}s: {reason}")
 
+    def lift_pause(self, until: float, reason: str) -> bool:
+        """End a pause set for ``until`` (another node's, in cluster mode) before its time,
+        since what it waited for has happened. A pause of our own running later is kept."""
+        if abs(self.paused_until - until) > 0.01:
+            return False
+        self.paused_until = 0.0
+        if self.circuit is Circuit.CLOSED:
+            self._set_up(True, reason)
+        return True
+
     def _tripped(self) -> bool:
         if self.consecutive_failures >= self.failures_to_open:
             return True

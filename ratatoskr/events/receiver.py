@@ -155,7 +155,16 @@ class EventReceiver:
             stored = await self.queue.show(s.queue_id)
             if stored is None or not stored.envelope.sender:
                 continue
-            recipient = s.event.recipient or ", ".join(stored.envelope.recipients)
+            recipient = s.event.recipient or _only(stored.envelope.recipients)
+            if not recipient:
+                # Resend names no recipient: a notice would report every one of them as failed.
+                log.warning(
+                    "id=%s hard bounce reported by %s without a recipient: no notice (%d recipients)",
+                    stored.id,
+                    s.event.provider,
+                    len(stored.envelope.recipients),
+                )
+                continue
             refused = replace(stored, envelope=Envelope(stored.envelope.sender, (recipient,)))
             reason = "; ".join(
                 str(s.event.detail[k]) for k in ("reason", "diag", "message") if s.event.detail.get(k)
@@ -172,6 +181,10 @@ class EventReceiver:
             queued += 1
         if queued:
             self.on_queued()
+
+
+def _only(recipients: tuple[str, ...]) -> str:
+    return recipients[0] if len(recipients) == 1 else ""
 
 
 def _hard_bounce(event: DeliveryEvent) -> bool:

@@ -61,9 +61,10 @@ def queue_for(spool: SpoolConfig, *, lifetime: float, clock: Callable[[], float]
     if spool.url is not None:
         from ratatoskr.queue.postgres import PostgresQueue
 
-        spool.path.mkdir(parents=True, exist_ok=True)  # still holds SMTP's spill files
-
-        return PostgresQueue(spool.url, lifetime=lifetime, clock=clock, lease=spool.lease)
+        # spool.path still holds SMTP's spill files: created (0700) when a node opens it.
+        return PostgresQueue(
+            spool.url, lifetime=lifetime, clock=clock, lease=spool.lease, local_dir=spool.path
+        )
     from ratatoskr.queue.sqlite import SqliteQueue
 
     return SqliteQueue(spool.path, lifetime=lifetime, clock=clock)

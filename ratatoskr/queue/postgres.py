@@ -50,6 +50,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
@@ -57,6 +58,7 @@ import asyncpg
 from ratatoskr.config import redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
+from ratatoskr.private import private_dir
 from ratatoskr.queue.base import RawParts
 from ratatoskr.queue.values import (
     IN_QUEUE,
@@ -176,6 +178,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ratatoskr_forwards_due ON ratatoskr_forwards (due_at, id);
     """,
+    # 5: whether a provider's shared pause is an open circuit, whose trial its node sends.
+    """
+    ALTER TABLE ratatoskr_provider_state ADD COLUMN circuit boolean NOT NULL DEFAULT false;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_KEY = 0x7261746174  # "ratat": the advisory lock our migrations take
@@ -192,6 +198,7 @@ _INSERT = (
     " $9, $10)"
 )
 _INSERT_IF_ABSENT = _INSERT + " ON CONFLICT (id) DO NOTHING"
+_UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 # $1 due, $2 excluded ids, $3 limit, $4 byte budget (NULL: none), $5 node, $6 token, $7 lease.
 # SKIP LOCKED: rows another node is claiming right now are passed over, never waited for.
 _CLAIM = f"""
@@ -208,9 +215,15 @@ FROM budget b WHERE m.id = b.id AND ($4::bigint IS NULL OR b.before < $4::bigint
 RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
     m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error, m.raw
 """
+# A claim whose answer never came (the connection dropped after the server committed it) left
+# rows in flight under this node that it does not know it holds: back to the queue with them.
+# $1 this node, $2 the ids it knows it holds.
+_RELEASE_UNKNOWN = (
+    "UPDATE ratatoskr_messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued'"
+    f" END, {_UNLEASE} WHERE state = 'inflight' AND owner = $1 AND NOT (id = ANY($2::text[]))"
+)
 # Transitions hold only under the lease the claim gave: $1 id, $2 token.
 _IN_FLIGHT = "id = $1 AND lease_token = $2 AND state = 'inflight'"
-_UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 _COMPLETE = f"DELETE FROM ratatoskr_messages WHERE {_IN_FLIGHT}"
 # $3 keep until, $4 now, $5 attempts (JSON list), $6 1 when it counts as an attempt.
 _KEEP_DELIVERED = (
@@ -222,6 +235,7 @@ _INDEX_PROVIDER_ID = (
     "INSERT INTO ratatoskr_provider_ids (provider, pid, qid) VALUES ($1, $2, $3)"
     " ON CONFLICT (provider, pid) DO UPDATE SET qid = EXCLUDED.qid"
 )
+_OUR_ROW = "SELECT 1 FROM ratatoskr_messages WHERE id = $1 AND created_at = $2 AND size = $3"
 _MESSAGE_EXISTS = "SELECT 1 FROM ratatoskr_messages WHERE id = $1"
 _BY_PROVIDER_ID = "SELECT qid FROM ratatoskr_provider_ids WHERE provider = $1 AND pid = $2"
 _INSERT_EVENT = (
@@ -316,11 +330,13 @@ _INSERT_FORWARD = (
 )
 # $1 now (queue clock: when due), $2 limit, $3 token, $4 lease. The lease is in the database's
 # clock, as messages' are; SKIP LOCKED: a forward another node is claiming is passed over.
+# Those leased under $3 already are this claim's own, taken by a first try whose answer was
+# lost (the connection dropped after the commit): its retry, with the same token, gets them.
 _CLAIM_FORWARDS = f"""
 UPDATE ratatoskr_forwards f SET lease_token = $3, lease_until = {_NOW} + $4
 FROM (
     SELECT id FROM ratatoskr_forwards
-    WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until < {_NOW})
+    WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until < {_NOW} OR lease_token = $3)
     ORDER BY due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
 ) d WHERE f.id = d.id
 RETURNING f.id, f.body, f.attempts, f.give_up_at, f.lease_token, f.due_at
@@ -351,6 +367,13 @@ async def migrate(conn: asyncpg.Connection) -> int:
             await conn.execute(MIGRATIONS[version - 1])
             await conn.execute("INSERT INTO ratatoskr_schema (version) VALUES ($1)", version)
         return SCHEMA_VERSION
+
+
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    """The version the schema is at, or None where there is none (nothing is created)."""
+    if not await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
+        return None
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM ratatoskr_schema"))
 
 
 async def check_durability(conn: asyncpg.Connection) -> None:
@@ -428,8 +451,12 @@ class PostgresQueue:
         clock: Callable[[], float] = time.time,
         lease: float = 30.0,
         pool_size: int = 10,
+        local_dir: Path | None = None,
     ) -> None:
+        """``local_dir``: this node's folder for temporary files, made by ``open()`` (never by
+        ``open(create=False)``: queue commands create nothing)."""
         self.url = url
+        self.local_dir = local_dir
         self.where = redact_url(url)  #: the queue's place as logs and errors show it
         self.lifetime = lifetime
         self.clock = clock
@@ -444,12 +471,21 @@ class PostgresQueue:
         self._puts: asyncio.Queue[_Put] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._registered = False
+        self._claiming = asyncio.Lock()
+        self._claim_in_doubt = False  # a claim was sent and its answer never came
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def open(self, *, create: bool = True) -> None:
-        """Connect, check durability, migrate (with ``create``) and start the group-commit
-        writers and the lease keeper."""
+    async def open(self, *, create: bool = True, older_schema: bool = False) -> None:
+        """Connect, check durability, migrate and start the group-commit writers and the lease
+        keeper. With ``create=False`` (``queue …`` commands, ``check``) nothing is created or
+        migrated and no lease is kept: the schema must be there at this version (or older, with
+        ``older_schema``), else :class:`QueueUnavailable` says so, naming the database."""
+        if create and self.local_dir is not None:
+            try:
+                private_dir(self.local_dir)  # spill files hold mail: 0700
+            except OSError as exc:
+                raise QueueUnavailable(f"cannot create {self.local_dir}: {exc}") from None
         try:
             conn = await asyncpg.connect(self.url, timeout=10)
         except _TROUBLE as exc:
@@ -458,8 +494,8 @@ class PostgresQueue:
             await check_durability(conn)
             if create:
                 await migrate(conn)
-            elif not await conn.fetchval("SELECT to_regclass('ratatoskr_schema') IS NOT NULL"):
-                raise QueueUnavailable(f"no queue in {self.where}")
+            else:
+                self._check_version(await schema_version(conn), older_ok=older_schema)
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, timeout=5, command_timeout=30
             )
@@ -469,7 +505,26 @@ class PostgresQueue:
             await conn.close()
         self._puts = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_puts()) for _ in range(_WRITERS)]
-        self._tasks.append(asyncio.create_task(self._keep_leases()))
+        if create:  # an admin handle holds no leases, and sweeping others' is the nodes' work
+            self._tasks.append(asyncio.create_task(self._keep_leases()))
+
+    def _check_version(self, version: int | None, *, older_ok: bool) -> None:
+        if version is None:
+            raise QueueUnavailable(
+                f"no queue in {self.where}: its schema is not there (a node creates it when it"
+                " starts; queue commands never do)"
+            )
+        if version > SCHEMA_VERSION:
+            raise QueueUnavailable(
+                f"the queue in {self.where} has schema version {version}, newer than this"
+                f" ratatoskr knows ({SCHEMA_VERSION}): use the ratatoskr version the nodes run"
+            )
+        if version < SCHEMA_VERSION and not older_ok:
+            raise QueueUnavailable(
+                f"the queue in {self.where} has schema version {version}, older than this"
+                f" ratatoskr's ({SCHEMA_VERSION}): start a node of this version to migrate it"
+                " (queue commands never migrate), or use the ratatoskr version the nodes run"
+            )
 
     async def close(self) -> None:
         """Finish the puts already submitted, mark this node stopped (so the others take back
@@ -574,15 +629,24 @@ class PostgresQueue:
                     puts.task_done()
 
     async def _insert(self, batch: list[_Put]) -> None:
-        async def insert_all(conn: asyncpg.Connection) -> None:
+        tries = 0
+
+        async def insert_all(conn: asyncpg.Connection) -> list[BaseException | None]:
+            nonlocal tries
+            tries += 1
             async with conn.transaction():
-                for put in batch:
-                    await conn.execute(_INSERT_IF_ABSENT if put.if_absent else _INSERT, *put.row)
+                if tries == 1:
+                    for put in batch:
+                        await conn.execute(_INSERT_IF_ABSENT if put.if_absent else _INSERT, *put.row)
+                    return [None] * len(batch)
+                # The first try's COMMIT may have gone through with its answer lost: a row
+                # that is there already with our arrival time and size is ours, not a clash
+                # (refusing it would 451 a committed message, and the client would send it again).
+                return [await _insert_again(conn, put) for put in batch]
 
         try:
-            await self._run(insert_all)
+            outcomes = await self._run(insert_all)
             self.commits += 1
-            outcomes: list[BaseException | None] = [None] * len(batch)
         except asyncpg.UniqueViolationError:
             outcomes = [await self._insert_one(put) for put in batch]  # only the duplicate fails
         except QueueUnavailable as exc:
@@ -623,10 +687,29 @@ class PostgresQueue:
             token,
             self.lease,
         )
-        rows = await self._run(lambda c: c.fetch(_CLAIM, *args))
-        found = [_message(row) for row in rows]
-        for message in found:
-            self._held[message.id] = token
+
+        async def claim_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            if not self._claim_in_doubt:
+                self._claim_in_doubt = True  # until this claim's answer is in hand
+                rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, *args)
+                return rows
+            # An earlier claim (maybe this one's first try) got no answer, yet the server may
+            # have committed it: those rows are in flight here with nobody delivering them, and
+            # would wait out their lease, then count as a crash. Released and claimed afresh in
+            # one transaction, they are in this claim's answer instead.
+            async with conn.transaction():
+                released = _count(await conn.execute(_RELEASE_UNKNOWN, self.node_id, list(self._held)))
+                rows = await conn.fetch(_CLAIM, *args)
+            if released:
+                log.warning("%d messages claimed by a claim whose answer was lost claimed again", released)
+            return rows
+
+        async with self._claiming:  # one claim at a time: the release above must see every hold
+            rows = await self._run(claim_rows)
+            self._claim_in_doubt = False
+            found = [_message(row) for row in rows]
+            for message in found:
+                self._held[message.id] = token
         return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
 
     def _lease(self, qid: str) -> str:
@@ -836,7 +919,8 @@ class PostgresQueue:
         """For ``check``: the schema version and the nodes seen in the last five minutes."""
         version = await self._run(lambda c: c.fetchval("SELECT MAX(version) FROM ratatoskr_schema"))
         nodes = await self._run(lambda c: c.fetch(_RECENT_NODES))
-        lines = [f"queue schema version {version} (this ratatoskr: {SCHEMA_VERSION})"]
+        later = "; a node of this version migrates it when it starts" if version < SCHEMA_VERSION else ""
+        lines = [f"queue schema version {version} (this ratatoskr: {SCHEMA_VERSION}{later})"]
         lines.append(f"nodes seen in the last 5 minutes: {len(nodes)}")
         lines += [
             f"  {n['id']}: seen {float(n['ago']):.0f}s ago{' (stopped)' if n['stopped'] else ''}"
@@ -874,6 +958,17 @@ class _Put(NamedTuple):
     row: tuple[Any, ...]
     if_absent: bool
     done: asyncio.Future[str]
+
+
+async def _insert_again(conn: asyncpg.Connection, put: _Put) -> BaseException | None:
+    """A put retried after its connection dropped: inserted, or found already stored by the
+    first try (same id, arrival time and size), or a real duplicate."""
+    if _count(await conn.execute(_INSERT_IF_ABSENT, *put.row)) == 1 or put.if_absent:
+        return None
+    qid, created_at, size = put.row[0], put.row[1], put.row[8]
+    if await conn.fetchval(_OUR_ROW, qid, created_at, size):
+        return None
+    return QueueUnavailable(f"message {qid} is already in the queue")
 
 
 def _reason(exc: BaseException) -> str:

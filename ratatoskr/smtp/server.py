@@ -55,6 +55,7 @@ import binascii
 import errno
 import functools
 import io
+import ipaddress
 import logging
 import ssl
 import sys
@@ -74,7 +75,7 @@ from ratatoskr.errors import InvalidAddress, MessageRejected, QueueUnavailable
 from ratatoskr.ingest import Ingest
 from ratatoskr.logs import Throttled
 from ratatoskr.message import Envelope, check_addr_spec
-from ratatoskr.smtp import replies
+from ratatoskr.smtp import proxy, replies
 from ratatoskr.smtp.anvil import Anvil, Rate, client_key
 from ratatoskr.smtp.data import ByteBudget, DataDeadline, DataTooLarge, SpillFailed, read_data
 from ratatoskr.smtp.enhanced import with_code
@@ -127,6 +128,8 @@ class Policy:
     reject_invalid_helo: bool = True
     forbid_pipelining: bool = False  #: unauthenticated RFC 2920 violations end the session
     ipv6_prefix: int = 64
+    #: Connections from these addresses start with a PROXY header naming the real client.
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def for_listener(cls, config: SmtpConfig, listen: Listen, *, implicit_tls: bool) -> Policy:
@@ -144,6 +147,8 @@ class Policy:
             # Trusted (loopback) clients are our own applications; pipelining is their speed.
             forbid_pipelining=config.forbid_unauth_pipelining and not config.trusted(listen),
             ipv6_prefix=config.client_ipv6_prefix,
+            # Not on the implicit-TLS listener: there the header would have to come before TLS.
+            proxy_from=config.proxy_trusted if listen == config.listen and not implicit_tls else (),
         )
 
 
@@ -206,6 +211,8 @@ class RelaySMTP(HookNames, FastPaths):
         self.client = ""
         self.client_key = ""  #: what limits count this client under (its IPv6 /64)
         self._refusal: str | None = None
+        self._proxied = False  # from a trusted proxy: a PROXY header comes first
+        self._proxied_peer: tuple[str, int] | None = None  # the client that header named
         self._admitted = False
         self._max_errors = policy.max_errors
         self._errors = 0
@@ -241,9 +248,12 @@ class RelaySMTP(HookNames, FastPaths):
         assert self.session is not None
         if first:
             peer = self.session.peer
-            self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-            self.client_key = client_key(self.client, self.policy.ipv6_prefix)
-            self._admit()
+            self._set_client(str(peer[0]) if isinstance(peer, tuple) else str(peer or ""))
+            self._proxied = proxy.trusted(self.client, self.policy.proxy_from)
+            if not self._proxied:  # else once the PROXY header has named the client
+                self._admit()
+        elif self._proxied_peer is not None:
+            self.session.peer = self._proxied_peer  # type: ignore[assignment]  # STARTTLS: a new session
         tls_now = self.policy.implicit_tls and first and self._refusal is None
         if tls_now and not self.anvil.allow(Rate.TLS, self.client_key):
             self._refusal = replies.TLS_RATE.format(client=self.client_key)
@@ -252,6 +262,10 @@ class RelaySMTP(HookNames, FastPaths):
                 "ssl_object": transport.get_extra_info("ssl_object"),
                 "cipher": transport.get_extra_info("cipher"),
             }
+
+    def _set_client(self, address: str) -> None:
+        self.client = address
+        self.client_key = client_key(address, self.policy.ipv6_prefix)
 
     def _admit(self) -> None:
         if not self.anvil.allow(Rate.CONNECTIONS, self.client_key):
@@ -275,6 +289,10 @@ class RelaySMTP(HookNames, FastPaths):
     async def _handle_client(self) -> None:
         # aiosmtpd's session loop (private, stable since 1.2): a refused connection gets the
         # 421 in place of the greeting and never enters it.
+        if self._proxied:
+            if not await self._read_proxy_header():
+                return
+            self._admit()
         if self._refusal is not None:
             log.warning("refused %s: %s", self.client, self._refusal)
             await super().push(self._refusal)
@@ -282,6 +300,26 @@ class RelaySMTP(HookNames, FastPaths):
             self.transport.close()
             return
         await super()._handle_client()
+
+    async def _read_proxy_header(self) -> bool:
+        """A trusted proxy's connection: the PROXY header says who the client is, and from
+        here on limits, delays, logs and the Received line see that address. A proxy that
+        sends none (or garbage) is hung up on without a word: it is misconfigured."""
+        assert self.session is not None and self.transport is not None
+        proxy_address = self.client
+        try:
+            header = await asyncio.wait_for(proxy.read_header(self._reader), proxy.HEADER_TIMEOUT)
+        except (proxy.BadHeader, TimeoutError) as exc:
+            reason = str(exc) or "timed out"
+            log.warning("proxy %s: no valid PROXY header (%s); hanging up", proxy_address, reason)
+            self.transport.close()
+            return False
+        if header is not None:  # None: the proxy's own connection (LOCAL, UNKNOWN: a health check)
+            self._proxied_peer = header
+            self.session.peer = header  # type: ignore[assignment]  # aiosmtpd stores peername tuples there
+            self._set_client(header[0])
+            log.debug("proxy %s: client %s", proxy_address, self.client)
+        return True
 
     def _timeout_cb(self) -> None:
         # aiosmtpd just hangs up on an idle session; say why first, as Postfix does.
