@@ -472,6 +472,26 @@ async def deliver(queue: Queue, clock: FakeClock, *, provider_id: str = "<202601
     return qid
 
 
+async def test_each_round_appends_to_the_history_it_already_had(queue, clock):
+    first = attempt("a", Outcome.PERMANENT, detail="refused")
+    qid = await put(queue, history=[first])
+    await queue.claim(1)
+    tries = [attempt("b", Outcome.AMBIGUOUS), attempt("b", Outcome.TEMPORARY, status=503)]
+    assert await queue.defer(qid, next_attempt_at=START + 60, error="b: 503", attempts=tries) is True
+    clock.advance(61)
+    await queue.claim(1)
+    assert await queue.defer(qid, next_attempt_at=START + 120, error="nobody", attempts=[]) is True
+    clock.advance(61)
+    [again] = await queue.claim(1)
+    assert again.history == (first, *tries) and again.attempts == 1  # a round with no try adds none
+    sent = attempt("c", Outcome.SENT, provider_id="<p1@c>")
+    assert await queue.complete(qid, attempts=[sent], keep_until=clock() + 100) is True
+    kept = await queue.show(qid)
+    assert kept is not None and kept.state is State.DELIVERED
+    assert kept.history == (first, *tries, sent) and kept.attempts == 2
+    assert await queue.complete(qid, attempts=[sent], keep_until=clock() + 100) is False  # not in flight
+
+
 def event(key: str = "e1", **fields: Any) -> DeliveryEvent:
     values: dict[str, Any] = {
         "provider": "mg",

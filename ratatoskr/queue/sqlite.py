@@ -147,9 +147,15 @@ RETURNING {_COLUMNS}, raw
 """
 _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
 # Delivered, kept as history: the body goes, the schedule's columns say when and until when.
-_KEEP_DELIVERED = """
+# The round's attempts (:new, a JSON array) are appended in the statement itself, as
+# PostgreSQL's ``history || $n`` does: reading the history first was a statement per message.
+# Both arrays are compact JSON text ending in "]" (json.dumps, json_insert), so the join is
+# "[old" + "," + "new]"; json() checks the result, so a damaged history fails the statement.
+_APPENDED = """CASE WHEN :new = '[]' THEN history WHEN history = '[]' THEN :new
+    ELSE json(substr(history, 1, length(history) - 1) || ',' || substr(:new, 2)) END"""
+_KEEP_DELIVERED = f"""
 UPDATE messages SET state = :delivered, raw = x'', expires_at = :keep_until, next_attempt_at = :now,
-    last_error = '', history = :history, attempts = attempts + :tried
+    last_error = '', history = {_APPENDED}, attempts = attempts + :tried
 WHERE id = :id AND state = :inflight
 """
 _INDEX_PROVIDER_ID = "INSERT OR REPLACE INTO provider_ids (provider, pid, qid) VALUES (?, ?, ?)"
@@ -168,11 +174,10 @@ _SWEEP_ORPHANS = """
 DELETE FROM events WHERE rowid IN (
     SELECT rowid FROM events WHERE qid IS NULL AND keep_until <= :now LIMIT :limit)
 """
-_HISTORY_IN_FLIGHT = "SELECT history FROM messages WHERE id = :id AND state = :inflight"
 # A round in which no provider could even be asked does not count as an attempt (:tried 0).
-_RECORD_ROUND = """
+_RECORD_ROUND = f"""
 UPDATE messages SET state = :state, next_attempt_at = :next_attempt_at, last_error = :error,
-    history = :history, attempts = attempts + :tried
+    history = {_APPENDED}, attempts = attempts + :tried
 WHERE id = :id AND state = :inflight
 """
 _RELEASE = """
@@ -452,15 +457,14 @@ class SqliteQueue:
             "keep_until": keep_until,
             "now": self.clock(),
             "tried": 1 if new else 0,
+            "new": json.dumps(new),
         }
 
         def keep(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(_HISTORY_IN_FLIGHT, params).fetchone()
-            if row is None:
-                return False
-            history = json.dumps(json.loads(row["history"]) + new)
-            conn.execute(_KEEP_DELIVERED, {**params, "history": history})
-            conn.executemany(_INDEX_PROVIDER_ID, ids)
+            if conn.execute(_KEEP_DELIVERED, params).rowcount != 1:
+                return False  # no longer in flight
+            if ids:
+                conn.executemany(_INDEX_PROVIDER_ID, ids)
             return True
 
         return await self._submit(keep)
@@ -477,17 +481,16 @@ class SqliteQueue:
         self, qid: str, state: State, when: float, error: str, attempts: Sequence[Attempt]
     ) -> bool:
         new = _history_json(attempts)
-        params = {**_STATES, "id": qid, "state": state.value, "next_attempt_at": when, "error": error}
-
-        def record(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(_HISTORY_IN_FLIGHT, params).fetchone()
-            if row is None:
-                return False
-            history = json.dumps(json.loads(row["history"]) + new)
-            conn.execute(_RECORD_ROUND, {**params, "history": history, "tried": 1 if new else 0})
-            return True
-
-        return await self._submit(record)
+        params = {
+            **_STATES,
+            "id": qid,
+            "state": state.value,
+            "next_attempt_at": when,
+            "error": error,
+            "new": json.dumps(new),
+            "tried": 1 if new else 0,
+        }
+        return await self._submit(lambda conn: conn.execute(_RECORD_ROUND, params).rowcount == 1)
 
     async def release(self, qid: str) -> bool:
         params = {**_STATES, "id": qid}
