@@ -224,17 +224,51 @@ _RELEASE_UNKNOWN = (
 )
 # Transitions hold only under the lease the claim gave: $1 id, $2 token.
 _IN_FLIGHT = "id = $1 AND lease_token = $2 AND state = 'inflight'"
-_COMPLETE = f"DELETE FROM ratatoskr_messages WHERE {_IN_FLIGHT}"
-# $3 keep until, $4 now, $5 attempts (JSON list), $6 1 when it counts as an attempt.
-_KEEP_DELIVERED = (
-    "UPDATE ratatoskr_messages SET state = 'delivered', raw = ''::bytea, expires_at = $3,"
-    " next_attempt_at = $4, last_error = '', history = history || $5::jsonb,"
-    f" attempts = attempts + $6, {_UNLEASE} WHERE {_IN_FLIGHT}"
+# Outcomes, each kind for every message of a batch in one statement (group commit): the arrays
+# give one row per message, each transition still conditional on that message's own lease
+# ($1 ids, $2 tokens), and RETURNING says which of them held it.
+_LEASED = "m.id = o.id AND m.lease_token = o.token AND m.state = 'inflight'"
+_COMPLETE = (
+    "DELETE FROM ratatoskr_messages m USING unnest($1::text[], $2::text[]) AS o(id, token)"
+    f" WHERE {_LEASED} RETURNING m.id"
 )
-_INDEX_PROVIDER_ID = (
-    "INSERT INTO ratatoskr_provider_ids (provider, pid, qid) VALUES ($1, $2, $3)"
-    " ON CONFLICT (provider, pid) DO UPDATE SET qid = EXCLUDED.qid"
+# Kept as history, and its provider ids indexed for the events, in one statement (atomic by
+# itself: no BEGIN/COMMIT round trips). $3 keep until, $4 now, $5 attempts (JSON lists), $6 1
+# when they count as an attempt; $7-$9 provider, provider id, message id to index, the last of
+# a pair winning as it did when each complete was a transaction of its own.
+_KEEP_DELIVERED = f"""
+WITH kept AS (
+    UPDATE ratatoskr_messages m SET state = 'delivered', raw = ''::bytea, expires_at = o.keep_until,
+        next_attempt_at = o.now, last_error = '', history = m.history || o.history::jsonb,
+        attempts = m.attempts + o.counted, {_UNLEASE}
+    FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::text[], $6::int[])
+        AS o(id, token, keep_until, now, history, counted)
+    WHERE {_LEASED}
+    RETURNING m.id
+), indexed AS (
+    INSERT INTO ratatoskr_provider_ids (provider, pid, qid)
+    SELECT DISTINCT ON (p.provider, p.pid) p.provider, p.pid, p.qid
+    FROM unnest($7::text[], $8::text[], $9::text[]) WITH ORDINALITY AS p(provider, pid, qid, n)
+    JOIN kept ON kept.id = p.qid
+    ORDER BY p.provider, p.pid, p.n DESC
+    ON CONFLICT (provider, pid) DO UPDATE SET qid = EXCLUDED.qid
 )
+SELECT id FROM kept
+"""
+# $3 state, $4 next attempt, $5 error, $6 attempts (JSON lists), $7 1 when they count.
+_RECORD_ROUND = (
+    "UPDATE ratatoskr_messages m SET state = o.state, next_attempt_at = o.due, last_error = o.error,"
+    f" history = m.history || o.history::jsonb, attempts = m.attempts + o.counted, {_UNLEASE}"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[], $7::int[])"
+    f" AS o(id, token, state, due, error, history, counted) WHERE {_LEASED} RETURNING m.id"
+)
+_RELEASE = (
+    "UPDATE ratatoskr_messages m SET state = CASE WHEN m.attempts > 0 THEN 'deferred' ELSE 'queued'"
+    f" END, {_UNLEASE} FROM unnest($1::text[], $2::text[]) AS o(id, token) WHERE {_LEASED}"
+    " RETURNING m.id"
+)
+# Which statement each kind of outcome takes (the columns after id and token, in order).
+_TRANSITIONS = {"complete": _COMPLETE, "keep": _KEEP_DELIVERED, "round": _RECORD_ROUND, "release": _RELEASE}
 _OUR_ROW = "SELECT 1 FROM ratatoskr_messages WHERE id = $1 AND created_at = $2 AND size = $3"
 _MESSAGE_EXISTS = "SELECT 1 FROM ratatoskr_messages WHERE id = $1"
 _BY_PROVIDER_ID = "SELECT qid FROM ratatoskr_provider_ids WHERE provider = $1 AND pid = $2"
@@ -264,14 +298,6 @@ _SWEEP_ORPHANS = """
 DELETE FROM ratatoskr_events WHERE ctid IN (
     SELECT ctid FROM ratatoskr_events WHERE qid IS NULL AND keep_until <= $1 LIMIT $2)
 """
-_RECORD_ROUND = (
-    "UPDATE ratatoskr_messages SET state = $3, next_attempt_at = $4, last_error = $5,"
-    f" history = history || $6::jsonb, attempts = attempts + $7, {_UNLEASE} WHERE {_IN_FLIGHT}"
-)
-_RELEASE = (
-    "UPDATE ratatoskr_messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued'"
-    f" END, {_UNLEASE} WHERE {_IN_FLIGHT}"
-)
 _EXPIRE = (
     "UPDATE ratatoskr_messages SET state = 'dead', last_error = $1"
     " WHERE state IN ('queued', 'deferred') AND expires_at <= $2"
@@ -469,6 +495,7 @@ class PostgresQueue:
         self._pool: asyncpg.Pool | None = None
         self._held: dict[str, str] = {}  # message id → lease token, for the claims we hold
         self._puts: asyncio.Queue[_Put] | None = None
+        self._outcomes: asyncio.Queue[_Transition] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._registered = False
         self._claiming = asyncio.Lock()
@@ -508,8 +535,9 @@ class PostgresQueue:
             raise QueueUnavailable(f"cannot open the queue in {self.where}: {exc}") from None
         finally:
             await conn.close()
-        self._puts = asyncio.Queue()
+        self._puts, self._outcomes = asyncio.Queue(), asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_puts()) for _ in range(_WRITERS)]
+        self._tasks += [asyncio.create_task(self._write_outcomes()) for _ in range(_WRITERS)]
         if create:  # an admin handle holds no leases, and sweeping others' is the nodes' work
             self._tasks.append(asyncio.create_task(self._keep_leases()))
 
@@ -534,11 +562,11 @@ class PostgresQueue:
     async def close(self) -> None:
         """Finish the puts already submitted, mark this node stopped (so the others take back
         at once whatever it still holds), disconnect."""
-        pool, puts = self._pool, self._puts
-        if pool is None or puts is None:
+        pool, puts, outcomes = self._pool, self._puts, self._outcomes
+        if pool is None or puts is None or outcomes is None:
             return
-        with contextlib.suppress(QueueUnavailable):
-            await asyncio.wait_for(puts.join(), 30)
+        with contextlib.suppress(QueueUnavailable, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(puts.join(), outcomes.join()), 30)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -553,7 +581,7 @@ class PostgresQueue:
                     ),
                     5,
                 )
-        self._pool = self._puts = None
+        self._pool = self._puts = self._outcomes = None
         self._held.clear()
         try:
             await asyncio.wait_for(pool.close(), 5)
@@ -722,38 +750,19 @@ class PostgresQueue:
         # and must still hold the lease then (and keep it extended meanwhile).
         return self._held.get(qid, "")
 
-    def _outcome(self, qid: str, status: str, token: str) -> bool:
-        """Once a transition's statement ran, the claim is over whatever it matched."""
-        self._held.pop(qid, None)
-        if _count(status) == 1:
-            return True
-        if token:  # we held it, and someone (another node, an operator) took it over
-            self.lost_leases += 1
-        return False
-
     async def complete(
         self, qid: str, *, attempts: Sequence[Attempt] = (), keep_until: float | None = None
     ) -> bool:
-        token = self._lease(qid)
         if keep_until is None:
-            status = await self._run(lambda c: c.execute(_COMPLETE, qid, token))
-            return self._outcome(qid, status, token)
-        args = (qid, token, keep_until, self.clock(), _history_json(attempts), 1 if attempts else 0)
-        ids = [
-            (a.provider, pid, qid)
+            return await self._transition("complete", qid, ())
+        values = (keep_until, self.clock(), _history_json(attempts), 1 if attempts else 0)
+        pids = tuple(
+            (a.provider, pid)
             for a in attempts
             if a.outcome is Outcome.SENT
             for pid in provider_ids(a.provider_id)
-        ]
-
-        async def keep(conn: asyncpg.Connection) -> str:
-            async with conn.transaction():
-                status: str = await conn.execute(_KEEP_DELIVERED, *args)
-                if _count(status) == 1 and ids:
-                    await conn.executemany(_INDEX_PROVIDER_ID, ids)
-            return status
-
-        return self._outcome(qid, await self._run(keep), token)
+        )
+        return await self._transition("keep", qid, values, pids)
 
     async def defer(
         self, qid: str, *, next_attempt_at: float, error: str, attempts: Sequence[Attempt]
@@ -766,15 +775,69 @@ class PostgresQueue:
     async def _record_round(
         self, qid: str, state: State, when: float, error: str, attempts: Sequence[Attempt]
     ) -> bool:
-        token = self._lease(qid)
-        args = (qid, token, state.value, when, error, _history_json(attempts), 1 if attempts else 0)
-        status = await self._run(lambda c: c.execute(_RECORD_ROUND, *args))
-        return self._outcome(qid, status, token)
+        values = (state.value, when, error, _history_json(attempts), 1 if attempts else 0)
+        return await self._transition("round", qid, values)
 
     async def release(self, qid: str) -> bool:
-        token = self._lease(qid)
-        status = await self._run(lambda c: c.execute(_RELEASE, qid, token))
-        return self._outcome(qid, status, token)
+        return await self._transition("release", qid, ())
+
+    async def _transition(
+        self, kind: str, qid: str, values: tuple[Any, ...], pids: tuple[tuple[str, str], ...] = ()
+    ) -> bool:
+        """Hand one outcome to the outcome writers (group commit); True once it committed under
+        our lease, False if the lease was not ours (any more)."""
+        if self._outcomes is None:
+            raise QueueUnavailable("queue is closed")
+        op = _Transition(
+            kind, qid, self._lease(qid), values, pids, asyncio.get_running_loop().create_future()
+        )
+        self._outcomes.put_nowait(op)
+        return await op.done
+
+    async def _write_outcomes(self) -> None:
+        """One of the outcome writers: the outcomes waiting now are committed together, one
+        statement per kind, so that one WAL flush and one round trip carry all of them (every
+        delivered message used to be a transaction, and a flush, of its own)."""
+        ops = self._outcomes
+        assert ops is not None
+        while True:
+            batch = [await ops.get()]
+            while not ops.empty() and len(batch) < _BATCH_MAX:
+                batch.append(ops.get_nowait())
+            try:
+                # A message named twice (its complete, then its release) goes in a later round:
+                # one statement must not match a row twice.
+                for ops_round in _rounds(batch):
+                    await self._apply_outcomes(ops_round)
+            finally:
+                for op in batch:
+                    if not op.done.done():
+                        op.done.set_exception(QueueUnavailable("queue is closing"))
+                    ops.task_done()
+
+    async def _apply_outcomes(self, batch: list[_Transition]) -> None:
+        try:
+            matched = await self._run(lambda c: _transitions(c, batch))
+        except QueueUnavailable as exc:
+            for op in batch:
+                if not op.done.done():
+                    op.done.set_exception(exc)
+            return
+        if isinstance(matched, asyncpg.PostgresError):  # one outcome's values were refused
+            if len(batch) > 1:  # so only that one fails, the others are committed alone
+                for op in batch:
+                    await self._apply_outcomes([op])
+                return
+            batch[0].done.set_exception(QueueUnavailable(f"cannot record the outcome: {_reason(matched)}"))
+            return
+        for op in batch:
+            # The statement ran: the claim is over, whatever it matched.
+            self._held.pop(op.qid, None)
+            held = op.qid in matched[op.kind]
+            if not held and op.token:  # we held it, and someone (another node, an operator) took it
+                self.lost_leases += 1
+            if not op.done.done():  # its caller may have stopped waiting
+                op.done.set_result(held)
 
     async def expire(self, reason: str) -> list[StoredMessage]:
         rows = await self._run(lambda c: c.fetch(_EXPIRE, reason, self.clock()))
@@ -982,6 +1045,61 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     *``, ``CLOSE ALL``, unlocking advisory locks) would be one more round trip and commit per
     operation for state we never create: no SET, LISTEN, cursor or session lock is taken on a
     pooled connection (``ratatoskr.cluster`` listens on a connection of its own)."""
+
+
+class _Transition(NamedTuple):
+    """One outcome for the outcome writers: ``kind`` names its statement (:data:`_TRANSITIONS`),
+    ``values`` its columns after id and token, ``pids`` the provider ids a delivery indexes."""
+
+    kind: str
+    qid: str
+    token: str
+    values: tuple[Any, ...]
+    pids: tuple[tuple[str, str], ...]
+    done: asyncio.Future[bool]
+
+
+def _rounds(batch: list[_Transition]) -> list[list[_Transition]]:
+    """``batch`` in rounds naming each message at most once, in the order they were handed in."""
+    rounds: list[list[_Transition]] = []
+    seen: list[set[str]] = []
+    for op in batch:
+        k = next((i for i, ids in enumerate(seen) if op.qid not in ids), len(rounds))
+        if k == len(rounds):
+            rounds.append([])
+            seen.append(set())
+        rounds[k].append(op)
+        seen[k].add(op.qid)
+    return rounds
+
+
+# What one outcome's values can make the server refuse (a bad character, an index row too
+# large): the others in its batch must not fail with it.
+_REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, asyncpg.IntegrityConstraintViolationError)
+
+
+async def _transitions(
+    conn: asyncpg.Connection, batch: list[_Transition]
+) -> dict[str, set[str]] | asyncpg.PostgresError:
+    """Run ``batch`` (distinct messages), one statement per kind and, when there are several
+    kinds, in one transaction; the ids each kind's statement matched under their leases."""
+    kinds: dict[str, list[_Transition]] = {}
+    for op in batch:
+        kinds.setdefault(op.kind, []).append(op)
+    matched: dict[str, set[str]] = {kind: set() for kind in _TRANSITIONS}
+    try:
+        async with conn.transaction() if len(kinds) > 1 else contextlib.nullcontext():
+            for kind, ops in kinds.items():
+                columns: list[list[Any]] = [[op.qid for op in ops], [op.token for op in ops]]
+                columns += [list(c) for c in zip(*(op.values for op in ops), strict=True)]
+                if kind == "keep":
+                    pids = [(p, pid, op.qid) for op in ops for p, pid in op.pids]
+                    columns += [[row[i] for row in pids] for i in range(3)]
+                rows = await conn.fetch(_TRANSITIONS[kind], *columns)
+                matched[kind] = {row["id"] for row in rows}
+    except _REFUSED as exc:
+        return exc
+    return matched
 
 
 def _reason(exc: BaseException) -> str:
