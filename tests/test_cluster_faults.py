@@ -279,16 +279,17 @@ async def test_a_claim_that_lost_both_answers_is_made_good_by_the_next_claim(tmp
 
 
 async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path):
-    """The COMMIT of a put went through and its answer was lost: the retry finds the row it
-    wrote and acknowledges it (it used to refuse it as a duplicate, a 451 for a committed
-    message, which the client would have sent again); a real duplicate is still refused."""
+    """A put committed (its batch is one INSERT, atomic by itself) and the answer was lost: the
+    retry finds the row it wrote and acknowledges it (it used to refuse it as a duplicate, a 451
+    for a committed message, which the client would have sent again); a real duplicate is still
+    refused."""
     env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
     async with database() as url, LosingProxy() as proxy:
         node = PostgresQueue(proxy.url(url), lifetime=60)
         await node.open()
         try:
             await node.put("M0", env, b"Subject: x\r\n\r\nhi\r\n", {})
-            proxy.lose(b"COMMIT")
+            proxy.lose(b"INSERT 0 1\x00")
             assert await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {}) == "M1"
             assert proxy.lost == 1
             assert [m.id for m in await node.list()] == ["M0", "M1"]

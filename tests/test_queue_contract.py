@@ -165,6 +165,25 @@ async def test_a_second_put_of_an_id_is_refused_and_changes_nothing(queue):
     assert stored is not None and stored.raw == b"first"
 
 
+async def test_puts_at_once_commit_together_and_only_a_duplicate_fails(queue):
+    """Group commit: puts waiting at the same moment share a commit, yet each has its answer."""
+    await queue.put("DUP", ENV, b"first", {})
+    results = await asyncio.gather(
+        *(queue.put(f"P{i}", ENV, b"x" * i, {}) for i in range(20)),
+        queue.put("DUP", ENV, b"second", {}),
+        queue.put("DUP", ENV, b"third", {}, if_absent=True),
+        queue.put("NEW", ENV, b"new", {}, if_absent=True),
+        return_exceptions=True,
+    )
+    assert results[:20] == [f"P{i}" for i in range(20)]
+    assert isinstance(results[20], QueueUnavailable)
+    assert results[21:] == ["DUP", "NEW"]
+    stored = {m.id: m for m in await queue.list()}
+    assert set(stored) == {"DUP", "NEW", *(f"P{i}" for i in range(20))}
+    dup = await queue.show("DUP")
+    assert dup is not None and dup.raw == b"first"
+
+
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024 + 7])
 async def test_bytes_come_back_exactly_whatever_the_size(queue, size):
     body = bytes(i % 251 for i in range(size))
@@ -315,6 +334,43 @@ async def test_reschedule_brings_only_later_deferred_messages_forward(queue, clo
     assert await queue.reschedule_deferred(START + 20) == 1
     by_id = {m.id: m.next_attempt_at for m in await queue.list()}
     assert by_id == {soon: START + 10, late: START + 20, fresh: START + 5000}
+
+
+async def test_outcomes_at_once_each_get_their_own_answer(queue, clock):
+    """Outcomes handed in at the same moment (committed together where the backend groups
+    them) still hold or fail one by one, and one message named twice is decided in order."""
+    ids = [await put(queue) for _ in range(6)]
+    unclaimed = await put(queue)
+    claimed = {m.id for m in await queue.claim(6)}
+    assert claimed == set(ids)
+    sent = attempt("mg", Outcome.SENT, provider_id="<p0@mg.test>, <p1@mg.test>")
+    tried = attempt("mg", Outcome.TEMPORARY, status=503)
+    results = await asyncio.gather(
+        queue.complete(ids[0], attempts=[sent], keep_until=clock() + 100),
+        queue.complete(ids[1]),
+        queue.defer(ids[2], next_attempt_at=START + 60, error="mg: 503", attempts=[tried]),
+        queue.bury(ids[3], error="refused", attempts=[tried]),
+        queue.release(ids[4]),
+        queue.complete(ids[5]),
+        queue.complete(ids[5]),  # after its first complete: not in flight any more
+        queue.complete(unclaimed),  # never claimed: no lease to act under
+    )
+    assert results == [True, True, True, True, True, True, False, False]
+    states = {qid: (await queue.show(qid)) for qid in [*ids, unclaimed]}
+    assert states[ids[0]] is not None and states[ids[0]].state is State.DELIVERED
+    assert states[ids[0]].history == (sent,)
+    assert states[ids[1]] is None and states[ids[5]] is None
+    assert states[ids[2]] is not None and (states[ids[2]].state, states[ids[2]].attempts) == (
+        State.DEFERRED,
+        1,
+    )
+    assert states[ids[3]] is not None and states[ids[3]].state is State.DEAD
+    assert states[ids[4]] is not None and states[ids[4]].state is State.QUEUED
+    assert states[unclaimed] is not None and states[unclaimed].state is State.QUEUED
+    [matched] = await queue.record_events(
+        [event("k1", provider_message_id="p1@mg.test")], keep_until=START + 100
+    )
+    assert matched.queue_id == ids[0]
 
 
 # -- expiry and recovery -----------------------------------------------------------------------
