@@ -147,3 +147,36 @@ async def test_a_body_goes_when_its_message_is_delivered_or_deleted(spool: Sqlit
     assert shown is not None and shown.raw == b"Subject: x\r\n\r\nhi\r\n"
     history = await spool.show(delivered)
     assert history is not None and history.raw == b""
+
+
+async def test_queue_commands_leave_an_older_files_bodies_in_place(tmp_path: Path):
+    """The older daemon may still run on the file: it reads bodies from the rows. Only a daemon
+    of this version (open with create) moves them out."""
+    path = tmp_path / "q"
+    path.mkdir()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.executescript(_OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO messages VALUES ('OLD', 'queued', 1.0, 9e9, 2.0, 0, 0, 'a@example.com',"
+            " '[\"b@example.com\"]', '{}', '[]', '', ?)",
+            (b"Subject: old\r\n\r\nbody\r\n",),
+        )
+    conn.close()
+    admin = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await admin.open(create=False)
+    try:
+        shown = await admin.show("OLD")
+        assert shown is not None and shown.raw == b"Subject: old\r\n\r\nbody\r\n"
+    finally:
+        await admin.close()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        assert conn.execute("SELECT length(raw) FROM messages").fetchall() == [(22,)]
+    conn.close()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()
+    try:
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == b"Subject: old\r\n\r\nbody\r\n"
+    finally:
+        await daemon.close()
+    assert _bodies(path) == [("OLD", 22)]

@@ -233,7 +233,7 @@ WHERE state = :deferred AND next_attempt_at > :not_after
 _COUNTS = "SELECT state, COUNT(*) AS n FROM messages GROUP BY state"
 _OLDEST = "SELECT MIN(created_at) AS oldest FROM messages WHERE state IN (:queued, :inflight, :deferred)"
 _LIST = f"SELECT {_COLUMNS} FROM messages WHERE state != :delivered ORDER BY id"
-_SHOW = f"""SELECT {_COLUMNS}, coalesce((SELECT raw FROM bodies WHERE bodies.id = messages.id), x'') AS raw
+_SHOW = f"""SELECT {_COLUMNS}, coalesce((SELECT raw FROM bodies WHERE bodies.id = messages.id), raw) AS raw
 FROM messages WHERE id = :id AND NOT (state = :delivered AND expires_at <= :now)"""
 # A dead message comes back queued, with a fresh lifetime and a revived mark in its history.
 _RETRY_SET = """
@@ -273,8 +273,11 @@ _USER_VERSION = "PRAGMA user_version"
 _STATES = {state.name.lower(): state.value for state in State}
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the queue database, creating folder and schema on first use."""
+def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
+    """Open the queue database, creating folder and schema on first use. ``move_bodies``: move
+    the bodies of a file from before the bodies table out of its rows (the daemon does; queue
+    commands do not, as the daemon of the older version may still be running on the file, and
+    would then find its messages empty)."""
     private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
     private_file(path / DB_NAME)
     conn = _open(path)
@@ -285,7 +288,7 @@ def connect(path: Path) -> sqlite3.Connection:
     if "size" not in columns:  # a queue written before the size column existed
         conn.execute(_ADD_SIZE_COLUMN)
         conn.execute(_FILL_SIZE_COLUMN)
-    if int(conn.execute(_USER_VERSION).fetchone()[0]) < _BODIES_VERSION:
+    if move_bodies and int(conn.execute(_USER_VERSION).fetchone()[0]) < _BODIES_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         for statement in _MOVE_BODIES:
             conn.execute(statement)
@@ -379,7 +382,7 @@ class SqliteQueue:
         if not create and not (self.path / DB_NAME).is_file():
             raise QueueUnavailable(f"no queue in {self.path}")
         try:
-            conn = connect(self.path)
+            conn = connect(self.path, move_bodies=create)
             self._reader = _open(self.path)
         except (sqlite3.Error, OSError) as exc:
             raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
