@@ -23,6 +23,8 @@ when the message is delivered. A delivered message keeps its row (its body delet
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
 ``forwards`` holds the events still owed to the application (``[events] forward_url``), each
 inserted by the transaction that stores its event and deleted once it is done with.
+``nonces`` holds the signature nonces webhooks claimed (Mailgun's tokens) with a digest of the
+content each came with, until its signature is stale (:class:`~ratatoskr.queue.values.NonceClaim`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from ratatoskr.queue.values import (
     ClaimedForward,
     DeliveryEvent,
     NewForward,
+    NonceClaim,
+    NonceReused,
     Outcome,
     QueueStats,
     Recovery,
@@ -128,6 +132,14 @@ CREATE TABLE IF NOT EXISTS forwards (
     lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS forwards_due ON forwards (due_at, id);
+CREATE TABLE IF NOT EXISTS nonces (
+    provider TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    keep_until REAL NOT NULL,
+    PRIMARY KEY (provider, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (keep_until);
 """
 _ADD_SIZE_COLUMN = "ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0"
 _FILL_SIZE_COLUMN = "UPDATE messages SET size = length(raw)"
@@ -267,6 +279,14 @@ WHERE id = :id AND lease_token = :token
 """
 _RELEASE_FORWARDS = "UPDATE forwards SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL"
 _PENDING_FORWARDS = "SELECT COUNT(*) AS n FROM forwards"
+_INSERT_NONCE = """
+INSERT INTO nonces (provider, nonce, digest, keep_until) VALUES (?, ?, ?, ?)
+ON CONFLICT (provider, nonce) DO NOTHING
+"""
+_NONCE_DIGEST = "SELECT digest FROM nonces WHERE provider = ? AND nonce = ?"
+_SWEEP_NONCES = """
+DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE keep_until <= :now LIMIT :limit)
+"""
 _USER_VERSION = "PRAGMA user_version"
 
 # Every state by name (:queued, :inflight, :deferred, :dead, :delivered), for the statements above.
@@ -358,6 +378,15 @@ def _match(conn: sqlite3.Connection, event: DeliveryEvent) -> str | None:
         if row is not None:
             return str(row["qid"])
     return None
+
+
+def _check_claim(conn: sqlite3.Connection, claim: NonceClaim) -> None:
+    """Record ``claim``, or raise NonceReused if its nonce came before with another digest."""
+    if conn.execute(_INSERT_NONCE, claim).rowcount == 1:
+        return
+    seen = conn.execute(_NONCE_DIGEST, (claim.provider, claim.nonce)).fetchone()["digest"]
+    if seen != claim.digest:
+        raise NonceReused(claim)  # the writer rolls this operation back: nothing is stored
 
 
 class SqliteQueue:
@@ -576,10 +605,13 @@ class SqliteQueue:
         *,
         keep_until: float,
         forward: Callable[[StoredEvent], NewForward] | None = None,
+        claims: Sequence[NonceClaim] = (),
     ) -> list[StoredEvent]:
         now = self.clock()
 
         def record(conn: sqlite3.Connection) -> list[StoredEvent]:
+            for claim in claims:
+                _check_claim(conn, claim)
             stored = []
             for event in events:
                 qid = _match(conn, event)
@@ -615,7 +647,8 @@ class SqliteQueue:
             conn.executemany(_DELETE_EVENTS, ids)
             conn.executemany(_DELETE_PROVIDER_IDS, ids)
             conn.executemany(_DELETE, [{"id": i} for (i,) in ids])
-            return len(ids) + conn.execute(_SWEEP_ORPHANS, params).rowcount
+            orphans = conn.execute(_SWEEP_ORPHANS, params).rowcount
+            return len(ids) + orphans + conn.execute(_SWEEP_NONCES, params).rowcount
 
         return await self._submit(sweep)
 
