@@ -7,7 +7,7 @@ import io
 import aiohttp
 import pytest
 
-from ratatoskr.providers.form import SLICE, MimeForm
+from ratatoskr.providers._form import SLICE, MimeForm
 
 FIELDS = [("to", "ada@example.com"), ("to", "bé@exämple.net"), ("o:tag", "welcome"), ("v:queue_id", "Q1")]
 

@@ -36,8 +36,8 @@ import aiohttp
 from ratatoskr import redaction
 from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers
+from ratatoskr.providers._form import MimeForm
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
-from ratatoskr.providers.form import MimeForm
 from ratatoskr.providers.http import (
     HttpAnswer,
     HttpProvider,
