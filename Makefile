@@ -30,8 +30,11 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Against Postfix (bench/run.py), then cluster mode: SQLite vs one and two PostgreSQL nodes
+# (bench/cluster.py; needs the PostgreSQL of docs/cluster.md, `--dsn` to point elsewhere).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/cluster.py $(CLUSTER_BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick

@@ -9,7 +9,7 @@ from email.message import EmailMessage
 import pytest
 
 from ratatoskr.errors import MessageRejected
-from ratatoskr.mime import header_tags, prepare, strip_bcc
+from ratatoskr.mime import CHEAP_MAX, cheap_to_prepare, drop_headers, head_of, header_tags, prepare, strip_bcc
 
 TRACE = "Received: from test\r\n\tby relay.test; Sun, 29 Nov 2026 00:00:00 +0000\r\n"
 
@@ -118,3 +118,37 @@ def test_absurdly_nested_mime_is_refused_not_a_crash():
     # Refused for its 1,501 parts now, before the parser recurses at all.
     with pytest.raises(MessageRejected, match=r"nested too deeply|more than 500 MIME parts"):
         run(b"From: a@example.com\r\nMIME-Version: 1.0\r\n" + body)
+
+
+BIG_BODY = b"line of text\r\n" * (10 * 1024 * 1024 // 14)
+
+
+@pytest.mark.parametrize(
+    ("raw", "cheap"),
+    [
+        (b"From: a@x.test\r\nSubject: big\r\n\r\n" + BIG_BODY, True),  # one plain part: carried along
+        (b"From: a@x.test\r\nContent-Type: text/plain\r\n\r\n" + BIG_BODY, True),
+        (
+            b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+            False,
+        ),
+        (
+            b"From: a@x.test\r\nContent-Type:\r\n Multipart/Mixed; boundary=b\r\n\r\n" + BIG_BODY,
+            False,
+        ),  # folded
+        (b"From: a@x.test\r\ncontent-type: TEXT/HTML\r\n\r\n<p>hi</p>", False),
+        (b"From: a@x.test\r\nX-Long: " + b"y" * CHEAP_MAX + b"\r\n\r\nbody", False),  # a huge header block
+        (b"From: a@x.test\r\nX-Short: no body at all", True),
+    ],
+)
+def test_cheap_to_prepare_depends_on_the_header_block_and_the_type(raw: bytes, cheap: bool) -> None:
+    assert cheap_to_prepare(raw) is cheap
+
+
+def test_readers_of_the_header_block_leave_the_body_alone() -> None:
+    raw = b"From: a@x.test\r\nX-Tag: one\r\n\r\n" + BIG_BODY
+    assert head_of(raw) == b"From: a@x.test\r\nX-Tag: one\r\n"
+    assert strip_bcc(raw) is raw  # no Bcc: the same object, not a copy
+    assert drop_headers(raw, ["X-Mailgun-Tag"]) is raw
+    assert drop_headers(raw, ["x-tag"]) == b"From: a@x.test\r\n\r\n" + BIG_BODY
+    assert head_of(b"From: a@x.test") == b"From: a@x.test"

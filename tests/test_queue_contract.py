@@ -25,6 +25,8 @@ from ratatoskr.queue import (
     ClaimedForward,
     DeliveryEvent,
     NewForward,
+    NonceClaim,
+    NonceReused,
     Outcome,
     Queue,
     State,
@@ -620,6 +622,78 @@ async def test_delete_removes_the_history_and_its_events(queue, clock):
     await queue.record_events([event(queue_id=qid)], keep_until=clock() + 100)
     assert await queue.delete(qid) == 1
     assert await queue.show(qid) is None and await queue.events(qid) == []
+
+
+# -- signature nonces claimed with events (Mailgun's tokens) -------------------------------------
+
+
+def claim(nonce: str = "tok", digest: str = "d1", **fields: Any) -> NonceClaim:
+    values: dict[str, Any] = {"provider": "mg", "nonce": nonce, "digest": digest, "keep_until": START + 100}
+    return NonceClaim(**{**values, **fields})
+
+
+async def test_a_nonce_reused_with_other_content_stores_nothing_for_any_later_handle(
+    queue, open_queue, clock
+):
+    qid = await deliver(queue, clock)
+    keep = clock() + 100
+    [first] = await queue.record_events([event("k1", queue_id=qid)], keep_until=keep, claims=[claim()])
+    assert first.new
+    await queue.close()  # a restart, or another node on the same database
+    again = await open_queue()
+    forged = [event("k2", queue_id=qid, type="bounced")]
+    with pytest.raises(NonceReused) as refused:
+        await again.record_events(forged, keep_until=keep, forward=forward_of, claims=[claim(digest="d2")])
+    assert refused.value.claim.nonce == "tok"
+    assert [e.key for e in await again.events(qid)] == ["k1"] and await again.pending_forwards() == 0
+    # The same nonce and content again is the provider's retry: a duplicate, not a refusal.
+    [retry] = await again.record_events([event("k1", queue_id=qid)], keep_until=keep, claims=[claim()])
+    assert (retry.new, retry.queue_id) == (False, qid)
+    # Nonces are the provider's: another provider's same token is its own.
+    [other] = await again.record_events(
+        [event("k3")], keep_until=keep, claims=[claim(provider="mg2", digest="x")]
+    )
+    assert other.new
+
+
+async def test_one_refused_claim_in_a_call_keeps_every_claim_and_event_of_it_out(queue, clock):
+    await queue.record_events([event("k1")], keep_until=clock() + 100, claims=[claim("a")])
+    with pytest.raises(NonceReused):
+        await queue.record_events(
+            [event("k2"), event("k3")], keep_until=clock() + 100, claims=[claim("b"), claim("a", digest="d2")]
+        )
+    # "b" was not kept: its own content is new, and any content is taken for it.
+    [stored] = await queue.record_events(
+        [event("k2")], keep_until=clock() + 100, claims=[claim("b", digest="z")]
+    )
+    assert stored.new
+
+
+async def test_concurrent_claims_of_one_nonce_let_exactly_one_content_in(queue, open_queue, clock):
+    other = await open_queue()  # another node's handle (SQLite: the same file)
+
+    async def record(handle: Queue, key: str, digest: str) -> bool:
+        try:
+            await handle.record_events([event(key)], keep_until=clock() + 100, claims=[claim(digest=digest)])
+        except NonceReused:
+            return False
+        return True
+
+    results = await asyncio.gather(*(record(queue if n % 2 else other, f"k{n}", f"d{n}") for n in range(8)))
+    assert sorted(results) == [False] * 7 + [True]
+
+
+async def test_nonce_claims_are_swept_once_kept_long_enough_and_then_free(queue, clock):
+    await queue.record_events([event("k1")], keep_until=clock() + 1000, claims=[claim(keep_until=START + 10)])
+    assert await queue.sweep_history(clock()) == 0
+    clock.advance(10)
+    assert await queue.sweep_history(clock(), limit=5) == 1
+    assert await queue.sweep_history(clock(), limit=5) == 0
+    # Gone: (its signature is stale by now, which the webhook refuses before the queue is asked)
+    [stored] = await queue.record_events(
+        [event("k2")], keep_until=clock() + 1000, claims=[claim(digest="d2")]
+    )
+    assert stored.new
 
 
 # -- forwarding events to the application ---------------------------------------------------------

@@ -106,3 +106,77 @@ async def test_a_queue_from_an_older_version_reads_back_unchanged(tmp_path: Path
         assert [a.as_json() for a in stored.history] == [*_OLD_HISTORY, new.as_json()]
     finally:
         await queue.close()
+
+
+def _bodies(path: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(path / DB_NAME) as conn:
+        found = conn.execute("SELECT id, length(raw) FROM bodies ORDER BY id").fetchall()
+        assert conn.execute("SELECT count(*) FROM messages WHERE length(raw) > 0").fetchone() == (0,)
+    conn.close()
+    return found
+
+
+@pytest.mark.parametrize("size", [100 * 1024, 300 * 1024])  # bound as one value; written as a blob
+async def test_claims_and_outcomes_never_write_the_body_again(spool: SqliteQueue, size: int):
+    """SQLite rewrites a whole row on UPDATE: with the body in the row, every claim and outcome
+    put the message into the WAL once more. The body lives in a table of its own instead."""
+    body = b"Subject: big\r\n\r\n" + b"x" * size
+    qid = await put(spool, body)
+    wal = spool.path / f"{DB_NAME}-wal"
+    before = wal.stat().st_size
+    [claimed] = await spool.claim(10)
+    assert claimed.raw == body
+    attempt = Attempt(1.0, "mailgun", Outcome.TEMPORARY, seconds=0.1, detail="503", status=503)
+    await spool.defer(qid, next_attempt_at=0.0, error="503", attempts=[attempt])
+    [again] = await spool.claim(10)
+    assert again.raw == body
+    assert wal.stat().st_size - before < 32 * 1024  # a few pages, not another copy of the body
+    assert _bodies(spool.path) == [(qid, len(body))]
+
+
+async def test_a_body_goes_when_its_message_is_delivered_or_deleted(spool: SqliteQueue):
+    delivered, deleted, dead = await put(spool), await put(spool), await put(spool)
+    await spool.claim(10)
+    sent = Attempt(1.0, "mailgun", Outcome.SENT, seconds=0.1, provider_id="<p@mg>")
+    assert await spool.complete(delivered, attempts=[sent], keep_until=2e6)
+    await spool.release(deleted)
+    assert await spool.delete(deleted) == 1
+    await spool.bury(dead, error="no")
+    assert [qid for qid, _ in _bodies(spool.path)] == [dead]  # the dead one is kept for `queue retry`
+    shown = await spool.show(dead)
+    assert shown is not None and shown.raw == b"Subject: x\r\n\r\nhi\r\n"
+    history = await spool.show(delivered)
+    assert history is not None and history.raw == b""
+
+
+async def test_queue_commands_leave_an_older_files_bodies_in_place(tmp_path: Path):
+    """The older daemon may still run on the file: it reads bodies from the rows. Only a daemon
+    of this version (open with create) moves them out."""
+    path = tmp_path / "q"
+    path.mkdir()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.executescript(_OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO messages VALUES ('OLD', 'queued', 1.0, 9e9, 2.0, 0, 0, 'a@example.com',"
+            " '[\"b@example.com\"]', '{}', '[]', '', ?)",
+            (b"Subject: old\r\n\r\nbody\r\n",),
+        )
+    conn.close()
+    admin = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await admin.open(create=False)
+    try:
+        shown = await admin.show("OLD")
+        assert shown is not None and shown.raw == b"Subject: old\r\n\r\nbody\r\n"
+    finally:
+        await admin.close()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        assert conn.execute("SELECT length(raw) FROM messages").fetchall() == [(22,)]
+    conn.close()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()
+    try:
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == b"Subject: old\r\n\r\nbody\r\n"
+    finally:
+        await daemon.close()
+    assert _bodies(path) == [("OLD", 22)]

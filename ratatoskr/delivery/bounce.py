@@ -14,7 +14,7 @@ from email import policy
 from email.parser import BytesHeaderParser
 
 from ratatoskr.message import Envelope
-from ratatoskr.mime import split_head
+from ratatoskr.mime import head_of
 from ratatoskr.queue import StoredMessage
 
 _HEADER_LIMIT = 64 * 1024
@@ -27,7 +27,7 @@ def build_dsn(
     boundary = f"{qid}.{secrets.token_hex(8)}/{hostname}"
     status = "4.4.7" if expired else "5.0.0"
     reason_line = " ".join(reason.split())[:900]
-    original_head, _ = split_head(stored.raw)
+    original_head = head_of(stored.raw)
     subject = BytesHeaderParser(policy=policy.compat32).parsebytes(original_head).get("Subject", "")
     per_recipient = "".join(
         f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n"

@@ -168,7 +168,8 @@ class Outcomes:
         return queued
 
     async def sweep_history(self) -> int:
-        """Remove expired history in batches of :data:`_SWEEP_BATCH`, at most
+        """Remove expired history (and the webhook signature tokens kept past their window,
+        :class:`~ratatoskr.queue.NonceClaim`) in batches of :data:`_SWEEP_BATCH`, at most
         :data:`_SWEEP_BATCHES` of them per sweep, so the queue's writer is never held for long;
         whatever is left goes at the next sweep. Returns the rows removed."""
         removed = 0
@@ -178,5 +179,9 @@ class Outcomes:
             if swept < _SWEEP_BATCH:
                 break
         if removed:
-            log.info("history swept: %d delivered messages and orphan events past retention", removed)
+            log.info(
+                "history swept: %d rows (delivered messages and orphan events past retention,"
+                " webhook signature tokens past their window)",
+                removed,
+            )
         return removed

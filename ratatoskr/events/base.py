@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ratatoskr.providers.base import ProviderSettings
-from ratatoskr.queue import DeliveryEvent
+from ratatoskr.queue import DeliveryEvent, NonceClaim
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,33 @@ class Webhook(Protocol):
     configured key do no I/O in it."""
 
     async def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What a verified request holds: its events, and the claims under which they may be
+    stored (:class:`~ratatoskr.queue.NonceClaim`). The queue checks the claims in the
+    transaction that stores the events, so a nonce reused with other content is refused on
+    every node and after a restart, with nothing stored."""
+
+    events: list[DeliveryEvent]
+    claims: tuple[NonceClaim, ...] = ()
+
+
+@runtime_checkable
+class ClaimingWebhook(Webhook, Protocol):
+    """A webhook whose signature does not cover the content (Mailgun signs a timestamp and a
+    one-time token only): ``received`` verifies as ``events`` does and also returns the
+    claim of that token for this content."""
+
+    async def received(self, request: WebhookRequest) -> Received: ...
+
+
+async def receive(webhook: Webhook, request: WebhookRequest) -> Received:
+    """``webhook``'s reading of ``request``, with its claims if it makes any."""
+    if isinstance(webhook, ClaimingWebhook):
+        return await webhook.received(request)
+    return Received(await webhook.events(request))
 
 
 def webhook_for(settings: ProviderSettings) -> Webhook | None:

@@ -5,10 +5,14 @@ Authenticity (shared/events.md §1.2): HMAC-SHA256, keyed with the HTTP webhook 
 ``signature.token``, lowercase hex; for a subaccount's event also ``parent-signature``, made
 the same way with the primary account's key (so that key, configured, checks every
 subaccount). The signature does **not** cover ``event-data``: a captured
-signature block could be pasted onto a forged event, so a token seen before with another body is
-refused (406, which tells Mailgun to stop), and a timestamp further than ``webhook_max_age``
-from now is refused as stale (401, so a genuine retry re-signed later still gets through). The
-same request again (a retry, a replay) is the same event and is stored once.
+signature block could be pasted onto a forged event, so each request claims its token for a
+digest of its ``event-data`` (:class:`~ratatoskr.queue.NonceClaim`), which the queue checks
+and keeps with the events, shared by every node and kept across restarts: a token seen before
+with another event is refused (406, which tells Mailgun to stop, and nothing is stored), and a
+timestamp further than ``webhook_max_age`` from now is refused as stale (401, so a genuine
+retry re-signed later still gets through). A token is kept until its signature is stale plus
+:data:`TOKEN_MARGIN`. The same event again under the same token (a retry, a replay) is the
+same event and is stored once.
 
 Matching: ``user-variables.queue_id`` (what we sent as ``v:queue_id``), else the Message-ID in
 ``message.headers.message-id`` (without the ``<>`` the send answer had). A ``rejected`` event
@@ -21,19 +25,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
-from collections import OrderedDict
 from email.utils import getaddresses
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, number, obj, text
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.mailgun import QUEUE_ID_VARIABLE, MailgunSettings
-from ratatoskr.queue import DeliveryEvent
+from ratatoskr.queue import DeliveryEvent, NonceClaim
 
-# Tokens kept for the reuse check, at most (the oldest go first): far more than Mailgun posts
-# within a replay window to one receiver, and bounded whatever a caller sends.
-_TOKENS_KEPT = 100_000
+#: Seconds a token is kept past the time its signature turns stale: the nodes' clocks (and the
+#: sweeping node's) may disagree by this much without a token going before its signature does.
+TOKEN_MARGIN = 300.0
 
 _TYPES = {
     "accepted": EventType.QUEUED,
@@ -59,10 +61,12 @@ class MailgunWebhook:
         self.provider = provider
         self._key = key
         self.max_age = max_age
-        self._tokens: OrderedDict[str, str] = OrderedDict()  # token → digest of the body it came with
-        self._lock = threading.Lock()
 
     async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+        """The events only: storing them without :meth:`received`'s claim skips the replay check."""
+        return (await self.received(request)).events
+
+    async def received(self, request: WebhookRequest) -> Received:
         signature = _signature_block(request.body)
         timestamp, token, given, parent = (
             text(signature.get(k)) for k in ("timestamp", "token", "signature", "parent-signature")
@@ -81,21 +85,22 @@ class MailgunWebhook:
         primary = hmac.compare_digest(expected, parent.encode("utf-8", "surrogatepass"))
         if not (own or primary):
             raise Refused("bad signature")
-        if abs(request.now - number(timestamp, 0.0)) > self.max_age:
+        signed_at = number(timestamp, 0.0)
+        if abs(request.now - signed_at) > self.max_age:
             raise Refused(f"stale timestamp (more than {self.max_age:.0f} s from now)")
-        self._check_token(token, hashlib.sha256(request.body).hexdigest())
         data = json.loads(request.body).get("event-data")
-        return [self.event(data, request.now)] if isinstance(data, dict) else []
-
-    def _check_token(self, token: str, body: str) -> None:
-        with self._lock:
-            seen = self._tokens.get(token)
-            if seen is not None and seen != body:
-                raise Refused("signature token reused with another event", status=406)
-            self._tokens[token] = body
-            self._tokens.move_to_end(token)
-            while len(self._tokens) > _TOKENS_KEPT:
-                self._tokens.popitem(last=False)
+        if not isinstance(data, dict):
+            return Received([])
+        # The digest of the parsed event, not of the bytes: what is stored is what is compared,
+        # and a retry that spelled the same JSON differently is still the same event.
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        claim = NonceClaim(
+            provider=self.provider,
+            nonce=token,
+            digest=hashlib.sha256(canonical.encode()).hexdigest(),
+            keep_until=signed_at + self.max_age + TOKEN_MARGIN,  # stale after signed_at + max_age
+        )
+        return Received([self.event(data, request.now)], (claim,))
 
     def event(self, data: dict[str, Any], now: float) -> DeliveryEvent:
         name = text(data.get("event"))

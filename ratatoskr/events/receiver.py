@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ratatoskr.delivery.bounce import build_dsn
-from ratatoskr.events.base import LATEST, Refused, Webhook, WebhookRequest, webhook_for
+from ratatoskr.events.base import LATEST, Refused, Webhook, WebhookRequest, receive, webhook_for
 from ratatoskr.events.types import EventType
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers.base import ProviderSettings
-from ratatoskr.queue import DeliveryEvent, Queue, StoredEvent
+from ratatoskr.queue import DeliveryEvent, NonceReused, Queue, StoredEvent
 
 if TYPE_CHECKING:
     from ratatoskr.events.forward import Forwarder
@@ -75,7 +75,7 @@ class EventReceiver:
 
     def replace_providers(self, providers: Iterable[ProviderSettings]) -> None:
         """The providers after a reload; a provider whose settings did not change keeps its
-        webhook (and so Mailgun's token memory)."""
+        webhook (and so whatever it keeps, such as SNS's certificates)."""
         webhooks = {}
         for settings in providers:
             kept = self._webhooks.get(settings.name)
@@ -101,22 +101,25 @@ class EventReceiver:
         try:
             if webhook is None:
                 raise Refused("no webhook key configured for this provider")
-            events = await webhook.events(request)
+            received = await receive(webhook, request)
         except Refused as refused:
-            self._log_refusal(provider, refused.reason)
-            error = "try again later" if refused.status >= 500 else "signature missing or invalid"
-            return Answer(refused.status, {"error": error})
+            return self._refused(provider, refused)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # Signed, yet not in the provider's format: nothing to retry into shape.
             log.warning("provider=%s signed webhook not understood: %s", provider, type(exc).__name__)
             return Answer(400, {"error": "signed, but not a webhook body we can read"})
-        if not events:
+        if not received.events:
             return Answer(200, {"stored": 0})
-        events = [_storable(e, request.now) for e in events]
+        events = [_storable(e, request.now) for e in received.events]
         forward = self.forwarder.order if self.forwarder else None
-        stored = await self.queue.record_events(
-            events, keep_until=self.clock() + self.retention, forward=forward
-        )
+        try:
+            stored = await self.queue.record_events(
+                events, keep_until=self.clock() + self.retention, forward=forward, claims=received.claims
+            )
+        except NonceReused:
+            # Checked by the queue, so on every node and after a restart: a captured signature
+            # pasted onto a forged event. Nothing was stored, forwarded or bounced.
+            return self._refused(provider, Refused("signature nonce reused with another event", status=406))
         if self.forwarder and any(s.new for s in stored):
             self.forwarder.wake()
         new = [s for s in stored if s.new]
@@ -134,6 +137,11 @@ class EventReceiver:
         # under an id derived from the message and recipient, if absent) must still go out.
         await self._bounce_notices(stored)
         return Answer(200, {"stored": len(new), "duplicates": len(stored) - len(new)})
+
+    def _refused(self, provider: str, refused: Refused) -> Answer:
+        self._log_refusal(provider, refused.reason)
+        error = "try again later" if refused.status >= 500 else "signature missing or invalid"
+        return Answer(refused.status, {"error": error})
 
     def _log_refusal(self, provider: str, reason: str) -> None:
         now = time.monotonic()

@@ -45,7 +45,7 @@ from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import DeliveryError, PermanentFailure
 from ratatoskr.message import Address
-from ratatoskr.mime import split_head
+from ratatoskr.mime import head_of
 from ratatoskr.providers.base import Outbound, Receipt
 
 T = TypeVar("T")
@@ -286,7 +286,7 @@ def custom_headers(raw: bytes) -> tuple[tuple[str, str], ...]:
 
     Raises :class:`Unrepresentable` for header bytes that are not UTF-8: the APIs take JSON
     strings."""
-    head, _ = split_head(raw)
+    head = head_of(raw)
     try:
         text = bytes(head).decode("utf-8")
     except UnicodeDecodeError:

@@ -23,9 +23,9 @@ docs/providers/mailgun.md has the whole table of answers; tests/schemas the requ
 
 from __future__ import annotations
 
-import io
 import logging
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -36,6 +36,7 @@ import aiohttp
 from ratatoskr import redaction
 from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers
+from ratatoskr.providers._form import MimeForm
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import (
     HttpAnswer,
@@ -214,7 +215,7 @@ class MailgunProvider(HttpProvider):
             chunk = recipients[start : start + MAX_RECIPIENTS]
             form = _form(chunk, mime, fields)
             answer = await self.request(
-                "POST", f"/v3/{self._domain_path}/messages.mime", body=form(), headers=self._auth
+                "POST", f"/v3/{self._domain_path}/messages.mime", body=form, headers=self._auth
             )
             try:
                 ids.append(self.read_send(answer))
@@ -381,15 +382,17 @@ def _wire_recipients(recipients: Sequence[str]) -> tuple[list[str], dict[str, st
     return wire, unsendable
 
 
-def _form(recipients: Sequence[str], mime: bytes, fields: Sequence[tuple[str, str]]) -> aiohttp.FormData:
-    form = aiohttp.FormData()
-    for rcpt in recipients:
-        form.add_field("to", rcpt)
-    for name, value in fields:
-        form.add_field(name, value)
-    # A file object, not bytes: aiohttp streams it (and warns about raw bytes over 1 MiB).
-    form.add_field("message", io.BytesIO(mime), filename="message.mime", content_type="message/rfc822")
-    return form
+def _form(recipients: Sequence[str], mime: bytes, fields: Sequence[tuple[str, str]]) -> MimeForm:
+    """The multipart/form-data body: ``to`` per recipient, the other fields, then the MIME as
+    the file part ``message`` (filename ``message.mime``, ``message/rfc822``)."""
+    return MimeForm(
+        [("to", rcpt) for rcpt in recipients] + list(fields),
+        "message",
+        mime,
+        filename="message.mime",
+        content_type="message/rfc822",
+        boundary=uuid.uuid4().hex,
+    )
 
 
 def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:

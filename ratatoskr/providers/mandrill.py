@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import ConfigError, DeliveryError
-from ratatoskr.mime import TAG_HEADERS, drop_headers, header_values, split_head
+from ratatoskr.mime import TAG_HEADERS, drop_headers, head_of, header_values
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, ascii_domain, retry_after
 from ratatoskr.table import Secret, Table
@@ -401,7 +401,7 @@ def normalized(address: str) -> str:
 
 def own_headers(mime: bytes) -> frozenset[str]:
     """The lowercased names of the ``X-MC-*`` headers the message sets itself."""
-    head, _ = split_head(mime)
+    head = head_of(mime)
     return frozenset(m.group(1).lower().decode() for m in _MC_HEADER.finditer(head))
 
 
@@ -427,7 +427,7 @@ def json_text(mime: bytes) -> str:
         return mime.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    head, _ = split_head(mime)
+    head = head_of(mime)
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:

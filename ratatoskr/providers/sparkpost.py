@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Self, cast
 from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import AmbiguousFailure, CannotCarry, DeliveryError
-from ratatoskr.mime import split_head
+from ratatoskr.mime import head_of
 from ratatoskr.providers._webhook_auth import read_basic_auth
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import HttpAnswer, HttpProvider, HttpSettings, retry_after
@@ -135,7 +135,7 @@ class SparkpostProvider(HttpProvider):
             return mime.decode("utf-8")
         except UnicodeDecodeError:
             pass
-        head, _ = split_head(mime)
+        head = head_of(mime)
         try:
             head.decode("utf-8")
         except UnicodeDecodeError:

@@ -42,6 +42,7 @@ from ratatoskr.queue.values import (
     ClaimedForward,
     DeliveryEvent,
     NewForward,
+    NonceClaim,
     QueueStats,
     Recovery,
     StoredEvent,
@@ -164,13 +165,20 @@ class Queue(Protocol):
         *,
         keep_until: float,
         forward: Callable[[StoredEvent], NewForward] | None = None,
+        claims: Sequence[NonceClaim] = (),
     ) -> list[StoredEvent]:
         """Store provider events, all in one transaction, each once per ``key`` (a duplicate
         changes nothing and comes back with ``new`` False). Each is matched to a message by its
         ``queue_id`` (when that message exists) or else by (provider, provider message id);
         one that matches none is kept as an orphan until ``keep_until``. With ``forward``,
         each new event's forward to the application (built by ``forward`` once it is matched)
-        is committed in the same transaction, due now: no event is stored without it."""
+        is committed in the same transaction, due now: no event is stored without it.
+
+        Each of ``claims`` is checked and recorded in that transaction too, before any event:
+        a (provider, nonce) not seen before is kept until the claim's ``keep_until``; seen with
+        the same digest it is the provider's retry (nothing changes); seen with another digest
+        raises :class:`~ratatoskr.queue.values.NonceReused` and nothing of the call is stored.
+        Any node of a cluster, and any later run, sees the claim once this returns."""
         ...
 
     async def events(self, qid: str) -> list[DeliveryEvent]:
@@ -179,9 +187,9 @@ class Queue(Protocol):
 
     async def sweep_history(self, now: float, *, limit: int = 500) -> int:
         """Remove at most ``limit`` delivered messages whose history expired by ``now`` (with
-        their events and provider ids) and at most ``limit`` such orphan events; return how
-        many rows went. Bounded, so one call never holds the queue for long: call again while
-        it returns ``limit`` or more."""
+        their events and provider ids), at most ``limit`` such orphan events and at most
+        ``limit`` nonce claims kept until ``now``; return how many rows went. Bounded, so one
+        call never holds the queue for long: call again while it returns ``limit`` or more."""
         ...
 
     # -- forwarding events to the application ([events] forward_url) ---------------------------

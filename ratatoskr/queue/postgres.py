@@ -70,6 +70,8 @@ from ratatoskr.queue.values import (
     ClaimedForward,
     DeliveryEvent,
     NewForward,
+    NonceClaim,
+    NonceReused,
     Outcome,
     QueueStats,
     Recovery,
@@ -185,6 +187,17 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: whether a provider's shared pause is an open circuit, whose trial its node sends.
     """
     ALTER TABLE ratatoskr_provider_state ADD COLUMN circuit boolean NOT NULL DEFAULT false;
+    """,
+    # 6: signature nonces claimed by webhooks (Mailgun's tokens), shared by every node.
+    """
+    CREATE TABLE ratatoskr_nonces (
+        provider text NOT NULL,
+        nonce text NOT NULL,
+        digest text NOT NULL,
+        keep_until double precision NOT NULL,
+        PRIMARY KEY (provider, nonce)
+    );
+    CREATE INDEX ratatoskr_nonces_expiry ON ratatoskr_nonces (keep_until);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -306,6 +319,17 @@ WITH gone AS (
     DELETE FROM ratatoskr_provider_ids WHERE qid IN (SELECT id FROM gone)
 )
 SELECT count(*) FROM gone
+"""
+# Two nodes claiming one nonce at once: the second INSERT waits for the first transaction, then
+# does nothing (it committed) or inserts (it rolled back); the SELECT after it sees the winner.
+_INSERT_NONCE = (
+    "INSERT INTO ratatoskr_nonces (provider, nonce, digest, keep_until) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (provider, nonce) DO NOTHING"
+)
+_NONCE_DIGEST = "SELECT digest FROM ratatoskr_nonces WHERE provider = $1 AND nonce = $2"
+_SWEEP_NONCES = """
+DELETE FROM ratatoskr_nonces WHERE ctid IN (
+    SELECT ctid FROM ratatoskr_nonces WHERE keep_until <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)
 """
 _SWEEP_ORPHANS = """
 DELETE FROM ratatoskr_events WHERE ctid IN (
@@ -471,6 +495,15 @@ async def _match(conn: asyncpg.Connection, event: DeliveryEvent) -> str | None:
         if qid is not None:
             return str(qid)
     return None
+
+
+async def _check_claim(conn: asyncpg.Connection, claim: NonceClaim) -> None:
+    """Record ``claim``, or raise NonceReused (rolling the transaction back) if its nonce came
+    before with another digest."""
+    if _count(await conn.execute(_INSERT_NONCE, *claim)) == 1:
+        return
+    if await conn.fetchval(_NONCE_DIGEST, claim.provider, claim.nonce) != claim.digest:
+        raise NonceReused(claim)
 
 
 def _count(status: str) -> int:
@@ -887,12 +920,15 @@ class PostgresQueue:
         *,
         keep_until: float,
         forward: Callable[[StoredEvent], NewForward] | None = None,
+        claims: Sequence[NonceClaim] = (),
     ) -> list[StoredEvent]:
         now = self.clock()
 
         async def record(conn: asyncpg.Connection) -> list[StoredEvent]:
             stored = []
             async with conn.transaction():
+                for claim in claims:
+                    await _check_claim(conn, claim)
                 for event in events:
                     qid = await _match(conn, event)
                     row = (
@@ -924,7 +960,8 @@ class PostgresQueue:
             async with conn.transaction():
                 messages = int(await conn.fetchval(_SWEEP_HISTORY, now, limit))
                 orphans = _count(await conn.execute(_SWEEP_ORPHANS, now, limit))
-            return messages + orphans
+                nonces = _count(await conn.execute(_SWEEP_NONCES, now, limit))
+            return messages + orphans + nonces
 
         return await self._run(sweep)
 

@@ -11,12 +11,20 @@ never block the writer).
 Table ``messages`` has one row per message; its ``state`` column holds a
 :class:`~ratatoskr.queue.values.State` value, always bound as a parameter. ``history`` is the
 JSON list of :meth:`Attempt.as_json <ratatoskr.queue.values.Attempt.as_json>` entries and
-``size`` the length of ``raw``, kept so that a claim's byte budget never reads a blob. A
-delivered message keeps its row (``raw`` emptied, ``expires_at`` the end of its history);
+``size`` the length of the message's bytes, kept so that a claim's byte budget never reads a
+blob. The bytes themselves are in ``bodies`` (``id``, ``raw``), not in the row: SQLite rewrites
+a whole row on every UPDATE, blob and overflow pages included, so with the body in the row each
+claim, deferral and outcome wrote the message into the WAL again (a 100 KB message: ~106 KB of
+WAL per claim). ``messages.raw`` is left from the files that kept bodies there (moved out when
+such a file is opened) and is always empty now. Triggers delete a body with its message and
+when the message is delivered. A delivered message keeps its row (its body deleted,
+``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
 ``forwards`` holds the events still owed to the application (``[events] forward_url``), each
 inserted by the transaction that stores its event and deleted once it is done with.
+``nonces`` holds the signature nonces webhooks claimed (Mailgun's tokens) with a digest of the
+content each came with, until its signature is stale (:class:`~ratatoskr.queue.values.NonceClaim`).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from ratatoskr.queue.values import (
     ClaimedForward,
     DeliveryEvent,
     NewForward,
+    NonceClaim,
+    NonceReused,
     Outcome,
     QueueStats,
     Recovery,
@@ -60,7 +70,7 @@ _JOIN_BELOW = 256 * 1024
 # What expire() returns of each message's bytes: enough for a bounce's copy of the header.
 _HEAD_BYTES = 65536
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -77,6 +87,17 @@ CREATE TABLE IF NOT EXISTS messages (
     raw BLOB NOT NULL,
     size INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS bodies (
+    id TEXT PRIMARY KEY,
+    raw BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS body_gone_with_message AFTER DELETE ON messages BEGIN
+    DELETE FROM bodies WHERE id = old.id;
+END;
+CREATE TRIGGER IF NOT EXISTS body_gone_when_delivered AFTER UPDATE OF state ON messages
+WHEN new.state = '{State.DELIVERED.value}' BEGIN
+    DELETE FROM bodies WHERE id = new.id;
+END;
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS messages_history ON messages (expires_at) WHERE state = 'delivered';
 CREATE TABLE IF NOT EXISTS events (
@@ -111,9 +132,24 @@ CREATE TABLE IF NOT EXISTS forwards (
     lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS forwards_due ON forwards (due_at, id);
+CREATE TABLE IF NOT EXISTS nonces (
+    provider TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    keep_until REAL NOT NULL,
+    PRIMARY KEY (provider, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (keep_until);
 """
 _ADD_SIZE_COLUMN = "ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0"
 _FILL_SIZE_COLUMN = "UPDATE messages SET size = length(raw)"
+# A file from before the bodies table: its bodies move out of the rows, once (user_version 1).
+_MOVE_BODIES = (
+    "INSERT INTO bodies (id, raw) SELECT id, raw FROM messages WHERE length(raw) > 0"
+    " ON CONFLICT (id) DO NOTHING",
+    "UPDATE messages SET raw = x'' WHERE length(raw) > 0",
+)
+_BODIES_VERSION = 1
 
 # Every column but raw: what a StoredMessage is built from.
 _COLUMNS = (
@@ -121,14 +157,18 @@ _COLUMNS = (
     "recipients, meta, history, last_error"
 )
 
-# raw is bound directly (small messages), or NULL and then a zeroblob of :size that the
-# pieces are written into through a blob handle.
 _INSERT = (
     "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
     " recipients, meta, history, raw, size) VALUES (:id, :queued, :now, :expires_at,"
-    " :next_attempt_at, :sender, :recipients, :meta, :history, coalesce(:raw, zeroblob(:size)), :size)"
+    " :next_attempt_at, :sender, :recipients, :meta, :history, x'', :size)"
 )
 _INSERT_IF_ABSENT = _INSERT + " ON CONFLICT (id) DO NOTHING"
+# raw is bound directly (small messages), or NULL and then a zeroblob of :size that the
+# pieces are written into through a blob handle.
+_INSERT_BODY = "INSERT INTO bodies (id, raw) VALUES (:id, coalesce(:raw, zeroblob(:size)))"
+_IN_IDS = "FROM bodies WHERE id IN (SELECT value FROM json_each(?))"
+_BODIES = f"SELECT id, raw {_IN_IDS}"
+_HEADS = f"SELECT id, substr(raw, 1, {_HEAD_BYTES}) AS raw {_IN_IDS}"
 
 # The running byte total covers only the first :limit due rows (LIMIT inside), and uses the
 # size column: length(raw) would read every blob of the backlog on each claim.
@@ -143,7 +183,7 @@ UPDATE messages SET state = :inflight WHERE id IN (
         )
     ) WHERE :max_bytes IS NULL OR bytes_before < :max_bytes
 )
-RETURNING {_COLUMNS}, raw
+RETURNING {_COLUMNS}
 """
 _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
 # Delivered, kept as history: the body goes, the schedule's columns say when and until when.
@@ -154,7 +194,7 @@ _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
 _APPENDED = """CASE WHEN :new = '[]' THEN history WHEN history = '[]' THEN :new
     ELSE json(substr(history, 1, length(history) - 1) || ',' || substr(:new, 2)) END"""
 _KEEP_DELIVERED = f"""
-UPDATE messages SET state = :delivered, raw = x'', expires_at = :keep_until, next_attempt_at = :now,
+UPDATE messages SET state = :delivered, expires_at = :keep_until, next_attempt_at = :now,
     last_error = '', history = {_APPENDED}, attempts = attempts + :tried
 WHERE id = :id AND state = :inflight
 """
@@ -187,7 +227,7 @@ WHERE id = :id AND state = :inflight
 _EXPIRE = f"""
 UPDATE messages SET state = :dead, last_error = :reason
 WHERE state IN (:queued, :deferred) AND expires_at <= :now
-RETURNING {_COLUMNS}, substr(raw, 1, {_HEAD_BYTES}) AS raw
+RETURNING {_COLUMNS}
 """
 _QUARANTINE = """
 UPDATE messages SET state = :dead, last_error = :reason, recoveries = recoveries + 1
@@ -205,8 +245,8 @@ WHERE state = :deferred AND next_attempt_at > :not_after
 _COUNTS = "SELECT state, COUNT(*) AS n FROM messages GROUP BY state"
 _OLDEST = "SELECT MIN(created_at) AS oldest FROM messages WHERE state IN (:queued, :inflight, :deferred)"
 _LIST = f"SELECT {_COLUMNS} FROM messages WHERE state != :delivered ORDER BY id"
-_SHOW = f"""SELECT {_COLUMNS}, raw FROM messages
-WHERE id = :id AND NOT (state = :delivered AND expires_at <= :now)"""
+_SHOW = f"""SELECT {_COLUMNS}, coalesce((SELECT raw FROM bodies WHERE bodies.id = messages.id), raw) AS raw
+FROM messages WHERE id = :id AND NOT (state = :delivered AND expires_at <= :now)"""
 # A dead message comes back queued, with a fresh lifetime and a revived mark in its history.
 _RETRY_SET = """
 UPDATE messages SET
@@ -239,14 +279,25 @@ WHERE id = :id AND lease_token = :token
 """
 _RELEASE_FORWARDS = "UPDATE forwards SET lease_token = NULL, lease_until = NULL WHERE lease_token IS NOT NULL"
 _PENDING_FORWARDS = "SELECT COUNT(*) AS n FROM forwards"
+_INSERT_NONCE = """
+INSERT INTO nonces (provider, nonce, digest, keep_until) VALUES (?, ?, ?, ?)
+ON CONFLICT (provider, nonce) DO NOTHING
+"""
+_NONCE_DIGEST = "SELECT digest FROM nonces WHERE provider = ? AND nonce = ?"
+_SWEEP_NONCES = """
+DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE keep_until <= :now LIMIT :limit)
+"""
 _USER_VERSION = "PRAGMA user_version"
 
 # Every state by name (:queued, :inflight, :deferred, :dead, :delivered), for the statements above.
 _STATES = {state.name.lower(): state.value for state in State}
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the queue database, creating folder and schema on first use."""
+def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
+    """Open the queue database, creating folder and schema on first use. ``move_bodies``: move
+    the bodies of a file from before the bodies table out of its rows (the daemon does; queue
+    commands do not, as the daemon of the older version may still be running on the file, and
+    would then find its messages empty)."""
     private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
     private_file(path / DB_NAME)
     conn = _open(path)
@@ -257,6 +308,12 @@ def connect(path: Path) -> sqlite3.Connection:
     if "size" not in columns:  # a queue written before the size column existed
         conn.execute(_ADD_SIZE_COLUMN)
         conn.execute(_FILL_SIZE_COLUMN)
+    if move_bodies and int(conn.execute(_USER_VERSION).fetchone()[0]) < _BODIES_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _MOVE_BODIES:
+            conn.execute(statement)
+        conn.execute(f"{_USER_VERSION} = {_BODIES_VERSION}")
+        conn.execute("COMMIT")
     return conn
 
 
@@ -266,7 +323,18 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _message(row: sqlite3.Row, *, with_raw: bool = True) -> StoredMessage:
+def _with_bodies(
+    conn: sqlite3.Connection, rows: list[sqlite3.Row], query: str = _BODIES
+) -> list[StoredMessage]:
+    """``rows`` (of :data:`_COLUMNS`) as messages, each with its body from ``bodies``: one
+    statement for all of them."""
+    if not rows:
+        return []
+    bodies = dict(conn.execute(query, (json.dumps([r["id"] for r in rows]),)).fetchall())
+    return [_message(r, raw=bodies.get(r["id"], b"")) for r in rows]
+
+
+def _message(row: sqlite3.Row, *, with_raw: bool = True, raw: bytes | None = None) -> StoredMessage:
     return StoredMessage(
         id=row["id"],
         state=State(row["state"]),
@@ -279,7 +347,7 @@ def _message(row: sqlite3.Row, *, with_raw: bool = True) -> StoredMessage:
         meta=json.loads(row["meta"]),
         history=tuple(Attempt.from_json(a) for a in json.loads(row["history"])),
         last_error=row["last_error"],
-        raw=row["raw"] if with_raw else b"",
+        raw=raw if raw is not None else row["raw"] if with_raw else b"",
     )
 
 
@@ -312,6 +380,15 @@ def _match(conn: sqlite3.Connection, event: DeliveryEvent) -> str | None:
     return None
 
 
+def _check_claim(conn: sqlite3.Connection, claim: NonceClaim) -> None:
+    """Record ``claim``, or raise NonceReused if its nonce came before with another digest."""
+    if conn.execute(_INSERT_NONCE, claim).rowcount == 1:
+        return
+    seen = conn.execute(_NONCE_DIGEST, (claim.provider, claim.nonce)).fetchone()["digest"]
+    if seen != claim.digest:
+        raise NonceReused(claim)  # the writer rolls this operation back: nothing is stored
+
+
 class SqliteQueue:
     """The :class:`~ratatoskr.queue.base.Queue` in one SQLite file. Writes go through the
     group-commit writer thread; ``list`` and ``show`` read on a connection of their own in a
@@ -334,7 +411,7 @@ class SqliteQueue:
         if not create and not (self.path / DB_NAME).is_file():
             raise QueueUnavailable(f"no queue in {self.path}")
         try:
-            conn = connect(self.path)
+            conn = connect(self.path, move_bodies=create)
             self._reader = _open(self.path)
         except (sqlite3.Error, OSError) as exc:
             raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
@@ -404,12 +481,14 @@ class SqliteQueue:
         statement = _INSERT_IF_ABSENT if if_absent else _INSERT
 
         def insert(conn: sqlite3.Connection) -> str:
-            cursor = conn.execute(statement, row)
-            if small or cursor.rowcount == 0:  # written, or already there (if_absent)
+            if conn.execute(statement, row).rowcount == 0:  # already there (if_absent)
+                return qid
+            cursor = conn.execute(_INSERT_BODY, row)
+            if small:
                 return qid
             rowid = cursor.lastrowid
             assert rowid is not None
-            with conn.blobopen("messages", "raw", rowid) as blob:
+            with conn.blobopen("bodies", "raw", rowid) as blob:
                 for part in parts:
                     blob.write(part)
             return qid
@@ -433,7 +512,7 @@ class SqliteQueue:
         }
 
         def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
-            found = [_message(row) for row in conn.execute(_CLAIM, params).fetchall()]
+            found = _with_bodies(conn, conn.execute(_CLAIM, params).fetchall())
             return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
 
         return await self._submit(claim)
@@ -498,7 +577,9 @@ class SqliteQueue:
 
     async def expire(self, reason: str) -> list[StoredMessage]:
         params = {**_STATES, "reason": reason, "now": self.clock()}
-        return await self._submit(lambda conn: [_message(r) for r in conn.execute(_EXPIRE, params)])
+        return await self._submit(
+            lambda conn: _with_bodies(conn, conn.execute(_EXPIRE, params).fetchall(), _HEADS)
+        )
 
     async def recover(self, max_recoveries: int) -> Recovery:
         reason = f"in flight during {max_recoveries + 1} crashes; quarantined"
@@ -524,10 +605,13 @@ class SqliteQueue:
         *,
         keep_until: float,
         forward: Callable[[StoredEvent], NewForward] | None = None,
+        claims: Sequence[NonceClaim] = (),
     ) -> list[StoredEvent]:
         now = self.clock()
 
         def record(conn: sqlite3.Connection) -> list[StoredEvent]:
+            for claim in claims:
+                _check_claim(conn, claim)
             stored = []
             for event in events:
                 qid = _match(conn, event)
@@ -563,7 +647,8 @@ class SqliteQueue:
             conn.executemany(_DELETE_EVENTS, ids)
             conn.executemany(_DELETE_PROVIDER_IDS, ids)
             conn.executemany(_DELETE, [{"id": i} for (i,) in ids])
-            return len(ids) + conn.execute(_SWEEP_ORPHANS, params).rowcount
+            orphans = conn.execute(_SWEEP_ORPHANS, params).rowcount
+            return len(ids) + orphans + conn.execute(_SWEEP_NONCES, params).rowcount
 
         return await self._submit(sweep)
 

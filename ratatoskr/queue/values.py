@@ -167,6 +167,29 @@ class StoredEvent(NamedTuple):
     new: bool
 
 
+class NonceClaim(NamedTuple):
+    """A webhook's claim that a signature's one-time value (Mailgun's ``signature.token``) is
+    used for this content only. Such a signature does not cover the content, so a captured
+    one could carry forged events: :meth:`Queue.record_events` checks and records the claim in
+    the transaction that stores the events, for every node and across restarts. The same
+    nonce with the same ``digest`` again is the provider's retry (its events are duplicates);
+    with another digest, :class:`NonceReused` and nothing is stored."""
+
+    provider: str
+    nonce: str
+    digest: str  #: a hash of the content the signature came with
+    keep_until: float  #: the queue's clock: after it the signature is refused as stale anyway
+
+
+class NonceReused(Exception):
+    """:meth:`Queue.record_events` was given a :class:`NonceClaim` whose nonce came before
+    with other content: nothing of the call was stored."""
+
+    def __init__(self, claim: NonceClaim) -> None:
+        super().__init__(f"provider={claim.provider} signature nonce reused with other content")
+        self.claim = claim
+
+
 class NewForward(NamedTuple):
     """An event the application is to be told about (``[events] forward_url``), committed by
     :meth:`Queue.record_events` in the transaction that stores the event: ``id`` is the event's

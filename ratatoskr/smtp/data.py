@@ -80,6 +80,10 @@ class _Collected:
         self.virtual = 0
         del buf[:cut]
 
+    def most(self, buf: bytearray) -> int:
+        """:meth:`size` before unstuffing (at least the size): no scan."""
+        return self.written + len(buf) - self.virtual
+
     def size(self, buf: bytearray) -> int:
         """Unstuffed content bytes so far, ``buf`` included."""
         return self.written + len(buf) - self.virtual - buf.count(b"\r\n.")
@@ -191,7 +195,8 @@ async def _read(
         scan = max(0, len(buf) - 4)
     if failed is not None:
         raise SpillFailed(str(failed)) from failed
-    if over or (limit is not None and collected.size(buf) > limit):
+    # The bound without the dots first: counting them scans the whole message.
+    if over or (limit is not None and collected.most(buf) > limit and collected.size(buf) > limit):
         raise DataTooLarge()
     return buf
 
