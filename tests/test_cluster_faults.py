@@ -640,3 +640,81 @@ def test_spool_url_takes_env_and_is_checked(monkeypatch):
         config_mod.parse({"spool": {"url": "mysql://db/q"}})
     with pytest.raises(ConfigError, match=r"spool\.lease"):
         config_mod.parse({"spool": {"url": "postgresql://db/q", "lease": 0}})
+
+
+async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypatch):
+    """An outcome batch that fails in a way nothing expects (a driver error outside the ones
+    that mean "unavailable") must fail only its own outcomes: the writer that ran it used to
+    die, and once every writer had, each later outcome waited forever, its message in flight
+    with the lease keeper renewing the lease (rows left in flight after a drain)."""
+    from ratatoskr.queue import postgres
+
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    real = postgres._transitions
+    failures = 3 * postgres._WRITERS  # more than there are writers
+
+    async def failing(conn: Any, batch: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise asyncpg.exceptions.InternalClientError("protocol is in an unexpected state")
+        return await real(conn, batch)
+
+    monkeypatch.setattr(postgres, "_transitions", failing)
+    async with database() as url:
+        node = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        try:
+            await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [claimed] = await node.claim(10)
+            refused = 0
+            while failures:
+                with pytest.raises(QueueUnavailable):
+                    await asyncio.wait_for(node.release(claimed.id), 10)
+                refused += 1
+            assert refused == 3 * postgres._WRITERS
+            assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
+            assert await in_flight_rows(url) == {}
+        finally:
+            await node.close()
+
+
+async def test_a_refused_outcome_whose_caller_gave_up_ends_no_writer(monkeypatch):
+    """The server refuses one outcome's values after its caller stopped waiting (cancelled):
+    resolving the cancelled future raised InvalidStateError inside the writer and ended it."""
+    from ratatoskr.queue import postgres
+
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    real = postgres._transitions
+    refusals = 2 * postgres._WRITERS
+    running = asyncio.Event()
+    gave_up = asyncio.Event()
+
+    async def refusing(conn: Any, batch: Any) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            running.set()
+            await gave_up.wait()
+            return asyncpg.DataError("invalid byte sequence")
+        return await real(conn, batch)
+
+    monkeypatch.setattr(postgres, "_transitions", refusing)
+    async with database() as url:
+        node = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        try:
+            await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [claimed] = await node.claim(10)
+            while refusals:
+                running.clear()
+                gave_up.clear()
+                caller = asyncio.create_task(node.release(claimed.id))
+                await running.wait()
+                caller.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await caller
+                gave_up.set()
+            assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
+        finally:
+            await node.close()

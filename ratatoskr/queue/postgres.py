@@ -97,7 +97,14 @@ _LOST = (
     ConnectionError,
 )
 # Everything that means "the queue cannot do this now" (451/503).
-_TROUBLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# InternalClientError: the driver's protocol state confused by a connection dropped mid-reply.
+_TROUBLE = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the queue, and the nodes that work on it.
@@ -699,12 +706,15 @@ class PostgresQueue:
             while not puts.empty() and len(batch) < _BATCH_MAX and size < _BATCH_BYTES:
                 batch.append(puts.get_nowait())
                 size += len(batch[-1].row[-1])
+            error: BaseException = QueueUnavailable("queue is closing")
             try:
                 await self._insert(batch)
+            except Exception as exc:  # a writer must outlive any batch: the next puts need it
+                log.exception("group commit of %d puts failed unexpectedly", len(batch))
+                error = QueueUnavailable(f"cannot store the message: {_reason(exc)}")
             finally:
                 for put in batch:
-                    if not put.done.done():
-                        put.done.set_exception(QueueUnavailable("queue is closing"))
+                    _settle(put.done, error)
                     puts.task_done()
 
     async def _insert(self, batch: list[_Put]) -> None:
@@ -735,12 +745,8 @@ class PostgresQueue:
         except QueueUnavailable as exc:
             outcomes = [exc] * len(batch)
         for put, error in zip(batch, outcomes, strict=True):
-            if put.done.done():  # its caller stopped waiting (the session went away)
-                continue
-            if error is None:
-                put.done.set_result(put.row[0])
-            else:
-                put.done.set_exception(error)
+            # Its caller may have stopped waiting (the session went away).
+            _settle(put.done, put.row[0] if error is None else error)
 
     async def _insert_one(self, put: _Put) -> BaseException | None:
         try:
@@ -856,15 +862,20 @@ class PostgresQueue:
             batch = [await ops.get()]
             while not ops.empty() and len(batch) < _BATCH_MAX:
                 batch.append(ops.get_nowait())
+            error: BaseException = QueueUnavailable("queue is closing")
             try:
                 # A message named twice (its complete, then its release) goes in a later round:
                 # one statement must not match a row twice.
                 for ops_round in _rounds(batch):
                     await self._apply_outcomes(ops_round)
+            except Exception as exc:
+                # A writer must outlive any batch: were all of them to die, every later outcome
+                # would wait forever, its message in flight with the lease keeper renewing it.
+                log.exception("group commit of %d outcomes failed unexpectedly", len(batch))
+                error = QueueUnavailable(f"cannot record the outcome: {_reason(exc)}")
             finally:
                 for op in batch:
-                    if not op.done.done():
-                        op.done.set_exception(QueueUnavailable("queue is closing"))
+                    _settle(op.done, error)  # retried by the dispatcher, the lease still held
                     ops.task_done()
 
     async def _apply_outcomes(self, batch: list[_Transition]) -> None:
@@ -872,15 +883,15 @@ class PostgresQueue:
             matched = await self._run(lambda c: _transitions(c, batch))
         except QueueUnavailable as exc:
             for op in batch:
-                if not op.done.done():
-                    op.done.set_exception(exc)
+                _settle(op.done, exc)
             return
         if isinstance(matched, asyncpg.PostgresError):  # one outcome's values were refused
             if len(batch) > 1:  # so only that one fails, the others are committed alone
                 for op in batch:
                     await self._apply_outcomes([op])
                 return
-            batch[0].done.set_exception(QueueUnavailable(f"cannot record the outcome: {_reason(matched)}"))
+            # Its caller may have stopped waiting (cancelled): setting it again would raise.
+            _settle(batch[0].done, QueueUnavailable(f"cannot record the outcome: {_reason(matched)}"))
             return
         for op in batch:
             # The statement ran: the claim is over, whatever it matched.
@@ -888,8 +899,7 @@ class PostgresQueue:
             held = op.qid in matched[op.kind]
             if not held and op.token:  # we held it, and someone (another node, an operator) took it
                 self.lost_leases += 1
-            if not op.done.done():  # its caller may have stopped waiting
-                op.done.set_result(held)
+            _settle(op.done, held)  # its caller may have stopped waiting
 
     async def expire(self, reason: str) -> list[StoredMessage]:
         rows = await self._run(lambda c: c.fetch(_EXPIRE, reason, self.clock()))
@@ -1156,6 +1166,18 @@ async def _transitions(
     except _REFUSED as exc:
         return exc
     return matched
+
+
+def _settle(future: asyncio.Future[T], outcome: T | BaseException) -> None:
+    """Resolve ``future`` with a result or an exception unless it is resolved already (its
+    caller cancelled it, or an earlier step settled it): a second ``set_*`` would raise
+    InvalidStateError inside a writer and end it."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _reason(exc: BaseException) -> str:
