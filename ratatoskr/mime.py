@@ -136,8 +136,11 @@ def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
 # millisecond to prepare (headers only: no MIME tree, no html2text), less than handing it to a
 # thread and back while other threads hold the GIL: it is prepared on the event loop.
 CHEAP_MAX = 64 * 1024
-# \s, not [ \t]: a folded "Content-Type:\r\n multipart/mixed" is multipart too.
-_COSTLY_TYPE = re.compile(rb"(?im)^content-type:\s*(multipart/|text/html)")
+# Either type anywhere in the header block, not only right after "Content-Type:": the parser
+# that decides finds more there than a line-anchored pattern would (a lone CR ends a line for
+# it, str.strip() drops \x1c-\x1f before the type, continuation lines fold). Another header
+# naming one of them only costs a trip to the pool.
+_COSTLY_TYPE = re.compile(rb"(?i)multipart/|text/html")
 
 
 def cheap_to_prepare(raw: Bytes) -> bool:
