@@ -180,3 +180,42 @@ async def test_queue_commands_leave_an_older_files_bodies_in_place(tmp_path: Pat
     finally:
         await daemon.close()
     assert _bodies(path) == [("OLD", 22)]
+
+
+async def test_a_body_an_older_daemon_writes_into_the_row_after_the_move_is_still_sent(tmp_path: Path):
+    """The move runs once (user_version 1); an older daemon that still runs on the file, or
+    runs again after a downgrade, keeps writing bodies into the rows. Claimed from bodies alone,
+    such a message went out empty and counted as delivered: the body must come from the row."""
+    path = tmp_path / "q"
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()  # a new file, marked as moved
+    await daemon.close()
+    body = b"Subject: written by the older daemon\r\n\r\nbody\r\n"
+    with sqlite3.connect(path / DB_NAME) as conn:  # its INSERT: the body in the row
+        conn.execute(
+            "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+            " recipients, meta, history, raw, size) VALUES ('OLD', 'queued', 1.0, 9e9, 2.0,"
+            " 'a@example.com', '[\"b@example.com\"]', '{}', '[]', ?, ?)",
+            (body, len(body)),
+        )
+        conn.execute(
+            "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+            " recipients, meta, history, raw, size) VALUES ('EXP', 'queued', 1.0, 50.0, 2.0,"
+            " 'a@example.com', '[\"b@example.com\"]', '{}', '[]', ?, ?)",
+            (body, len(body)),
+        )
+    conn.close()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()
+    try:
+        [expired] = await daemon.expire("too old")
+        assert expired.id == "EXP" and expired.raw == body  # the bounce quotes its header
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == body
+        sent = Attempt(1.0, "mailgun", Outcome.SENT, seconds=0.1, provider_id="<p@mg>")
+        assert await daemon.complete("OLD", attempts=[sent], keep_until=2e6)
+    finally:
+        await daemon.close()
+    with sqlite3.connect(path / DB_NAME) as conn:  # delivered: no body kept, in the row either
+        assert conn.execute("SELECT length(raw) FROM messages WHERE id = 'OLD'").fetchone() == (0,)
+    conn.close()

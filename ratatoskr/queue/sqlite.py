@@ -16,7 +16,8 @@ blob. The bytes themselves are in ``bodies`` (``id``, ``raw``), not in the row: 
 a whole row on every UPDATE, blob and overflow pages included, so with the body in the row each
 claim, deferral and outcome wrote the message into the WAL again (a 100 KB message: ~106 KB of
 WAL per claim). ``messages.raw`` is left from the files that kept bodies there (moved out when
-such a file is opened) and is always empty now. Triggers delete a body with its message and
+the daemon first opens such a file); it is read when ``bodies`` has no row for a message, as an
+older daemon still running on the file, or run after a downgrade, writes bodies there. Triggers delete a body with its message and
 when the message is delivered. A delivered message keeps its row (its body deleted,
 ``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
@@ -166,9 +167,15 @@ _INSERT_IF_ABSENT = _INSERT + " ON CONFLICT (id) DO NOTHING"
 # raw is bound directly (small messages), or NULL and then a zeroblob of :size that the
 # pieces are written into through a blob handle.
 _INSERT_BODY = "INSERT INTO bodies (id, raw) VALUES (:id, coalesce(:raw, zeroblob(:size)))"
-_IN_IDS = "FROM bodies WHERE id IN (SELECT value FROM json_each(?))"
-_BODIES = f"SELECT id, raw {_IN_IDS}"
-_HEADS = f"SELECT id, substr(raw, 1, {_HEAD_BYTES}) AS raw {_IN_IDS}"
+# The body from bodies, else from the row: an older daemon still running on a moved file (or
+# again after a downgrade) writes bodies there, and the move runs once. coalesce reads the row's
+# blob only when bodies has none.
+_IN_IDS = (
+    "FROM messages LEFT JOIN bodies ON bodies.id = messages.id"
+    " WHERE messages.id IN (SELECT value FROM json_each(?))"
+)
+_BODIES = f"SELECT messages.id, coalesce(bodies.raw, messages.raw) {_IN_IDS}"
+_HEADS = f"SELECT messages.id, substr(coalesce(bodies.raw, messages.raw), 1, {_HEAD_BYTES}) {_IN_IDS}"
 
 # The running byte total covers only the first :limit due rows (LIMIT inside), and uses the
 # size column: length(raw) would read every blob of the backlog on each claim.
@@ -194,7 +201,7 @@ _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
 _APPENDED = """CASE WHEN :new = '[]' THEN history WHEN history = '[]' THEN :new
     ELSE json(substr(history, 1, length(history) - 1) || ',' || substr(:new, 2)) END"""
 _KEEP_DELIVERED = f"""
-UPDATE messages SET state = :delivered, expires_at = :keep_until, next_attempt_at = :now,
+UPDATE messages SET state = :delivered, raw = x'', expires_at = :keep_until, next_attempt_at = :now,
     last_error = '', history = {_APPENDED}, attempts = attempts + :tried
 WHERE id = :id AND state = :inflight
 """
