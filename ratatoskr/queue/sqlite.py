@@ -17,9 +17,9 @@ a whole row on every UPDATE, blob and overflow pages included, so with the body 
 claim, deferral and outcome wrote the message into the WAL again (a 100 KB message: ~106 KB of
 WAL per claim). ``messages.raw`` is left from the files that kept bodies there (moved out when
 the daemon first opens such a file); it is read when ``bodies`` has no row for a message, as an
-older daemon still running on the file, or run after a downgrade, writes bodies there. Triggers delete a body with its message and
-when the message is delivered. A delivered message keeps its row (its body deleted,
-``expires_at`` the end of its history);
+older daemon still running on the file, or run after a downgrade, writes bodies there.
+Triggers delete a body with its message and when the message is delivered. A delivered message
+keeps its row (its body deleted, ``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
 ``forwards`` holds the events still owed to the application (``[events] forward_url``), each
