@@ -87,9 +87,16 @@ def strip_bcc(raw: Bytes) -> Bytes:
     """Remove every ``Bcc:``/``Resent-Bcc:`` field, leaving all other bytes untouched."""
     if b"bcc" not in head_of(raw).lower():
         return raw
-    head, body = split_head(raw)
-    kept = [f for f in _fields(head) if not re.match(rb"(?i)(resent-)?bcc\s*:", f)]
-    return b"".join(kept) + body
+    cut = _head_end(raw)
+    kept = [f for f in _fields(raw[:cut]) if not re.match(rb"(?i)(resent-)?bcc\s*:", f)]
+    return _joined(kept, raw, cut)
+
+
+def _joined(fields: list[bytes], raw: Bytes, cut: int) -> bytes:
+    """``fields`` then ``raw`` from ``cut`` on, the body copied once (into the result): this
+    runs on the event loop for a single-part message of any size."""
+    with memoryview(raw) as view:
+        return b"".join([*fields, view[cut:]])
 
 
 def check_head(head: Bytes) -> None:
@@ -283,10 +290,10 @@ def drop_headers(raw: bytes, names: Iterable[str]) -> bytes:
     lowered = head_of(raw).lower()
     if not any(name.encode("ascii", "replace") in lowered for name in wanted):
         return raw  # nothing to drop: no copy
-    head, body = split_head(raw)
+    cut = _head_end(raw)
     kept = [
         f
-        for f in _fields(head)
+        for f in _fields(raw[:cut])
         if f.partition(b":")[0].strip().decode("ascii", "replace").lower() not in wanted
     ]
-    return b"".join(kept) + body
+    return _joined(kept, raw, cut)

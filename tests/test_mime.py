@@ -168,3 +168,18 @@ def test_cheap_to_prepare_agrees_with_the_parser_on_costly_types(head: bytes) ->
     parsed = email.parser.BytesHeaderParser(policy=policy.compat32).parsebytes(head).get_content_type()
     assert parsed in ("text/html", "multipart/mixed")
     assert cheap_to_prepare(head + b"<p>hi</p>\r\n") is False
+
+
+def test_stripping_a_bcc_copies_the_body_once() -> None:
+    # Prepared on the event loop at any size now: the copy without the Bcc is the one allowed.
+    import tracemalloc
+
+    raw = b"From: a@x.test\r\nBcc: hidden@x.test\r\n\r\n" + BIG_BODY
+    tracemalloc.start()
+    try:
+        stripped = strip_bcc(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stripped == b"From: a@x.test\r\n\r\n" + BIG_BODY
+    assert peak < 1.2 * len(raw)
