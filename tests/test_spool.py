@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.queue import Attempt, Outcome, State, new_id
+from ratatoskr.queue import sqlite as sqlite_queue
 from ratatoskr.queue.sqlite import DB_NAME, SqliteQueue
 from tests.conftest import FakeClock
 
@@ -219,3 +221,39 @@ async def test_a_body_an_older_daemon_writes_into_the_row_after_the_move_is_stil
     with sqlite3.connect(path / DB_NAME) as conn:  # delivered: no body kept, in the row either
         assert conn.execute("SELECT length(raw) FROM messages WHERE id = 'OLD'").fetchone() == (0,)
     conn.close()
+
+
+async def test_a_move_that_fails_halfway_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move is one transaction: a failure (a crash, a full disk) after the copy into bodies
+    leaves every body in its row, and the next start moves them all."""
+    path = tmp_path / "q"
+    path.mkdir()
+    body = b"Subject: old\r\n\r\nbody\r\n"
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.executescript(_OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO messages VALUES ('OLD', 'queued', 1.0, 9e9, 2.0, 0, 0, 'a@example.com',"
+            " '[\"b@example.com\"]', '{}', '[]', '', ?)",
+            (body,),
+        )
+    conn.close()
+    failing = (*sqlite_queue._MOVE_BODIES, "SELECT * FROM no_such_table")  # after the copy
+    monkeypatch.setattr(sqlite_queue, "_MOVE_BODIES", failing)
+    with pytest.raises(QueueUnavailable):
+        await SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0)).open()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        assert conn.execute("SELECT length(raw) FROM messages").fetchall() == [(len(body),)]
+        assert conn.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    conn.close()
+    monkeypatch.undo()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()  # the file is not left locked by the failed open
+    try:
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == body
+    finally:
+        await daemon.close()
+    assert _bodies(path) == [("OLD", len(body))]

@@ -308,6 +308,15 @@ def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
     private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
     private_file(path / DB_NAME)
     conn = _open(path)
+    try:
+        _prepare(conn, move_bodies=move_bodies)
+    except BaseException:
+        conn.close()  # a move that failed halfway holds the write lock until closed: roll it back
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, *, move_bodies: bool) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(_SCHEMA)
@@ -321,7 +330,6 @@ def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
             conn.execute(statement)
         conn.execute(f"{_USER_VERSION} = {_BODIES_VERSION}")
         conn.execute("COMMIT")
-    return conn
 
 
 def _open(path: Path) -> sqlite3.Connection:
@@ -419,8 +427,12 @@ class SqliteQueue:
             raise QueueUnavailable(f"no queue in {self.path}")
         try:
             conn = connect(self.path, move_bodies=create)
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
+        try:
             self._reader = _open(self.path)
         except (sqlite3.Error, OSError) as exc:
+            conn.close()
             raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
         self._writer = Writer(conn)
         self._writer.start()
