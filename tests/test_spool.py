@@ -257,3 +257,22 @@ async def test_a_move_that_fails_halfway_leaves_the_file_as_it_was(
     finally:
         await daemon.close()
     assert _bodies(path) == [("OLD", len(body))]
+
+
+async def test_a_second_daemon_on_the_same_queue_folder_is_refused_before_it_touches_it(
+    running_daemon, tmp_path
+):
+    """A second `serve` on one SQLite folder would requeue the first one's in-flight mail as
+    crash victims (and move bodies under it): it is refused, naming the folder, and the queue
+    is free again once the first daemon stops."""
+    from ratatoskr.daemon import Daemon
+    from tests.conftest import build_config
+
+    first = await running_daemon()
+    second = Daemon(build_config(tmp_path))
+    with pytest.raises(QueueUnavailable, match="another ratatoskr serve is using the queue in"):
+        await second.start()
+    assert second.config.spool.path == first.config.spool.path
+    await first.stop()
+    await second.start()  # the lock went with the first daemon
+    await second.stop()
