@@ -6,9 +6,14 @@ connections; with two nodes the sessions are split between them, one load genera
 started together). For 2 KB and 100 KB messages it prints accepted msgs/s (acknowledged / the
 load's wall time), delivered msgs/s (until the fake has them all), p50/p99 of end of DATA →
 reply, and the nodes' CPU seconds per message. PostgreSQL is the local server
-(``--dsn``); each run gets a throwaway database.
+(``--dsn``); each run gets a throwaway database. For PostgreSQL it adds what the queue costs the
+server: commits per message and commits/s (``pg_stat_database.xact_commit`` of the run's
+database), WAL flushes per message (``pg_stat_wal.wal_sync``: the whole server's, so another
+database busy at the same time inflates it) and the server processes' CPU per message (likewise
+the whole server's).
 
-    .venv/bin/python bench/cluster.py [--messages 1500] [--dsn postgresql://postgres@127.0.0.1/postgres]
+    .venv/bin/python bench/cluster.py [--messages 1500] [--only postgres] [--sizes 2048]
+        [--dsn postgresql://postgres@127.0.0.1/postgres]
 """
 
 from __future__ import annotations
@@ -88,6 +93,45 @@ def node(workdir: Path, i: int, provider_port: int, url: str | None) -> tuple[su
     return proc, port
 
 
+def server_cpu_seconds() -> float:
+    """CPU of every PostgreSQL server process on this machine (the postmaster's children)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text.split(" ", 2)[1] == "(postgres)":
+            total += cpu_seconds(int(stat.parent.name))
+    return total
+
+
+def stop(procs: list[tuple[subprocess.Popen[bytes], int]]) -> None:
+    for p, _ in procs:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(60)
+
+
+async def server_counters(url: str, *, wait_idle: bool = False) -> tuple[int, int]:
+    """Commits in the run's database so far, and the server's WAL flushes. ``wait_idle``: once
+    the nodes' backends are gone (each reports its last commits as it exits)."""
+    conn = await asyncpg.connect(url)
+    try:
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        deadline = time.monotonic() + 10
+        while wait_idle and await conn.fetchval(others) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        commits = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        syncs = await conn.fetchval("SELECT wal_sync FROM pg_stat_wal")
+        return int(commits), int(syncs)
+    finally:
+        await conn.close()
+
+
 def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -95,6 +139,8 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
         procs = [node(workdir, i, provider_port, url) for i in range(nodes)]
         try:
             cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
+            pg0 = asyncio.run(server_counters(url)) if url else (0, 0)
+            pg_cpu0 = server_cpu_seconds()
             start = time.monotonic()
             loads = [
                 subprocess.Popen(
@@ -123,6 +169,10 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
                 time.sleep(0.05)
             end_to_end = time.monotonic() - start
             cpu = sum(cpu_seconds(p.pid) for p, _ in procs) - cpu0
+            pg_cpu = server_cpu_seconds() - pg_cpu0
+            stop(procs)  # a backend's last statistics are flushed when it exits
+            pg1 = asyncio.run(server_counters(url, wait_idle=True)) if url else (0, 0)
+            commits, syncs = pg1[0] - pg0[0] - 1, pg1[1] - pg0[1]  # - 1: the first reading's own
             latencies = sorted(x for r in results for x in r["latencies"])
             return {
                 "config": label,
@@ -133,11 +183,19 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
                 "p99 ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
                 "cpu ms/msg": 1000 * cpu / max(ok, 1),
                 "refused": sum(r["refused"] for r in results),
+                **(
+                    {
+                        "commits/msg": commits / max(ok, 1),
+                        "commits/s": commits / end_to_end,
+                        "wal syncs/msg": syncs / max(ok, 1),
+                        "pg cpu ms/msg": 1000 * pg_cpu / max(ok, 1),
+                    }
+                    if url
+                    else {}
+                ),
             }
         finally:
-            for p, _ in procs:
-                p.terminate()
-                p.wait(60)
+            stop(procs)
             provider.terminate()
             provider.wait(10)
 
@@ -160,22 +218,31 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=1500)
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--only", choices=("sqlite", "postgres"), help="run only this backend")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 100 * 1024], help="bytes")
     args = parser.parse_args()
     rows = []
-    for size in (2048, 100 * 1024):
+    for size in args.sizes:
         count = args.messages if size < 10_000 else max(200, args.messages // 4)
-        rows.append(run("sqlite, 1 node", 1, None, size, count))
-        for nodes in (1, 2):
+        if args.only != "postgres":
+            rows.append(run("sqlite, 1 node", 1, None, size, count))
+        for nodes in (1, 2) if args.only != "sqlite" else ():
             name = asyncio.run(fresh_database(args.dsn))
             try:
                 url = args.dsn.rsplit("/", 1)[0] + "/" + name
                 rows.append(run(f"postgres, {nodes} node{'s' if nodes > 1 else ''}", nodes, url, size, count))
             finally:
                 asyncio.run(drop_database(args.dsn, name))
-    keys = list(rows[0])
+    keys = list(max(rows, key=len))
     print(" | ".join(keys))
     for row in rows:
-        print(" | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()))
+        print(" | ".join(_cell(row.get(k, "")) for k in keys))
+
+
+def _cell(value: float | str) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
 
 
 if __name__ == "__main__":
