@@ -5,12 +5,13 @@ Each configuration runs real ``ratatoskr serve`` processes delivering to the lea
 connections; with two nodes the sessions are split between them, one load generator per node,
 started together). For 2 KB and 100 KB messages it prints accepted msgs/s (acknowledged / the
 load's wall time), delivered msgs/s (until the fake has them all), p50/p99 of end of DATA →
-reply, and the nodes' CPU seconds per message. PostgreSQL is the local server
-(``--dsn``); each run gets a throwaway database. For PostgreSQL it adds what the queue costs the
-server: commits per message and commits/s (``pg_stat_database.xact_commit`` of the run's
-database), WAL flushes per message (``pg_stat_wal.wal_sync``: the whole server's, so another
-database busy at the same time inflates it) and the server processes' CPU per message (likewise
-the whole server's).
+reply, the nodes' CPU seconds per message and how busy the machine's cores were while the load
+ran (every process's, another benchmark's too: near 100 % the figure is bound by the cores).
+PostgreSQL is the local server (``--dsn``); each run gets a throwaway database. For PostgreSQL
+it adds what the queue costs the server: commits per message and commits/s
+(``pg_stat_database.xact_commit`` of the run's database), WAL flushes per message
+(``pg_stat_wal.wal_sync``: the whole server's, so another database busy at the same time
+inflates it) and the server processes' CPU per message (likewise the whole server's).
 
     .venv/bin/python bench/cluster.py [--messages 1500] [--only postgres] [--sizes 2048]
         [--dsn postgresql://postgres@127.0.0.1/postgres]
@@ -106,6 +107,13 @@ def server_cpu_seconds() -> float:
     return total
 
 
+def machine_busy() -> tuple[float, float]:
+    """Busy and total CPU time of the whole machine so far (every core), from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def stop(procs: list[tuple[subprocess.Popen[bytes], int]]) -> None:
     for p, _ in procs:
         if p.poll() is None:
@@ -118,7 +126,10 @@ async def server_counters(url: str, *, wait_idle: bool = False) -> tuple[int, in
     the nodes' backends are gone (each reports its last commits as it exits)."""
     conn = await asyncpg.connect(url)
     try:
-        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        others = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         deadline = time.monotonic() + 10
         while wait_idle and await conn.fetchval(others) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -141,6 +152,7 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
             cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
             pg0 = asyncio.run(server_counters(url)) if url else (0, 0)
             pg_cpu0 = server_cpu_seconds()
+            busy0 = machine_busy()
             start = time.monotonic()
             loads = [
                 subprocess.Popen(
@@ -163,6 +175,7 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
             ]
             results = [json.loads(load.communicate()[0]) for load in loads]
             accepted_wall = time.monotonic() - start
+            busy1 = machine_busy()
             ok = sum(r["ok"] for r in results)
             deadline = time.monotonic() + 300
             while delivered(provider_port) < ok and time.monotonic() < deadline:
@@ -183,6 +196,7 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
                 "p99 ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
                 "cpu ms/msg": 1000 * cpu / max(ok, 1),
                 "refused": sum(r["refused"] for r in results),
+                "machine busy %": 100 * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1),
                 **(
                     {
                         "commits/msg": commits / max(ok, 1),
