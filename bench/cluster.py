@@ -90,7 +90,11 @@ def node(workdir: Path, i: int, provider_port: int, url: str | None) -> tuple[su
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
-    wait_listening(port, proc, timeout=60)
+    try:
+        wait_listening(port, proc, timeout=60)
+    except RuntimeError:
+        sys.stderr.write((workdir / f"node{i}.log").read_text())
+        raise
     return proc, port
 
 
@@ -147,8 +151,10 @@ def run(label: str, nodes: int, url: str | None, size: int, messages: int) -> di
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         provider, provider_port = fake_provider(workdir)
-        procs = [node(workdir, i, provider_port, url) for i in range(nodes)]
+        procs: list[tuple[subprocess.Popen[bytes], int]] = []
         try:
+            for i in range(nodes):
+                procs.append(node(workdir, i, provider_port, url))
             cpu0 = sum(cpu_seconds(p.pid) for p, _ in procs)
             pg0 = asyncio.run(server_counters(url)) if url else (0, 0)
             pg_cpu0 = server_cpu_seconds()
