@@ -38,6 +38,7 @@ from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
 from ratatoskr.providers.http import HttpProvider
 from ratatoskr.queue import queue_for
+from ratatoskr.queue.owner import QueueOwner
 from ratatoskr.sdnotify import Notifier, watchdog_interval
 from ratatoskr.smtp.anvil import Anvil, client_rates
 from ratatoskr.smtp.limits import ConnectionLimiter
@@ -71,6 +72,8 @@ class Daemon:
         self.metrics = Metrics()
         # Named after the [spool] section; any backend behind the Queue protocol.
         self.spool = queue_for(config.spool, lifetime=config.delivery.max_queue_lifetime, clock=clock)
+        # SQLite: one daemon per queue folder (cluster nodes share PostgreSQL by design).
+        self.owner = QueueOwner(config.spool.path) if config.spool.url is None else None
         outcomes = Outcomes(self.spool, config.delivery, clock=clock, hostname=config.smtp.hostname)
         self.dispatcher = Dispatcher(
             self.spool,
@@ -141,7 +144,14 @@ class Daemon:
         return self.dispatcher.pool.providers
 
     async def start(self) -> None:
-        await self.spool.open()
+        if self.owner is not None:
+            self.owner.take()
+        try:
+            await self.spool.open()
+        except BaseException:
+            if self.owner is not None:
+                self.owner.release()
+            raise
         requeued, buried = await self.spool.recover(self.config.delivery.max_recoveries)
         if requeued or buried:
             log.warning("recovered %d in-flight messages, quarantined %d as dead", requeued, buried)
@@ -357,6 +367,8 @@ class Daemon:
             await self.forwarder.stop()
         circuits.withdraw(self.config.spool.path)
         await self.spool.close()
+        if self.owner is not None:
+            self.owner.release()
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()  # pinged to the end: a drain may take a while
             await asyncio.gather(self._watchdog_task, return_exceptions=True)

@@ -87,9 +87,16 @@ def strip_bcc(raw: Bytes) -> Bytes:
     """Remove every ``Bcc:``/``Resent-Bcc:`` field, leaving all other bytes untouched."""
     if b"bcc" not in head_of(raw).lower():
         return raw
-    head, body = split_head(raw)
-    kept = [f for f in _fields(head) if not re.match(rb"(?i)(resent-)?bcc\s*:", f)]
-    return b"".join(kept) + body
+    cut = _head_end(raw)
+    kept = [f for f in _fields(raw[:cut]) if not re.match(rb"(?i)(resent-)?bcc\s*:", f)]
+    return _joined(kept, raw, cut)
+
+
+def _joined(fields: list[bytes], raw: Bytes, cut: int) -> bytes:
+    """``fields`` then ``raw`` from ``cut`` on, the body copied once (into the result): this
+    runs on the event loop for a single-part message of any size."""
+    with memoryview(raw) as view:
+        return b"".join([*fields, view[cut:]])
 
 
 def check_head(head: Bytes) -> None:
@@ -136,8 +143,11 @@ def add_text_alternative(root: EmailMessage, html_part: MIMEPart) -> None:
 # millisecond to prepare (headers only: no MIME tree, no html2text), less than handing it to a
 # thread and back while other threads hold the GIL: it is prepared on the event loop.
 CHEAP_MAX = 64 * 1024
-# \s, not [ \t]: a folded "Content-Type:\r\n multipart/mixed" is multipart too.
-_COSTLY_TYPE = re.compile(rb"(?im)^content-type:\s*(multipart/|text/html)")
+# Either type anywhere in the header block, not only right after "Content-Type:": the parser
+# that decides finds more there than a line-anchored pattern would (a lone CR ends a line for
+# it, str.strip() drops \x1c-\x1f before the type, continuation lines fold). Another header
+# naming one of them only costs a trip to the pool.
+_COSTLY_TYPE = re.compile(rb"(?i)multipart/|text/html")
 
 
 def cheap_to_prepare(raw: Bytes) -> bool:
@@ -280,10 +290,10 @@ def drop_headers(raw: bytes, names: Iterable[str]) -> bytes:
     lowered = head_of(raw).lower()
     if not any(name.encode("ascii", "replace") in lowered for name in wanted):
         return raw  # nothing to drop: no copy
-    head, body = split_head(raw)
+    cut = _head_end(raw)
     kept = [
         f
-        for f in _fields(head)
+        for f in _fields(raw[:cut])
         if f.partition(b":")[0].strip().decode("ascii", "replace").lower() not in wanted
     ]
-    return b"".join(kept) + body
+    return _joined(kept, raw, cut)

@@ -43,13 +43,20 @@ async def start(running_daemon: Any, *providers: dict[str, Any], **sections: Any
     return await running_daemon(providers=list(providers), http={"api_tokens": [TOKEN]}, **sections)
 
 
+async def delivered_one(daemon: Any, fake: Any) -> tuple[str, Any]:
+    """Send one message through the HTTP API and wait for its history to say delivered: its
+    queue id and the fake provider's copy (the one message it has)."""
+    qid = await post_message(daemon.http_port, headers=AUTH)
+    await until_delivered(daemon.http_port, qid, headers=AUTH)
+    [sent] = fake.messages
+    return qid, sent
+
+
 async def test_mailgun_reports_delivered_and_bounced_and_the_history_shows_it(
     running_daemon, fake_mailgun: FakeMailgun, tmp_path
 ):
     daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_mailgun.messages
+    qid, sent = await delivered_one(daemon, fake_mailgun)
     hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
     now = time.time()
     # Out of order: the bounce of the hidden recipient arrives before bob's delivery.
@@ -194,9 +201,7 @@ async def test_a_hard_bounce_event_sends_a_notice_to_the_sender_when_enabled(
     daemon = await start(
         running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY), delivery={"bounce": True}
     )
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_mailgun.messages
+    _, sent = await delivered_one(daemon, fake_mailgun)
     hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
     soft = hooks.event("failed", sent, "bob@example.net", severity="temporary", reason="greylisted")
     hard = hooks.event("failed", sent, "hidden@example.org", severity="permanent", reason="bounce", code=550)
@@ -239,9 +244,7 @@ async def test_postmark_basic_auth_records_matched_by_metadata_and_message_id(
 ):
     entry = fake_postmark.provider_entry(webhook_username=PM_USER, webhook_password=PM_PASS)
     daemon = await start(running_daemon, entry)
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_postmark.messages
+    qid, sent = await delivered_one(daemon, fake_postmark)
     hooks = PostmarkHooks(events_url(daemon, "postmark"), PM_USER, PM_PASS)
     bounce = hooks.record(
         "Bounce",
@@ -287,9 +290,7 @@ async def test_sparkpost_batches_with_basic_auth_matched_by_rcpt_meta_or_transmi
 ):
     entry = fake_sparkpost.provider_entry(webhook_username=PM_USER, webhook_password=PM_PASS)
     daemon = await start(running_daemon, entry)
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_sparkpost.messages
+    qid, sent = await delivered_one(daemon, fake_sparkpost)
     hooks = SparkpostHooks(events_url(daemon, "sparkpost"), PM_USER, PM_PASS)
     now = time.time()
     assert await hooks.batch([{"msys": {}}]) == 200  # SparkPost's URL check: nothing stored
@@ -379,9 +380,7 @@ async def test_an_event_time_no_calendar_holds_does_not_break_the_history(
     """A signed event's own time is the provider's to get wrong (1e20, a year past 9999): the
     event is kept at the time it arrived, and ``GET /v1/messages/{id}`` still answers."""
     daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_KEY))
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_mailgun.messages
+    qid, sent = await delivered_one(daemon, fake_mailgun)
     hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_KEY)
     before = time.time()
     assert await hooks.post(hooks.event("delivered", sent, "bob@example.net", at=1e20)) == 200

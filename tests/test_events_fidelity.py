@@ -27,8 +27,8 @@ from tests.fakes.sparkpost import FakeSparkpost
 from tests.fakes.webhooks import MailgunHooks, PostmarkHooks, SparkpostHooks
 from tests.process import write_config
 from tests.test_config import run_cli
-from tests.test_events import AUTH, TOKEN, events_url, metrics, start
-from tests.test_history import get_json, post_message, queue_cli, until_delivered
+from tests.test_events import AUTH, TOKEN, delivered_one, events_url, metrics, start
+from tests.test_history import get_json, queue_cli
 
 USER, PASSWORD = "ratatoskr", "hook-pass-new-5e1c"
 OLD_USER, OLD_PASSWORD = "ratatoskr-2025", "hook-pass-old-0b7d"
@@ -143,9 +143,7 @@ async def test_postmark_accepts_both_credentials_during_a_rotation_and_counts_ev
         webhook_previous_password=OLD_PASSWORD,
     )
     daemon = await start(running_daemon, entry)
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_postmark.messages
+    qid, sent = await delivered_one(daemon, fake_postmark)
     hooks = PostmarkHooks(events_url(daemon, "postmark"), USER, PASSWORD)
     delivered = hooks.record("Delivery", sent, "bob@example.net", at="2026-01-01T12:00:40.1234567+02:00")
     bounce = hooks.record("Bounce", sent, "hidden@example.org", Type="SoftBounce", Inactive=False)
@@ -275,9 +273,7 @@ async def test_sparkpost_rotation_mixed_batches_pings_and_a_resent_batch(
         webhook_username=USER, webhook_password=PASSWORD, webhook_previous_password=OLD_PASSWORD
     )
     daemon = await start(running_daemon, entry)
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_sparkpost.messages
+    qid, sent = await delivered_one(daemon, fake_sparkpost)
     hooks = SparkpostHooks(events_url(daemon, "sparkpost"), USER, PASSWORD)
     now = time.time()
     assert await hooks.batch([{"msys": {}}]) == 200  # the URL check on create/update
@@ -422,9 +418,7 @@ async def test_mailgun_checklist_subaccounts_rejects_suppressions_delays_and_mes
     running_daemon, fake_mailgun: FakeMailgun
 ):
     daemon = await start(running_daemon, fake_mailgun.provider_entry(webhook_signing_key=MG_PRIMARY_KEY))
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_mailgun.messages
+    qid, sent = await delivered_one(daemon, fake_mailgun)
     assert sent.id.startswith("<")  # the send answer's id has <>, the events' message-id not
     hooks = MailgunHooks(fake_mailgun, events_url(daemon, "mailgun"), MG_PRIMARY_KEY)
     sub = {"key": b"the-subaccount-key", "parent_key": MG_PRIMARY_KEY.encode()}
@@ -584,9 +578,7 @@ async def test_a_large_sparkpost_batch_is_stored_within_its_10_s_timeout_and_lat
     back."""
     entry = fake_sparkpost.provider_entry(webhook_username=USER, webhook_password=PASSWORD)
     daemon = await start(running_daemon, entry)
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_sparkpost.messages
+    qid, sent = await delivered_one(daemon, fake_sparkpost)
     hooks = SparkpostHooks(events_url(daemon, "sparkpost"), USER, PASSWORD)
     now = time.time()
     batch = [hooks.event("open", sent, "bob@example.net", at=now - 100 + i / 100) for i in range(1999)]

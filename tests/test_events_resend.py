@@ -18,7 +18,7 @@ from tests.conftest import build_config
 from tests.fakes.resend import FakeResend
 from tests.fakes.webhooks import ResendHooks
 from tests.test_config import run_cli
-from tests.test_events import AUTH, TOKEN, events_url, metrics, start
+from tests.test_events import AUTH, TOKEN, delivered_one, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
 
 # Svix's published vector (svix/svix-webhooks, python/tests/test_webhooks.py test_sign_function;
@@ -154,9 +154,7 @@ async def test_resend_bounces_suppressions_and_failures(running_daemon, fake_res
     hooks = ResendHooks("")
     daemon = await start(running_daemon, fake_resend.provider_entry(webhook_secret=hooks.secret))
     hooks.url = events_url(daemon, "resend")
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_resend.messages
+    qid, sent = await delivered_one(daemon, fake_resend)
     now = time.time()
     bounce = {"type": "Permanent", "subType": "General", "message": "The recipient's mail server said no."}
     suppressed = {
@@ -268,9 +266,7 @@ async def test_a_hard_bounce_naming_no_recipient_sends_no_notice(
         running_daemon, fake_resend.provider_entry(webhook_secret=hooks.secret), delivery={"bounce": True}
     )
     hooks.url = events_url(daemon, "resend")
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_resend.messages
+    qid, sent = await delivered_one(daemon, fake_resend)
     several = hooks.event("email.bounced", sent, bounce={"type": "Permanent", "subType": "General"})
     several["data"]["to"] = ["Bob <bob@example.net>", "carol@example.net"]
     assert await hooks.post(several) == 200
@@ -290,9 +286,7 @@ async def test_a_created_at_past_9999_in_utc_does_not_break_the_history(
     hooks = ResendHooks("")
     daemon = await start(running_daemon, fake_resend.provider_entry(webhook_secret=hooks.secret))
     hooks.url = events_url(daemon, "resend")
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_resend.messages
+    qid, sent = await delivered_one(daemon, fake_resend)
     event = {**hooks.event("email.delivered", sent), "created_at": "9999-12-31T23:59:59-23:59"}
     assert await hooks.post(event) == 200
     status, history = await get_json(daemon.http_port, f"/v1/messages/{qid}", headers=AUTH)

@@ -23,7 +23,7 @@ from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.sendgrid import FakeSendGrid
 from tests.fakes.webhooks import SendGridHooks
 from tests.test_config import run_cli
-from tests.test_events import AUTH, TOKEN, events_url, metrics, start
+from tests.test_events import AUTH, TOKEN, delivered_one, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
 
 # SendGrid's own example (sendgrid/sendgrid-python, test/unit/test_eventwebhook.py): a key, a
@@ -215,9 +215,7 @@ async def test_a_soft_sendgrid_block_and_a_hard_bounce_notice(
     # SendGrid's structured API cannot carry the multipart/report notice: Mailgun sends it.
     daemon = await start(running_daemon, entry, fake_mailgun.provider_entry(), delivery={"bounce": True})
     hooks.url = events_url(daemon, "sendgrid")
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_sendgrid.messages
+    qid, sent = await delivered_one(daemon, fake_sendgrid)
     blocked = hooks.event("bounce", sent, "bob@example.net", type="blocked", reason="421 try later")
     hard = hooks.event("bounce", sent, "hidden@example.org", type="bounce", reason="550 5.1.1 unknown")
     assert await hooks.post([blocked, hard]) == 200

@@ -152,3 +152,34 @@ def test_readers_of_the_header_block_leave_the_body_alone() -> None:
     assert drop_headers(raw, ["X-Mailgun-Tag"]) is raw
     assert drop_headers(raw, ["x-tag"]) == b"From: a@x.test\r\n\r\n" + BIG_BODY
     assert head_of(b"From: a@x.test") == b"From: a@x.test"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From: a@x.test\r\nContent-Type: \x1ctext/html\r\n\r\n",  # str.strip() drops \x1c
+        b"From: a@x.test\r\nContent-Type: \x1fmultipart/mixed; boundary=b\r\n\r\n",
+        b"From: a@x.test\rContent-Type: text/html\r\n\r\n",  # a lone CR ends a line for the parser
+    ],
+)
+def test_cheap_to_prepare_agrees_with_the_parser_on_costly_types(head: bytes) -> None:
+    # What prepare() parses (and then converts) must never be taken for a plain part: an HTML
+    # body of any size would be parsed and run through html2text on the event loop.
+    parsed = email.parser.BytesHeaderParser(policy=policy.compat32).parsebytes(head).get_content_type()
+    assert parsed in ("text/html", "multipart/mixed")
+    assert cheap_to_prepare(head + b"<p>hi</p>\r\n") is False
+
+
+def test_stripping_a_bcc_copies_the_body_once() -> None:
+    # Prepared on the event loop at any size now: the copy without the Bcc is the one allowed.
+    import tracemalloc
+
+    raw = b"From: a@x.test\r\nBcc: hidden@x.test\r\n\r\n" + BIG_BODY
+    tracemalloc.start()
+    try:
+        stripped = strip_bcc(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stripped == b"From: a@x.test\r\n\r\n" + BIG_BODY
+    assert peak < 1.2 * len(raw)

@@ -104,6 +104,7 @@ async def test_help_lists_auth_only_where_offered(running_daemon, tmp_path):
         assert code == 250 and text.startswith("2.0.0 ")
         assert "STARTTLS" in text.split() and "MAIL" in text.split() and "AUTH" not in text.split()
     # The development defaults offer AUTH (any credentials): HELP lists it, not STARTTLS.
+    await daemon.stop()  # one daemon per queue folder
     daemon = await running_daemon()
     async with RawSmtp(daemon.smtp_port) as s:
         _, features = await s.cmd("EHLO client.test")

@@ -31,8 +31,8 @@ from tests.fakes.sns import FakeSns, iso
 from tests.fakes.webhooks import SesHooks
 from tests.process import write_config
 from tests.test_config import run_cli
-from tests.test_events import AUTH, events_url, metrics, start
-from tests.test_history import get_json, post_message, queue_cli, until_delivered
+from tests.test_events import AUTH, delivered_one, events_url, metrics, start
+from tests.test_history import get_json, queue_cli
 
 
 @pytest.fixture
@@ -408,9 +408,7 @@ async def test_ses_reports_delivery_and_bounce_through_sns_end_to_end(
     hooks = SesHooks(sns, events_url(daemon, "ses"))
     assert await hooks.post(sns.confirmation()) == 200  # no API token: the signature is the authentication
     assert len(sns.confirmed) == 1
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_ses.messages
+    qid, sent = await delivered_one(daemon, fake_ses)
     now = time.time()
     # Out of order: the bounce of the hidden recipient arrives before bob's delivery.
     bounce = hooks.event("Bounce", sent, ["hidden@example.org"], at=now)
@@ -469,9 +467,7 @@ async def test_a_permanent_ses_bounce_sends_a_notice_a_transient_one_does_not(
     entry = fake_ses.provider_entry(webhook_topic_arn=sns.topic_arn)
     daemon = await start(running_daemon, entry, delivery={"bounce": True})
     daemon.events.webhook("ses").transport = sns.transport()
-    qid = await post_message(daemon.http_port, headers=AUTH)
-    await until_delivered(daemon.http_port, qid, headers=AUTH)
-    [sent] = fake_ses.messages
+    _, sent = await delivered_one(daemon, fake_ses)
     hooks = SesHooks(sns, events_url(daemon, "ses"))
     soft = hooks.event(
         "Bounce", sent, ["bob@example.net"], bounceType="Transient", bounceSubType="MailboxFull"

@@ -196,3 +196,23 @@ async def test_size_limit_holds_across_a_spill(tmp_path, extra):
 async def test_exactly_at_limit_when_a_read_ends_inside_the_terminator():
     """A CR that may start the terminator is not yet content (review reproducer)."""
     assert (await feed(b"..\r\n.\r", b"\n", limit=3))[0] == b".\r\n"
+
+
+async def test_dot_stuffed_message_at_the_limit_over_smtp_is_250_one_byte_more_is_552(running_daemon):
+    """The dots stuffing adds push the bytes on the wire over the limit: they do not count. One
+    content byte over it does (552 5.3.4), whichever way the size is first estimated."""
+    head = b"From: ada@example.com\r\nTo: bob@example.net\r\nSubject: dots\r\n\r\n"
+    lines = b"".join(b".line %04d\r\n" % i for i in range(100))  # 100 dots stuffed on the wire
+    limit = len(head) + len(lines)
+    daemon = await running_daemon(smtp={"listen": "127.0.0.1:0", "max_message_size": limit})
+    async with RawSmtp(daemon.smtp_port) as s:
+        await s.cmd("EHLO client.test")
+        for extra, expected in ((b"", 250), (b"x", 552)):
+            await s.cmd("MAIL FROM:<ada@example.com>")
+            await s.cmd("RCPT TO:<bob@example.net>")
+            assert (await s.cmd("DATA"))[0] == 354
+            raw = head + lines[:-2] + extra + b"\r\n"
+            code, text = await s.send_data(raw)
+            assert code == expected, text
+            if expected == 552:
+                assert text.startswith("5.3.4 ")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
 from ratatoskr.queue import Attempt, Outcome, State, new_id
+from ratatoskr.queue import sqlite as sqlite_queue
 from ratatoskr.queue.sqlite import DB_NAME, SqliteQueue
 from tests.conftest import FakeClock
 
@@ -180,3 +182,97 @@ async def test_queue_commands_leave_an_older_files_bodies_in_place(tmp_path: Pat
     finally:
         await daemon.close()
     assert _bodies(path) == [("OLD", 22)]
+
+
+async def test_a_body_an_older_daemon_writes_into_the_row_after_the_move_is_still_sent(tmp_path: Path):
+    """The move runs once (user_version 1); an older daemon that still runs on the file, or
+    runs again after a downgrade, keeps writing bodies into the rows. Claimed from bodies alone,
+    such a message went out empty and counted as delivered: the body must come from the row."""
+    path = tmp_path / "q"
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()  # a new file, marked as moved
+    await daemon.close()
+    body = b"Subject: written by the older daemon\r\n\r\nbody\r\n"
+    with sqlite3.connect(path / DB_NAME) as conn:  # its INSERT: the body in the row
+        conn.execute(
+            "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+            " recipients, meta, history, raw, size) VALUES ('OLD', 'queued', 1.0, 9e9, 2.0,"
+            " 'a@example.com', '[\"b@example.com\"]', '{}', '[]', ?, ?)",
+            (body, len(body)),
+        )
+        conn.execute(
+            "INSERT INTO messages (id, state, created_at, expires_at, next_attempt_at, sender,"
+            " recipients, meta, history, raw, size) VALUES ('EXP', 'queued', 1.0, 50.0, 2.0,"
+            " 'a@example.com', '[\"b@example.com\"]', '{}', '[]', ?, ?)",
+            (body, len(body)),
+        )
+    conn.close()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()
+    try:
+        [expired] = await daemon.expire("too old")
+        assert expired.id == "EXP" and expired.raw == body  # the bounce quotes its header
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == body
+        sent = Attempt(1.0, "mailgun", Outcome.SENT, seconds=0.1, provider_id="<p@mg>")
+        assert await daemon.complete("OLD", attempts=[sent], keep_until=2e6)
+    finally:
+        await daemon.close()
+    with sqlite3.connect(path / DB_NAME) as conn:  # delivered: no body kept, in the row either
+        assert conn.execute("SELECT length(raw) FROM messages WHERE id = 'OLD'").fetchone() == (0,)
+    conn.close()
+
+
+async def test_a_move_that_fails_halfway_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move is one transaction: a failure (a crash, a full disk) after the copy into bodies
+    leaves every body in its row, and the next start moves them all."""
+    path = tmp_path / "q"
+    path.mkdir()
+    body = b"Subject: old\r\n\r\nbody\r\n"
+    with sqlite3.connect(path / DB_NAME) as conn:
+        conn.executescript(_OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO messages VALUES ('OLD', 'queued', 1.0, 9e9, 2.0, 0, 0, 'a@example.com',"
+            " '[\"b@example.com\"]', '{}', '[]', '', ?)",
+            (body,),
+        )
+    conn.close()
+    failing = (*sqlite_queue._MOVE_BODIES, "SELECT * FROM no_such_table")  # after the copy
+    monkeypatch.setattr(sqlite_queue, "_MOVE_BODIES", failing)
+    with pytest.raises(QueueUnavailable):
+        await SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0)).open()
+    with sqlite3.connect(path / DB_NAME) as conn:
+        assert conn.execute("SELECT length(raw) FROM messages").fetchall() == [(len(body),)]
+        assert conn.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    conn.close()
+    monkeypatch.undo()
+    daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
+    await daemon.open()  # the file is not left locked by the failed open
+    try:
+        [claimed] = await daemon.claim(10)
+        assert claimed.raw == body
+    finally:
+        await daemon.close()
+    assert _bodies(path) == [("OLD", len(body))]
+
+
+async def test_a_second_daemon_on_the_same_queue_folder_is_refused_before_it_touches_it(
+    running_daemon, tmp_path
+):
+    """A second `serve` on one SQLite folder would requeue the first one's in-flight mail as
+    crash victims (and move bodies under it): it is refused, naming the folder, and the queue
+    is free again once the first daemon stops."""
+    from ratatoskr.daemon import Daemon
+    from tests.conftest import build_config
+
+    first = await running_daemon()
+    second = Daemon(build_config(tmp_path))
+    with pytest.raises(QueueUnavailable, match="another ratatoskr serve is using the queue in"):
+        await second.start()
+    assert second.config.spool.path == first.config.spool.path
+    await first.stop()
+    await second.start()  # the lock went with the first daemon
+    await second.stop()

@@ -16,9 +16,10 @@ blob. The bytes themselves are in ``bodies`` (``id``, ``raw``), not in the row: 
 a whole row on every UPDATE, blob and overflow pages included, so with the body in the row each
 claim, deferral and outcome wrote the message into the WAL again (a 100 KB message: ~106 KB of
 WAL per claim). ``messages.raw`` is left from the files that kept bodies there (moved out when
-such a file is opened) and is always empty now. Triggers delete a body with its message and
-when the message is delivered. A delivered message keeps its row (its body deleted,
-``expires_at`` the end of its history);
+the daemon first opens such a file); it is read when ``bodies`` has no row for a message, as an
+older daemon still running on the file, or run after a downgrade, writes bodies there.
+Triggers delete a body with its message and when the message is delivered. A delivered message
+keeps its row (its body deleted, ``expires_at`` the end of its history);
 ``events`` holds what providers reported (unique per provider and event key, ``qid`` NULL for
 an orphan) and ``provider_ids`` the provider's ids of each delivered message, for matching.
 ``forwards`` holds the events still owed to the application (``[events] forward_url``), each
@@ -166,9 +167,15 @@ _INSERT_IF_ABSENT = _INSERT + " ON CONFLICT (id) DO NOTHING"
 # raw is bound directly (small messages), or NULL and then a zeroblob of :size that the
 # pieces are written into through a blob handle.
 _INSERT_BODY = "INSERT INTO bodies (id, raw) VALUES (:id, coalesce(:raw, zeroblob(:size)))"
-_IN_IDS = "FROM bodies WHERE id IN (SELECT value FROM json_each(?))"
-_BODIES = f"SELECT id, raw {_IN_IDS}"
-_HEADS = f"SELECT id, substr(raw, 1, {_HEAD_BYTES}) AS raw {_IN_IDS}"
+# The body from bodies, else from the row: an older daemon still running on a moved file (or
+# again after a downgrade) writes bodies there, and the move runs once. coalesce reads the row's
+# blob only when bodies has none.
+_IN_IDS = (
+    "FROM messages LEFT JOIN bodies ON bodies.id = messages.id"
+    " WHERE messages.id IN (SELECT value FROM json_each(?))"
+)
+_BODIES = f"SELECT messages.id, coalesce(bodies.raw, messages.raw) {_IN_IDS}"
+_HEADS = f"SELECT messages.id, substr(coalesce(bodies.raw, messages.raw), 1, {_HEAD_BYTES}) {_IN_IDS}"
 
 # The running byte total covers only the first :limit due rows (LIMIT inside), and uses the
 # size column: length(raw) would read every blob of the backlog on each claim.
@@ -194,7 +201,7 @@ _COMPLETE = "DELETE FROM messages WHERE id = :id AND state = :inflight"
 _APPENDED = """CASE WHEN :new = '[]' THEN history WHEN history = '[]' THEN :new
     ELSE json(substr(history, 1, length(history) - 1) || ',' || substr(:new, 2)) END"""
 _KEEP_DELIVERED = f"""
-UPDATE messages SET state = :delivered, expires_at = :keep_until, next_attempt_at = :now,
+UPDATE messages SET state = :delivered, raw = x'', expires_at = :keep_until, next_attempt_at = :now,
     last_error = '', history = {_APPENDED}, attempts = attempts + :tried
 WHERE id = :id AND state = :inflight
 """
@@ -301,6 +308,15 @@ def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
     private_dir(path, tighten=True)  # mail is private: 0700 and 0600 whatever the umask
     private_file(path / DB_NAME)
     conn = _open(path)
+    try:
+        _prepare(conn, move_bodies=move_bodies)
+    except BaseException:
+        conn.close()  # a move that failed halfway holds the write lock until closed: roll it back
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, *, move_bodies: bool) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(_SCHEMA)
@@ -314,7 +330,6 @@ def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
             conn.execute(statement)
         conn.execute(f"{_USER_VERSION} = {_BODIES_VERSION}")
         conn.execute("COMMIT")
-    return conn
 
 
 def _open(path: Path) -> sqlite3.Connection:
@@ -412,8 +427,12 @@ class SqliteQueue:
             raise QueueUnavailable(f"no queue in {self.path}")
         try:
             conn = connect(self.path, move_bodies=create)
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
+        try:
             self._reader = _open(self.path)
         except (sqlite3.Error, OSError) as exc:
+            conn.close()
             raise QueueUnavailable(f"cannot open queue in {self.path}: {exc}") from exc
         self._writer = Writer(conn)
         self._writer.start()
