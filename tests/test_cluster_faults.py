@@ -718,3 +718,27 @@ async def test_a_refused_outcome_whose_caller_gave_up_ends_no_writer(monkeypatch
             assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
         finally:
             await node.close()
+
+
+async def test_the_lease_keeper_outlives_an_unexpected_error(tmp_path, caplog):
+    """A driver surprise in one round must not end the loop that extends this node's leases
+    (they would run out mid-delivery) and takes back crashed nodes' work."""
+    async with database() as url:
+        queue = queue_for(SpoolConfig(path=tmp_path / "v", url=url, lease=0.3), lifetime=60)
+        assert isinstance(queue, PostgresQueue)
+        rounds: list[str] = []
+        extend = queue.extend_leases
+
+        async def flaky() -> int:
+            rounds.append("round")
+            if len(rounds) == 1:
+                raise RuntimeError("a driver surprise")
+            return await extend()
+
+        queue.extend_leases = flaky  # type: ignore[method-assign]
+        await queue.open()
+        try:
+            await wait_until(lambda: len(rounds) >= 2, 10, what="a second round of the lease keeper")
+        finally:
+            await queue.close()
+        assert "keeping the queue leases failed unexpectedly" in caplog.text

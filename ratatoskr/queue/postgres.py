@@ -1011,6 +1011,10 @@ class PostgresQueue:
                     log.warning("took back %d messages whose node is gone, quarantined %d", *recovered)
             except QueueUnavailable as exc:
                 log.warning("cannot keep the queue leases: %s", exc)
+            except Exception:
+                # A driver surprise must not end the loop: without it this node's leases run
+                # out mid-delivery (duplicates) and nobody takes back a crashed node's work.
+                log.exception("keeping the queue leases failed unexpectedly; trying again")
 
     async def extend_leases(self) -> int:
         """Push the deadline of every lease this node holds; return how many still hold."""
