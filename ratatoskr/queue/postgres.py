@@ -255,8 +255,6 @@ _RELEASE_UNKNOWN = (
     "UPDATE ratatoskr_messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued'"
     f" END, {_UNLEASE} WHERE state = 'inflight' AND owner = $1 AND NOT (id = ANY($2::text[]))"
 )
-# Transitions hold only under the lease the claim gave: $1 id, $2 token.
-_IN_FLIGHT = "id = $1 AND lease_token = $2 AND state = 'inflight'"
 # Outcomes, each kind for every message of a batch in one statement (group commit): the arrays
 # give one row per message, each transition still conditional on that message's own lease
 # ($1 ids, $2 tokens), and RETURNING says which of them held it.
