@@ -9,10 +9,12 @@ version and the nodes; a password in the url appears in no output and no log lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pytest
 from ratatoskr.config import SpoolConfig, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
-from ratatoskr.queue import queue_for
+from ratatoskr.queue import StoredMessage, queue_for
 from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from tests.conftest import smtp_data_reply, wait_until
 from tests.postgres import ADMIN_URL, LosingProxy, database, terminate_all
@@ -642,6 +644,21 @@ def test_spool_url_takes_env_and_is_checked(monkeypatch):
         config_mod.parse({"spool": {"url": "postgresql://db/q", "lease": 0}})
 
 
+@contextlib.asynccontextmanager
+async def node_holding_one() -> AsyncIterator[tuple[str, PostgresQueue, StoredMessage]]:
+    """A node on a fresh database that holds one claimed message: (url, node, that message)."""
+    async with database() as url:
+        node = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        try:
+            env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+            await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            [claimed] = await node.claim(10)
+            yield url, node, claimed
+        finally:
+            await node.close()
+
+
 async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypatch):
     """An outcome batch that fails in a way nothing expects (a driver error outside the ones
     that mean "unavailable") must fail only its own outcomes: the writer that ran it used to
@@ -649,7 +666,6 @@ async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypat
     with the lease keeper renewing the lease (rows left in flight after a drain)."""
     from ratatoskr.queue import postgres
 
-    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
     real = postgres._transitions
     failures = 3 * postgres._WRITERS  # more than there are writers
 
@@ -661,22 +677,15 @@ async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypat
         return await real(conn, batch)
 
     monkeypatch.setattr(postgres, "_transitions", failing)
-    async with database() as url:
-        node = PostgresQueue(url, lifetime=60, lease=30)
-        await node.open()
-        try:
-            await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
-            [claimed] = await node.claim(10)
-            refused = 0
-            while failures:
-                with pytest.raises(QueueUnavailable):
-                    await asyncio.wait_for(node.release(claimed.id), 10)
-                refused += 1
-            assert refused == 3 * postgres._WRITERS
-            assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
-            assert await in_flight_rows(url) == {}
-        finally:
-            await node.close()
+    async with node_holding_one() as (url, node, claimed):
+        refused = 0
+        while failures:
+            with pytest.raises(QueueUnavailable):
+                await asyncio.wait_for(node.release(claimed.id), 10)
+            refused += 1
+        assert refused == 3 * postgres._WRITERS
+        assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
+        assert await in_flight_rows(url) == {}
 
 
 async def test_a_refused_outcome_whose_caller_gave_up_ends_no_writer(monkeypatch):
@@ -684,7 +693,6 @@ async def test_a_refused_outcome_whose_caller_gave_up_ends_no_writer(monkeypatch
     resolving the cancelled future raised InvalidStateError inside the writer and ended it."""
     from ratatoskr.queue import postgres
 
-    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
     real = postgres._transitions
     refusals = 2 * postgres._WRITERS
     running = asyncio.Event()
@@ -700,24 +708,17 @@ async def test_a_refused_outcome_whose_caller_gave_up_ends_no_writer(monkeypatch
         return await real(conn, batch)
 
     monkeypatch.setattr(postgres, "_transitions", refusing)
-    async with database() as url:
-        node = PostgresQueue(url, lifetime=60, lease=30)
-        await node.open()
-        try:
-            await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {})
-            [claimed] = await node.claim(10)
-            while refusals:
-                running.clear()
-                gave_up.clear()
-                caller = asyncio.create_task(node.release(claimed.id))
-                await running.wait()
-                caller.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await caller
-                gave_up.set()
-            assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
-        finally:
-            await node.close()
+    async with node_holding_one() as (_, node, claimed):
+        while refusals:
+            running.clear()
+            gave_up.clear()
+            caller = asyncio.create_task(node.release(claimed.id))
+            await running.wait()
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            gave_up.set()
+        assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
 
 
 async def test_the_lease_keeper_outlives_an_unexpected_error(tmp_path, caplog):
