@@ -14,7 +14,8 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 from ratatoskr.config import SpoolConfig, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
 from ratatoskr.message import Envelope
-from ratatoskr.queue import StoredMessage, queue_for
+from ratatoskr.queue import Attempt, Outcome, StoredMessage, queue_for
 from ratatoskr.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from tests.conftest import smtp_data_reply, wait_until
 from tests.postgres import ADMIN_URL, LosingProxy, database, terminate_all
@@ -206,6 +207,7 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_owner(tmp_pat
 
             await wait_until(taken_over, 10, what="B to take the message over")
             assert await a.complete("M1") is False  # A's late "delivered" does not remove it
+            assert (a.lost_leases, a.outcomes_found_stored) == (1, 0)  # B's token: not ours
             stored = await b.show("M1")
             assert stored is not None and stored.state.value == "inflight"
             assert await b.complete("M1") is True
@@ -321,6 +323,92 @@ async def test_a_forwards_claim_whose_answer_was_lost_gets_them_on_its_retry(tmp
             assert [await node.finish_forward(f.id, f.token) for f in claimed] == [True, True]
         finally:
             await node.close()
+
+
+async def state_of(url: str, qid: str) -> str | None:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT state FROM ratatoskr_messages WHERE id = $1", qid)
+    finally:
+        await conn.close()
+
+
+ATTEMPT = Attempt(at=1.0, provider="mailgun", outcome=Outcome.TEMPORARY, detail="503")
+# Each outcome (for a message id), the tag of its statement when it stores one, the state left.
+OUTCOMES: dict[str, tuple[Callable[[PostgresQueue, str], Awaitable[bool]], bytes, str | None]] = {
+    "delivered, kept as history": (
+        lambda q, qid: q.complete(qid, attempts=[ATTEMPT], keep_until=time.time() + 60),
+        b"SELECT 1\x00",
+        "delivered",
+    ),
+    "delivered, removed": (lambda q, qid: q.complete(qid), b"DELETE 1\x00", None),
+    "deferred": (
+        lambda q, qid: q.defer(qid, next_attempt_at=time.time() + 60, error="503", attempts=[ATTEMPT]),
+        b"UPDATE 1\x00",
+        "deferred",
+    ),
+    "dead": (lambda q, qid: q.bury(qid, error="refused", attempts=[ATTEMPT]), b"UPDATE 1\x00", "dead"),
+    "released": (lambda q, qid: q.release(qid), b"UPDATE 1\x00", "queued"),
+}
+
+
+@contextlib.asynccontextmanager
+async def node_holding_two(proxy: LosingProxy) -> AsyncIterator[tuple[str, PostgresQueue]]:
+    """A node behind ``proxy`` on a fresh database, holding M1 and M2 on its one pooled
+    connection: an outcome applied to M1 first has that connection know its statement, so the
+    driver's type introspection (a "SELECT 1" of its own) cannot meet the lost answer."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30, pool_size=1)
+        await node.open()
+        try:
+            for qid in ("M1", "M2"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+            assert len(await node.claim(2)) == 2
+            yield url, node
+        finally:
+            await node.close()
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+async def test_an_outcome_whose_commit_answer_was_lost_is_ours_not_a_lost_lease(outcome: str):
+    """The outcome committed and its answer was lost with the connection: the retry on a fresh
+    connection matches nothing under the lease, since the first try ended it. That is our own
+    outcome, stored: True, not counted (nor logged) as a lease another node took over."""
+    apply, tag, state = OUTCOMES[outcome]
+    async with LosingProxy() as proxy, node_holding_two(proxy) as (url, node):
+        assert await apply(node, "M1") is True
+        proxy.lose(tag)
+        assert await apply(node, "M2") is True
+        assert proxy.lost == 1
+        assert (node.lost_leases, node.outcomes_found_stored) == (0, 1)
+        assert await state_of(url, "M2") == state
+
+
+async def test_an_outcome_stored_by_a_call_that_failed_is_ours_when_it_is_applied_again(monkeypatch):
+    """The check fails as well, so the outcome fails (the dispatcher applies it again, its
+    lease still held): the next application finds it stored, not a lost lease."""
+    apply, tag, state = OUTCOMES["deferred"]
+    checks = 0
+    real = PostgresQueue._ours
+
+    async def failing_once(self: PostgresQueue, missed: Any) -> Any:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            raise QueueUnavailable("queue database unavailable: the check's connection dropped too")
+        return await real(self, missed)
+
+    monkeypatch.setattr(PostgresQueue, "_ours", failing_once)
+    async with LosingProxy() as proxy, node_holding_two(proxy) as (url, node):
+        assert await apply(node, "M1") is True
+        proxy.lose(tag)
+        with pytest.raises(QueueUnavailable):
+            await apply(node, "M2")
+        assert await apply(node, "M2") is True
+        assert (proxy.lost, checks) == (1, 2)
+        assert (node.lost_leases, node.outcomes_found_stored) == (0, 1)
+        assert await state_of(url, "M2") == state
 
 
 def ratatoskr(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
