@@ -76,6 +76,16 @@ SELECT s.provider, s.paused_until, s.reason, s.node, s.circuit,
 FROM ratatoskr_provider_state s LEFT JOIN ratatoskr_nodes n ON n.id = s.node
 """
 _SLACK = 0.5  # seconds: pauses closer than this to what is known are not news
+# The connection is lost or the database away: connect again. InternalClientError: a connection
+# terminated while idle whose FATAL message the driver read before it saw the connection close
+# ("cannot switch to state …; another operation (2) is in progress", see ratatoskr.queue.postgres).
+_LOST = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
 #: Seconds a trial's node needs beyond the trial's own sends: to notice its cool-down is over
 #: and claim a message (the dispatcher's poll), then to publish the answer (``interval``).
 TRIAL_SLACK = 10.0
@@ -143,8 +153,12 @@ class SharedProviderState:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.interval)
                     self._wake.clear()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _LOST as exc:
                 log.debug("provider state not shared for now: %s", exc)
+            except Exception:
+                # A surprise must not end the task: this node would stop sharing for good.
+                log.exception("sharing provider state failed unexpectedly; reconnecting")
+                await asyncio.sleep(self.interval * 2)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)

@@ -411,6 +411,31 @@ async def test_an_outcome_stored_by_a_call_that_failed_is_ours_when_it_is_applie
         assert await state_of(url, "M2") == state
 
 
+async def test_a_pooled_connection_killed_while_idle_is_replaced_not_a_451():
+    """pg_terminate_backend on a connection idle in the pool: the driver reads the server's
+    FATAL message, which an idle connection does not expect, and until it sees the end of the
+    stream the pool takes the connection for open and hands it out. asyncpg then refuses the
+    statement, before sending it, with InternalClientError ("cannot switch to state 12;
+    another operation (2) is in progress") and aborts the connection: that was a 451 for the
+    put (and a failed outcome), although a fresh connection does it at once."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30, pool_size=1)
+        await node.open()
+        try:
+            await node.put("M0", env, b"Subject: x\r\n\r\nhi\r\n", {})
+            proxy.hold_eof()  # the FATAL message gets through, the end of the stream not yet
+            assert await terminate_all(url) >= 1
+            await asyncio.sleep(0.3)
+            assert await node.put("M1", env, b"Subject: x\r\n\r\nhi\r\n", {}) == "M1"
+            [claimed] = await node.claim(1)
+            assert await node.complete(claimed.id) is True
+            proxy.stop_holding()
+            assert [m.id for m in await node.list()] == ["M1"]
+        finally:
+            await node.close()
+
+
 def ratatoskr(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ratatoskr", *args, "--config", str(config)],
@@ -758,7 +783,9 @@ async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypat
     from ratatoskr.queue import postgres
 
     real = postgres._transitions
-    failures = 3 * postgres._WRITERS  # more than there are writers
+    # More than there are writers; two per outcome, since its connection counts as lost (the
+    # driver's state confused by a killed connection) and it is tried once more.
+    failures = 2 * 3 * postgres._WRITERS
 
     async def failing(conn: Any, batch: Any) -> Any:
         nonlocal failures

@@ -8,6 +8,7 @@ follows the provider's ``timeout``, and the wait ends early when the trial's nod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import pytest
 from ratatoskr.cluster import SharedProviderState, trial_wait
 from ratatoskr.delivery.health import ProviderHealth
 from ratatoskr.queue.postgres import migrate
-from tests.postgres import database
+from tests.conftest import wait_until
+from tests.postgres import LosingProxy, database, terminate_all
 
 pytestmark = pytest.mark.postgres
 LEASE = 5.0
@@ -141,3 +143,38 @@ async def test_a_circuit_of_a_gone_node_is_a_plain_pause_for_a_node_that_learns_
         await b.state.sync(conn)
         assert not b.health.up
         assert b.health.ready_at() == pytest.approx(a.health.ready_at(), abs=0.01)
+
+
+async def test_sharing_outlives_its_connection_killed_while_idle():
+    """The sharing's own connection is terminated between two syncs, and the driver reads the
+    server's FATAL message before it sees the connection close: its next statement is refused
+    with InternalClientError ("another operation (2) is in progress"), which ended the task
+    for good (no more shared pauses from this node). It reconnects, as for any lost connection."""
+    async with database() as url, LosingProxy() as proxy:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        health = ProviderHealth("p", failures_to_open=1, cooldown=60.0)
+        state = SharedProviderState(proxy.url(url), "a", lambda: {"p": health}, interval=0.05)
+        state.start()
+        try:
+            await asyncio.sleep(0.5)  # connected, syncing
+            proxy.hold_eof()  # the FATAL message gets through, the end of the stream not yet
+            assert await terminate_all(url) == 1
+            await asyncio.sleep(0.5)
+            assert state._task is not None and not state._task.done()
+            proxy.stop_holding()
+            health.record_failure("503", unusable=True)
+
+            async def published() -> bool:
+                conn = await asyncpg.connect(url)
+                try:
+                    return bool(await conn.fetchval("SELECT circuit FROM ratatoskr_provider_state"))
+                finally:
+                    await conn.close()
+
+            await wait_until(published, 10, what="the circuit published after the kill")
+        finally:
+            await state.stop()

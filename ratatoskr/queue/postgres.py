@@ -44,7 +44,9 @@ and the HTTP API do not know which one they hold. What a cluster adds:
   ``expire`` only their first 64 KiB.
 * **Database trouble** (unreachable, restarting, connections terminated) turns into
   :class:`QueueUnavailable` (451/503); the pool opens new connections on the next call, so the
-  service resumes by itself.
+  service resumes by itself. A connection that drops under a statement (:data:`_LOST`, which
+  includes a pooled connection terminated while idle, see there) is replaced and the statement
+  tried once more.
 """
 
 from __future__ import annotations
@@ -94,10 +96,17 @@ _WRITERS = 4  # group-commit writers at once: one fills its batch while another 
 _HEAD_BYTES = 65536  # what expire() returns of each message: enough for a bounce
 
 # The server went away under a connection: worth one more try on a fresh connection.
+# InternalClientError "cannot switch to state …; another operation (2) is in progress": the
+# connection was idle in the pool when its backend was terminated, and the driver had read
+# the server's FATAL message (which an idle connection does not expect: its protocol is left
+# discarding input until a ReadyForQuery that never comes) but not yet the end of the stream,
+# so the pool, seeing it open, handed it out. The driver refuses the statement before sending
+# anything and aborts the connection; a fresh one does it.
 _LOST = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, pg_terminate_backend
     asyncpg.InterfaceError,  # "connection is closed"
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
 )
 # Everything that means "the queue cannot do this now" (451/503).
