@@ -319,6 +319,11 @@ def connect(path: Path, *, move_bodies: bool = True) -> sqlite3.Connection:
 def _prepare(conn: sqlite3.Connection, *, move_bodies: bool) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    # Builds that zero freed pages (Debian's) would write each delivered body to the WAL a second
+    # time, as zeros: half of a 100 KB message's writes. Zeroing bought little: the WAL keeps the
+    # body's frames until they are overwritten, as a file system keeps a deleted queue file's
+    # blocks (README.md, "The queue"). FAST zeroes only what costs no extra I/O.
+    conn.execute("PRAGMA secure_delete=FAST")
     conn.executescript(_SCHEMA)
     columns = {row["name"] for row in conn.execute("PRAGMA table_info(messages)")}
     if "size" not in columns:  # a queue written before the size column existed
