@@ -160,6 +160,8 @@ class Dispatcher:
             except Exception:
                 log.exception("delivery loop error; trying again")
                 claimed = []
+            if claimed:
+                log.debug("claimed %d messages, %d in flight before", len(claimed), len(self._tasks))
             for stored in claimed:
                 task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
                 self._tasks[stored.id] = task
