@@ -362,6 +362,19 @@ class Recipients(Protocol):
     def recipients(self) -> tuple[str, ...]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The recipients of one call, for a kind that builds each call's body when it sends it
+    (Mailgun, SES: the body holds the whole message, too large to build for every call first)."""
+
+    recipients: tuple[str, ...]
+
+
+def batches(recipients: Sequence[str], size: int) -> list[Batch]:
+    """``recipients`` in calls of at most ``size``, in order."""
+    return [Batch(tuple(recipients[start : start + size])) for start in range(0, len(recipients), size)]
+
+
 C = TypeVar("C", bound=Recipients)
 
 

@@ -38,7 +38,7 @@ from ratatoskr import redaction
 from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers
 from ratatoskr.providers._form import MimeForm
-from ratatoskr.providers._structured import send_calls
+from ratatoskr.providers._structured import Batch, batches, send_calls
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import (
     HttpAnswer,
@@ -212,19 +212,15 @@ class MailgunProvider(HttpProvider):
         mime = drop_headers(message.mime, TAG_HEADERS)
         fields = [("o:tag", tag) for tag in self.usable_tags(message)]
         fields += [*self.settings.options(), (f"v:{QUEUE_ID_VARIABLE}", message.id)]
-        chunks = [
-            _Chunk(tuple(recipients[start : start + MAX_RECIPIENTS]))
-            for start in range(0, len(recipients), MAX_RECIPIENTS)
-        ]
 
-        async def post(_: int, chunk: _Chunk) -> str:
-            form = _form(list(chunk.recipients), mime, fields)
+        async def post(_: int, call: Batch) -> str:
+            form = _form(list(call.recipients), mime, fields)
             answer = await self.request(
                 "POST", f"/v3/{self._domain_path}/messages.mime", body=form, headers=self._auth
             )
             return self.read_send(answer)
 
-        return await send_calls(self.name, chunks, post, dict(unsendable))
+        return await send_calls(self.name, batches(recipients, MAX_RECIPIENTS), post, dict(unsendable))
 
     def usable_tags(self, message: Outbound) -> list[str]:
         """The message's tags that Mailgun takes, at most 10; the rest dropped with a log line."""
@@ -390,13 +386,6 @@ def _form(recipients: Sequence[str], mime: bytes, fields: Sequence[tuple[str, st
         content_type="message/rfc822",
         boundary=uuid.uuid4().hex,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    """The recipients of one call, at most :data:`MAX_RECIPIENTS`."""
-
-    recipients: tuple[str, ...]
 
 
 def error_text(answer: HttpAnswer) -> str:
