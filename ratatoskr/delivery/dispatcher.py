@@ -162,6 +162,8 @@ class Dispatcher:
             except Exception:
                 log.exception("delivery loop error; trying again")
                 claimed = []
+            if claimed:
+                log.debug("claimed %d messages, %d in flight before", len(claimed), len(self._tasks))
             for stored in claimed:
                 self._track(stored, self.deliver(stored), "deliver")
             if claimed and len(self._tasks) < self.config.workers:
