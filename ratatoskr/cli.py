@@ -241,7 +241,7 @@ async def _probe_all(config: Config) -> int:
             await provider.close()
         failing += not result.ok
         word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
-        print(f"probe {provider.name}: {word}: {result.detail}")
+        print(f"probe {provider.name}: {word}: {queue_output.terminal_safe(result.detail)}")
     return failing
 
 

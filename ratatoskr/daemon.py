@@ -169,12 +169,13 @@ class Daemon:
         if smtp.tls_listen is not None:
             listeners += f" + {_shown(smtp.tls_listen, self.smtp_tls_port)} (TLS)"
         log.info(
-            "ratatoskr %s ready: smtp %s, http %s, queue %s, providers %s",
+            "ratatoskr %s ready: smtp %s, http %s, queue %s, providers %s, event loop %s",
             __version__,
             listeners,
             _shown(self.config.http.listen, self.http_port),
             self.config.spool.place,
             ", ".join(f"{p.name} ({p.kind})" for p in self.providers),
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.notifier.ready(f"smtp {listeners}")
         if self.watchdog:
@@ -428,8 +429,23 @@ async def _serve(config: Config, loader: Callable[[], Config] | None) -> None:
         await daemon.stop()
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (a dependency on CPython for POSIX), else asyncio's.
+
+    Measured under smtp-source on a quiet 2-core machine (bench/README.md): 1.2–1.3x the
+    accepted rate with reused connections at the same durability, and less CPU per message in
+    every cell; the daemon's event loop is its bound, and uvloop's transports and scheduling are
+    C where asyncio's are Python."""
+    try:
+        import uvloop  # optional: absent on platforms it does not support
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP calls ``loader`` for a fresh config and applies it."""
     tune_malloc()
-    asyncio.run(_serve(config, loader))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_serve(config, loader))
     return 0

@@ -4,6 +4,11 @@ Pure formatting over the queue's :class:`StoredMessage` values, like ``postqueue
 ``postqueue -j``: the table has a header line, sizes in K/M, arrival and next attempt in local
 time, and each message's last reason on its own indented lines, wrapped at spaces and never cut;
 ``--json`` is one object per message per line, times in RFC 3339 (UTC).
+
+Much of what is shown comes from others: a client's subject and headers, a provider's or a
+remote server's reasons. Control characters in it are shown as ``\\xNN`` escapes in the table
+(``\\uNNNN`` in JSON), so that no message can move the cursor, retitle or recolour the
+operator's terminal.
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ STATES = ("queued", "inflight", "deferred", "dead")
 _WAITING = ("queued", "deferred")
 _WIDTH = 100
 _SHOWN_RECIPIENTS = 3
+# C0 controls but tab, DEL, C1 controls (0x9b alone starts an escape sequence in some terminals).
+_CONTROLS = (*range(0x09), *range(0x0A, 0x20), 0x7F, *range(0x80, 0xA0))
+_SHOWN_CONTROL = {c: f"\\x{c:02x}" for c in _CONTROLS}
+_JSON_CONTROL = {c: f"\\u{c:04x}" for c in _CONTROLS}  # json.dumps escapes only C0 itself
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with its control characters written as visible escapes."""
+    return text.translate(_SHOWN_CONTROL)
 
 
 class Listed(Protocol):
@@ -96,7 +110,7 @@ def table(messages: list[Listed], circuits: list[ProviderCircuit] | None, *, now
     for m in messages:
         lines += _rows(m, held_reason(m, circuits), now=now)
     lines.append(summary(messages))
-    return lines
+    return [terminal_safe(line) for line in lines]
 
 
 def _rows(m: Listed, held: str, *, now: float) -> list[str]:
@@ -232,7 +246,9 @@ def json_line(
     full: bool = False,
     events: Sequence[DeliveryEvent] = (),
 ) -> str:
-    return json.dumps(as_json(m, circuits, full=full, events=events), ensure_ascii=False)
+    return json.dumps(as_json(m, circuits, full=full, events=events), ensure_ascii=False).translate(
+        _JSON_CONTROL
+    )
 
 
 # -- one message, for people -----------------------------------------------------------------------
@@ -271,5 +287,5 @@ def show(
         )
     head = m.raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     if head:
-        lines += ["", head]
-    return lines
+        lines += ["", *head.split("\r\n")]
+    return [terminal_safe(line) for line in lines]

@@ -80,6 +80,7 @@ def test_queue_commands_work_while_the_daemon_runs(tmp_path: Path):
         assert cli("queue", "delete", qid, "--config", str(config)).returncode == 1
         assert qid not in cli("queue", "list", "--config", str(config)).stdout
         assert daemon.terminate() == 0
+        assert "event loop uvloop" in daemon.log()  # a dependency on this platform
     finally:
         daemon.stop_quietly()
 

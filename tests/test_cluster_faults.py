@@ -282,6 +282,33 @@ async def test_a_claim_that_lost_both_answers_is_made_good_by_the_next_claim(tmp
             await node.close()
 
 
+async def test_an_expiry_claim_whose_answer_was_lost_strands_nothing(tmp_path):
+    """claim_expired is a claim: after a lost answer its retry hands the messages over, in
+    flight under this node's lease (which the lease keeper extends) and no other node's, for
+    their notice and bury."""
+    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
+    async with database() as url, LosingProxy() as proxy:
+        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
+        other = PostgresQueue(url, lifetime=60, lease=30)
+        await node.open()
+        await other.open()
+        try:
+            for qid in ("M1", "M2"):
+                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {}, expires_at=1.0)
+            proxy.lose(b"UPDATE 2\x00")
+            expired = await node.claim_expired(10)
+            assert proxy.lost == 1
+            assert [m.id for m in expired] == ["M1", "M2"]
+            rows = await in_flight_rows(url)
+            assert rows == {m.id: (node.node_id, node._held[m.id], 0) for m in expired}
+            assert await other.claim_expired(10) == [] and await other.claim(10, due=float("inf")) == []
+            assert await node.extend_leases() == 2
+            assert [await node.bury(m.id, error="lifetime over") for m in expired] == [True, True]
+        finally:
+            await node.close()
+            await other.close()
+
+
 async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path):
     """A put committed (its batch is one INSERT, atomic by itself) and the answer was lost: the
     retry finds the row it wrote and acknowledges it (it used to refuse it as a duplicate, a 451

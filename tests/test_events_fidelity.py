@@ -24,7 +24,7 @@ from tests.conftest import build_config
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.postmark import FakePostmark
 from tests.fakes.sparkpost import FakeSparkpost
-from tests.fakes.webhooks import MailgunHooks, PostmarkHooks, SparkpostHooks
+from tests.fakes.webhooks import MailgunHooks, PostmarkHooks, SparkpostHooks, events_of
 from tests.process import write_config
 from tests.test_config import run_cli
 from tests.test_events import AUTH, TOKEN, delivered_one, events_url, metrics, start
@@ -249,7 +249,7 @@ async def test_every_postmark_record_and_bounce_type_maps_as_the_facts_sheet_say
     hook = postmark.webhook(_settings("postmark", webhook_username=USER, webhook_password=PASSWORD))
     assert hook is not None
     data = PostmarkHooks("", USER, PASSWORD).record(record, None, "bob@example.net", **fields)
-    [event] = await hook.events(_request(json.dumps(data).encode(), Authorization=_basic(USER, PASSWORD)))
+    [event] = await events_of(hook, _request(json.dumps(data).encode(), Authorization=_basic(USER, PASSWORD)))
     assert (event.type, event.detail.get("bounce_class")) == (kind, bounce_class)
     assert event.recipient == "bob@example.net"
 
@@ -259,7 +259,7 @@ async def test_postmark_refuses_without_reading_the_body():
     assert hook is not None
     for headers in ({}, {"Authorization": "Bearer x"}, {"Authorization": "Basic !!!"}):
         with pytest.raises(Refused) as info:
-            await hook.events(_request(b"not json at all", **headers))
+            await events_of(hook, _request(b"not json at all", **headers))
         assert info.value.status == 401
 
 
@@ -345,7 +345,9 @@ async def _sparkpost_event(**fields: Any) -> Any:
     hook = sparkpost.webhook(_settings("sparkpost", webhook_username=USER, webhook_password=PASSWORD))
     assert hook is not None
     data = SparkpostHooks("", USER, PASSWORD).event(fields.pop("type"), None, "Bob@Example.net", **fields)
-    [event] = await hook.events(_request(json.dumps([data]).encode(), Authorization=_basic(USER, PASSWORD)))
+    [event] = await events_of(
+        hook, _request(json.dumps([data]).encode(), Authorization=_basic(USER, PASSWORD))
+    )
     return event
 
 
@@ -373,7 +375,7 @@ async def _mailgun_answer(configured: str, **signing: Any) -> int:
     hooks = MailgunHooks(None, "", configured)  # type: ignore[arg-type]
     body = hooks.signed(hooks.event("delivered", None, "bob@example.net"), **signing)
     try:
-        await hook.events(_request(body))
+        await events_of(hook, _request(body))
     except Refused as refused:
         return refused.status
     return 200
@@ -410,7 +412,7 @@ async def test_mailgun_signatures_that_are_not_ascii_are_refused_not_a_400():
     for field in ("signature", "parent-signature"):
         body = json.dumps({"signature": {**block, field: "é" * 64}, "event-data": {}}).encode()
         with pytest.raises(Refused) as info:
-            await hook.events(_request(body))
+            await events_of(hook, _request(body))
         assert info.value.status == 401
 
 

@@ -21,7 +21,7 @@ from ratatoskr.providers.sendgrid import webhook_public_key
 from tests.conftest import build_config
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.sendgrid import FakeSendGrid
-from tests.fakes.webhooks import SendGridHooks
+from tests.fakes.webhooks import SendGridHooks, events_of
 from tests.test_config import run_cli
 from tests.test_events import AUTH, TOKEN, delivered_one, events_url, metrics, start
 from tests.test_history import get_json, post_message, until_delivered
@@ -73,7 +73,7 @@ def request(body: bytes, signature: str, timestamp: str, now: float) -> WebhookR
 async def test_sendgrids_published_example_verifies_and_nothing_else_does():
     hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
     now = float(SG_TIMESTAMP) + 60
-    [event] = await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, now))
+    [event] = await events_of(hook, request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, now))
     assert (event.type, event.recipient, event.key) == (
         "rejected",
         "hello@world.com",
@@ -98,10 +98,10 @@ async def test_sendgrids_published_example_verifies_and_nothing_else_does():
     ]
     for webhook, body, signature, timestamp in refused:
         with pytest.raises(Refused):
-            await webhook.events(request(body, signature, timestamp, now))
+            await events_of(webhook, request(body, signature, timestamp, now))
     stale = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=3600)
     with pytest.raises(Refused, match="stale"):
-        await stale.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 3601))
+        await events_of(stale, request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 3601))
 
 
 def test_the_public_key_is_checked_when_the_config_is_read(make_config, tmp_path):
@@ -257,9 +257,9 @@ async def test_a_retry_with_the_original_timestamp_is_taken_within_the_24_hours(
     timestamp 23 hours later still verifies with the default window."""
     hook = SendGridWebhook("sendgrid", webhook_public_key(SG_PUBLIC_KEY), max_age=86400)
     late = float(SG_TIMESTAMP) + 23 * 3600
-    assert len(await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
+    assert len(await events_of(hook, request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, late))) == 1
     with pytest.raises(Refused, match="stale"):
-        await hook.events(request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))
+        await events_of(hook, request(SG_PAYLOAD, SG_SIGNATURE, SG_TIMESTAMP, float(SG_TIMESTAMP) + 86401))
 
 
 @pytest.mark.parametrize(

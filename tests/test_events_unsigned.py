@@ -16,6 +16,7 @@ from ratatoskr.events.mailgun import MailgunWebhook
 from ratatoskr.events.mandrill import MandrillWebhook
 from ratatoskr.events.resend import ResendWebhook
 from ratatoskr.events.ses import SesWebhook
+from tests.fakes.webhooks import events_of
 
 
 class NoTransport:
@@ -70,7 +71,7 @@ CASES = {
 async def test_an_unsigned_request_is_refused_whatever_it_holds(case: str) -> None:
     webhook, req = CASES[case]
     with pytest.raises(Refused) as caught:
-        await webhook.events(req)
+        await events_of(webhook, req)
     assert caught.value.status == 401
 
 
@@ -85,5 +86,5 @@ async def test_what_an_unsigned_caller_wrote_reaches_the_log_line_escaped(fields
     """The refusal's reason is logged: the caller's text in it must not start a line of its
     own (a forged log entry) or carry terminal escapes."""
     with pytest.raises(Refused) as caught:
-        await SES.events(request(sns_message(**fields)))
+        await events_of(SES, request(sns_message(**fields)))
     assert not any(c in caught.value.reason for c in "\n\r\x1b")

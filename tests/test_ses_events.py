@@ -28,7 +28,7 @@ from ratatoskr.queue import DeliveryEvent
 from tests.fakes.base import settings_of
 from tests.fakes.ses import FakeSes
 from tests.fakes.sns import FakeSns, iso
-from tests.fakes.webhooks import SesHooks
+from tests.fakes.webhooks import SesHooks, events_of
 from tests.process import write_config
 from tests.test_config import run_cli
 from tests.test_events import AUTH, delivered_one, events_url, metrics, start
@@ -84,7 +84,7 @@ def bounce_record(recipients: list[str], bounce_type: str = "Permanent", **mail:
 
 async def refused(webhook: SesWebhook, req: WebhookRequest) -> Refused:
     with pytest.raises(Refused) as caught:
-        await webhook.events(req)
+        await events_of(webhook, req)
     return caught.value
 
 
@@ -111,7 +111,7 @@ async def test_a_message_signed_by_aws_verifies_and_fails_once_altered():
     transport = FileTransport()
     webhook = SesWebhook("ses", message["TopicArn"], transport=transport)
     at = parse_timestamp(message["Timestamp"])
-    assert await webhook.events(request(message, now=at + 60)) == []  # verified; no SES event in it
+    assert await events_of(webhook, request(message, now=at + 60)) == []  # verified; no SES event in it
     assert transport.fetched == [message["SigningCertURL"]]
     for key, old, new in (
         ("Message", "foo", "fo0"),
@@ -130,7 +130,7 @@ async def test_a_message_signed_by_aws_verifies_and_fails_once_altered():
 async def test_signed_notification_v1_and_v2_with_and_without_subject(webhook, sns, version, subject):
     record = bounce_record(["bob@example.net", "carol@example.org"])
     message = sns.notification(json.dumps(record, ensure_ascii=False), version=version, subject=subject)
-    events = await webhook.events(request(message))
+    events = await events_of(webhook, request(message))
     assert [(e.type, e.recipient) for e in events] == [
         ("bounced", "bob@example.net"),
         ("bounced", "carol@example.org"),
@@ -143,7 +143,7 @@ async def test_signed_notification_v1_and_v2_with_and_without_subject(webhook, s
     assert first.detail["diag"] == "smtp; 550 5.1.1 Ren\u00e9e\nunknown"
     assert first.at == 1767268900.512
     assert sns.fetched == [sns.cert_url]  # fetched once ...
-    await webhook.events(request(sns.notification(json.dumps(record), version=version)))
+    await events_of(webhook, request(sns.notification(json.dumps(record), version=version)))
     assert sns.fetched == [sns.cert_url]  # ... then kept by URL
 
 
@@ -200,7 +200,7 @@ async def test_certificate_url_off_sns_hosts_is_refused_never_fetched(webhook, s
 
 async def test_a_burst_before_the_certificate_is_kept_fetches_it_once(webhook, sns):
     record = json.dumps(bounce_record(["bob@example.net"]))
-    results = await asyncio.gather(*(webhook.events(request(sns.notification(record))) for _ in range(5)))
+    results = await asyncio.gather(*(events_of(webhook, request(sns.notification(record))) for _ in range(5)))
     assert all(len(events) == 1 for events in results)
     assert sns.fetched == [sns.cert_url]
 
@@ -254,7 +254,7 @@ async def test_stale_or_future_timestamp_and_mismatched_headers_are_refused(webh
     future = sns.notification(record, at=time.time() + 3600)
     assert "stale" in (await refused(webhook, request(future))).reason
     fresh = sns.notification(record, at=time.time() - 3000)  # within SNS's hour: a late retry
-    assert len(await webhook.events(request(fresh))) == 1
+    assert len(await events_of(webhook, request(fresh))) == 1
     mismatch = request(fresh, headers={"x-amz-sns-message-type": "SubscriptionConfirmation"})
     assert "does not match" in (await refused(webhook, mismatch)).reason
     other_id = request(fresh, headers={"x-amz-sns-message-id": "another"})
@@ -273,7 +273,7 @@ async def test_stale_or_future_timestamp_and_mismatched_headers_are_refused(webh
 
 async def test_subscription_confirmation_is_verified_then_confirmed_on_sns(webhook, sns, caplog):
     message = sns.confirmation(version="1")
-    assert await webhook.events(request(message)) == []
+    assert await events_of(webhook, request(message)) == []
     [confirmed] = sns.confirmed
     assert confirmed["TopicArn"] == sns.topic_arn and confirmed["Token"] == message["Token"]
     # Unsigned, or signed for a SubscribeURL elsewhere: nothing is fetched.
@@ -284,7 +284,7 @@ async def test_subscription_confirmation_is_verified_then_confirmed_on_sns(webho
     assert len(sns.confirmed) == 1 and all("evil" not in url for url in sns.fetched)
     # Unsubscribed: logged, never re-subscribed.
     caplog.set_level("WARNING", logger="ratatoskr.events")
-    assert await webhook.events(request(sns.confirmation("UnsubscribeConfirmation"))) == []
+    assert await events_of(webhook, request(sns.confirmation("UnsubscribeConfirmation"))) == []
     assert len(sns.confirmed) == 1
     assert any("unsubscribed" in r.getMessage() for r in caplog.records)
 
@@ -303,7 +303,7 @@ async def test_event_types_map_to_the_normalized_ones(webhook, sns):
         return {"messageId": "m1", "destination": list(destination), "timestamp": iso(1767268800)}
 
     async def parse(record: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-        events = await webhook.events(request(sns.notification(json.dumps(record))))
+        events = await events_of(webhook, request(sns.notification(json.dumps(record))))
         return [(e.type, e.recipient, dict(e.detail)) for e in events]
 
     soft = bounce_record(["bob@example.net"], bounce_type="Transient")
@@ -362,14 +362,14 @@ async def test_event_types_map_to_the_normalized_ones(webhook, sns):
     # The identity-notification feed (notificationType, no tags): matched by messageId alone.
     identity = {**bounce_record(["a@x.test"]), "eventType": None, "notificationType": "Bounce"}
     identity["mail"].pop("tags")
-    [event] = await webhook.events(request(sns.notification(json.dumps(identity))))
+    [event] = await events_of(webhook, request(sns.notification(json.dumps(identity))))
     assert event.type == "bounced" and event.queue_id is None and event.provider_message_id
 
 
 async def test_the_validation_text_and_other_notifications_store_nothing(webhook, sns):
     text = "Successfully validated SNS topic for Amazon SES event publishing."
-    assert await webhook.events(request(sns.notification(text))) == []
-    assert await webhook.events(request(sns.notification(json.dumps({"no": "event"})))) == []
+    assert await events_of(webhook, request(sns.notification(text))) == []
+    assert await events_of(webhook, request(sns.notification(json.dumps({"no": "event"})))) == []
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from ratatoskr.providers.base import ProviderSettings
 from ratatoskr.queue import DeliveryEvent, NonceClaim
@@ -33,43 +33,28 @@ class Refused(Exception):
         self.status = status
 
 
-class Webhook(Protocol):
-    """One configured provider's webhook: verify, then parse. ``events`` raises
-    :class:`Refused` before looking at the content when the signature does not hold, and
-    returns [] for a request that carries no events (a provider's check of the URL).
-
-    A coroutine because verifying can need the network: SNS signs with a certificate fetched
-    from its own hosts, and a subscription is confirmed by a GET. Kinds that verify with a
-    configured key do no I/O in it."""
-
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Received:
     """What a verified request holds: its events, and the claims under which they may be
     stored (:class:`~ratatoskr.queue.NonceClaim`). The queue checks the claims in the
     transaction that stores the events, so a nonce reused with other content is refused on
-    every node and after a restart, with nothing stored."""
+    every node and after a restart, with nothing stored. Only kinds whose signature does not
+    cover the content make claims (Mailgun signs a timestamp and a one-time token only)."""
 
     events: list[DeliveryEvent]
     claims: tuple[NonceClaim, ...] = ()
 
 
-@runtime_checkable
-class ClaimingWebhook(Webhook, Protocol):
-    """A webhook whose signature does not cover the content (Mailgun signs a timestamp and a
-    one-time token only): ``received`` verifies as ``events`` does and also returns the
-    claim of that token for this content."""
+class Webhook(Protocol):
+    """One configured provider's webhook: verify, then parse. ``received`` raises
+    :class:`Refused` before looking at the content when the signature does not hold, and
+    returns no events for a request that carries none (a provider's check of the URL).
+
+    A coroutine because verifying can need the network: SNS signs with a certificate fetched
+    from its own hosts, and a subscription is confirmed by a GET. Kinds that verify with a
+    configured key do no I/O in it."""
 
     async def received(self, request: WebhookRequest) -> Received: ...
-
-
-async def receive(webhook: Webhook, request: WebhookRequest) -> Received:
-    """``webhook``'s reading of ``request``, with its claims if it makes any."""
-    if isinstance(webhook, ClaimingWebhook):
-        return await webhook.received(request)
-    return Received(await webhook.events(request))
 
 
 def webhook_for(settings: ProviderSettings) -> Webhook | None:

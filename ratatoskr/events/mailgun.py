@@ -62,10 +62,6 @@ class MailgunWebhook:
         self._key = key
         self.max_age = max_age
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
-        """The events only: storing them without :meth:`received`'s claim skips the replay check."""
-        return (await self.received(request)).events
-
     async def received(self, request: WebhookRequest) -> Received:
         signature = _signature_block(request.body)
         timestamp, token, given, parent = (

@@ -23,7 +23,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, number, obj, text
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.mandrill import QUEUE_ID_METADATA, MandrillSettings
 from ratatoskr.queue import DeliveryEvent
@@ -63,7 +63,7 @@ class MandrillWebhook:
         self._key = key
         self.url = url
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         try:
             fields = parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
@@ -81,10 +81,10 @@ class MandrillWebhook:
             raise Refused("bad signature (check webhook_url is the URL exactly as registered)")
         batch = json.loads(dict(fields).get("mandrill_events") or "[]")
         if test:  # the URL check: its events, if any, are samples, not ours
-            return []
+            return Received([])
         if not isinstance(batch, list):
-            return []
-        return [self.event(e, request.now) for e in batch if isinstance(e, dict)]
+            return Received([])
+        return Received([self.event(e, request.now) for e in batch if isinstance(e, dict)])
 
     def event(self, data: dict[str, Any], now: float) -> DeliveryEvent:
         name = text(data.get("event"))

@@ -15,7 +15,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, obj, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, obj, text
 from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.postmark import PostmarkSettings
@@ -66,15 +66,15 @@ class PostmarkWebhook:
         self.provider = provider
         self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         check_credentials(request, self._accepted)
         try:
             data = json.loads(request.body)
         except ValueError:
             raise Refused("not a Postmark webhook (body is not JSON)", status=400) from None
         if not isinstance(data, dict):
-            return []
-        return [self.event(data, request.now)]
+            return Received([])
+        return Received([self.event(data, request.now)])
 
     def event(self, data: dict[str, Any], now: float) -> DeliveryEvent:
         record = text(data.get("RecordType"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ratatoskr.delivery.bounce import build_dsn
-from ratatoskr.events.base import LATEST, Refused, Webhook, WebhookRequest, receive, webhook_for
+from ratatoskr.events.base import LATEST, Refused, Webhook, WebhookRequest, webhook_for
 from ratatoskr.events.types import EventType
 from ratatoskr.message import Envelope
 from ratatoskr.metrics import Metrics
@@ -101,7 +101,7 @@ class EventReceiver:
         try:
             if webhook is None:
                 raise Refused("no webhook key configured for this provider")
-            received = await receive(webhook, request)
+            received = await webhook.received(request)
         except Refused as refused:
             return self._refused(provider, refused)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:

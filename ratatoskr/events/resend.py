@@ -27,7 +27,7 @@ from datetime import datetime
 from email.utils import parseaddr
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, obj, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, obj, text
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.resend import QUEUE_ID_TAG, ResendSettings, svix_key
 from ratatoskr.queue import DeliveryEvent
@@ -61,10 +61,10 @@ class ResendWebhook:
         self.provider = provider
         self._key = key
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         svix_id = self.verify(request)
         data = json.loads(request.body)
-        return [self.event(data, svix_id, request.now)] if isinstance(data, dict) else []
+        return Received([self.event(data, svix_id, request.now)] if isinstance(data, dict) else [])
 
     def verify(self, request: WebhookRequest) -> str:
         """The request's ``svix-id`` once its signature and timestamp hold."""

@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ratatoskr.events.base import Refused, WebhookRequest, number, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, number, text
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.sendgrid import QUEUE_ID_ARG, SendGridSettings, webhook_public_key
 from ratatoskr.queue import DeliveryEvent
@@ -65,12 +65,12 @@ class SendGridWebhook:
         self._key = key
         self.max_age = max_age
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         self.verify(request)
         batch = json.loads(request.body)
         if not isinstance(batch, list):
-            return []
-        return [self.event(data, request.now) for data in batch if isinstance(data, dict)]
+            return Received([])
+        return Received([self.event(data, request.now) for data in batch if isinstance(data, dict)])
 
     def verify(self, request: WebhookRequest) -> None:
         signature = request.headers.get(SIGNATURE_HEADER, "")

@@ -24,7 +24,7 @@ import json
 import logging
 from typing import Any
 
-from ratatoskr.events.base import WebhookRequest, obj, text
+from ratatoskr.events.base import Received, WebhookRequest, obj, text
 from ratatoskr.events.sns import SnsVerifier, Transport, parse_timestamp
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.ses import SesSettings
@@ -74,12 +74,12 @@ class SesWebhook:
     def transport(self, transport: Transport) -> None:
         self.sns.transport = transport
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         message = await self.sns.verify(request.body, request.headers, request.now)
         if message["Type"] == "SubscriptionConfirmation":
             await self.sns.confirm(message)
             log.info("provider=%s SNS subscription to %s confirmed", self.provider, message["TopicArn"])
-            return []
+            return Received([])
         if message["Type"] == "UnsubscribeConfirmation":
             log.warning(
                 "provider=%s SNS says this endpoint was unsubscribed from %s: its events stop "
@@ -87,14 +87,14 @@ class SesWebhook:
                 self.provider,
                 message["TopicArn"],
             )
-            return []
+            return Received([])
         try:
             record = json.loads(message["Message"])
         except ValueError:
             record = None
         if not isinstance(record, dict):  # "Successfully validated SNS topic for Amazon SES…"
-            return []
-        return self.split(record, message["MessageId"], _time(message["Timestamp"], request.now))
+            return Received([])
+        return Received(self.split(record, message["MessageId"], _time(message["Timestamp"], request.now)))
 
     def split(self, record: dict[str, Any], sns_id: str, published: float) -> list[DeliveryEvent]:
         """One stored event per recipient the SES record names."""

@@ -15,7 +15,7 @@ import hashlib
 import json
 from typing import Any
 
-from ratatoskr.events.base import Refused, WebhookRequest, number, obj, text
+from ratatoskr.events.base import Received, Refused, WebhookRequest, number, obj, text
 from ratatoskr.events.basic_auth import accepted_credentials, check_credentials
 from ratatoskr.events.types import EventType
 from ratatoskr.providers.sparkpost import SparkpostSettings
@@ -56,21 +56,21 @@ class SparkpostWebhook:
         self.provider = provider
         self._accepted = accepted  # the current credentials, then the previous ones if rotating
 
-    async def events(self, request: WebhookRequest) -> list[DeliveryEvent]:
+    async def received(self, request: WebhookRequest) -> Received:
         check_credentials(request, self._accepted)
         try:
             batch = json.loads(request.body)
         except ValueError:
             raise Refused("not a SparkPost webhook (body is not JSON)", status=400) from None
         if not isinstance(batch, list):
-            return []
+            return Received([])
         found = []
         for item in batch:
             msys = obj(obj(item).get("msys"))
             for data in msys.values():
                 if isinstance(data, dict):
                     found.append(self.event(data, request.now))
-        return found
+        return Received(found)
 
     def event(self, data: dict[str, Any], now: float) -> DeliveryEvent:
         name = text(data.get("type"))

@@ -24,7 +24,8 @@ and the HTTP API do not know which one they hold. What a cluster adds:
 * **Schema** in versioned migrations (:data:`MIGRATIONS`), recorded in ``ratatoskr_schema`` and
   applied at start-up inside one transaction holding ``pg_advisory_xact_lock``: several nodes
   starting at once apply each migration exactly once.
-* **Leases: one node at a time per message.** ``claim`` takes rows ``FOR UPDATE SKIP LOCKED``
+* **Leases: one node at a time per message.** ``claim`` (and ``claim_expired``, which takes the
+  messages out of lifetime for their notice and bury) takes rows ``FOR UPDATE SKIP LOCKED``
   and stamps them with this node's id, a fresh lease token and a lease deadline in the
   database's clock. A background task extends the leases of everything this node holds and
   sweeps expired ones back to the queue (``recoveries`` + 1; too many → dead, as at a SQLite
@@ -41,7 +42,7 @@ and the HTTP API do not know which one they hold. What a cluster adds:
   76.5/s vs 66.7/s, with no orphaned objects to clean up. The claim's byte budget bounds how
   many bodies are loaded at once exactly as with SQLite; ``put`` joins a message's pieces into
   one buffer (one copy, asyncpg sends a bytea from one buffer), ``list`` never reads bodies and
-  ``expire`` only their first 64 KiB.
+  ``claim_expired`` only their first 64 KiB.
 * **Database trouble** (unreachable, restarting, connections terminated) turns into
   :class:`QueueUnavailable` (451/503); the pool opens new connections on the next call, so the
   service resumes by itself. A connection that drops under a statement (:data:`_LOST`, which
@@ -93,7 +94,7 @@ T = TypeVar("T")
 _BATCH_MAX = 256  # puts in one group commit at most
 _BATCH_BYTES = 8 << 20  # and at most this many message bytes
 _WRITERS = 4  # group-commit writers at once: one fills its batch while another commits
-_HEAD_BYTES = 65536  # what expire() returns of each message: enough for a bounce
+_HEAD_BYTES = 65536  # what claim_expired() returns of each message: enough for a bounce
 
 # The server went away under a connection: worth one more try on a fresh connection.
 # InternalClientError "cannot switch to state …; another operation (2) is in progress": the
@@ -365,11 +366,20 @@ _SWEEP_ORPHANS = """
 DELETE FROM ratatoskr_events WHERE ctid IN (
     SELECT ctid FROM ratatoskr_events WHERE qid IS NULL AND keep_until <= $1 LIMIT $2)
 """
-_EXPIRE = (
-    "UPDATE ratatoskr_messages SET state = 'dead', last_error = $1"
-    " WHERE state IN ('queued', 'deferred') AND expires_at <= $2"
-    f" RETURNING {_COLUMNS}, substring(raw from 1 for {_HEAD_BYTES}) AS raw"
+# Claimed as _CLAIM claims (the bury comes after the notice). $1 now (queue clock), $2 limit,
+# $3 node, $4 token, $5 lease.
+_CLAIM_EXPIRED = f"""
+WITH expired AS (
+    SELECT id FROM ratatoskr_messages WHERE state IN ('queued', 'deferred') AND expires_at <= $1
+    ORDER BY expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
 )
+UPDATE ratatoskr_messages m SET state = 'inflight', owner = $3, lease_token = $4,
+    lease_until = {_NOW} + $5
+FROM expired e WHERE m.id = e.id
+RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
+    m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error,
+    substring(m.raw from 1 for {_HEAD_BYTES}) AS raw
+"""
 # Whose owner is gone: the lease ran out, or the node closed its handle.
 _GONE = (
     f"state = 'inflight' AND (lease_until < {_NOW} OR owner IN"
@@ -793,23 +803,26 @@ class PostgresQueue:
         due: float | None = None,
         max_bytes: int | None = None,
     ) -> list[StoredMessage]:
+        when = self.clock() if due is None else due
+        found = await self._claim(_CLAIM, when, list(exclude), limit, max_bytes)
+        return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
+
+    async def claim_expired(self, limit: int) -> list[StoredMessage]:
+        found = await self._claim(_CLAIM_EXPIRED, self.clock(), limit)
+        return sorted(found, key=lambda m: (m.expires_at, m.id))  # RETURNING has no order
+
+    async def _claim(self, statement: str, *params: Any) -> list[StoredMessage]:
+        """Run a claiming ``statement`` with ``params``, then this node, a fresh lease token and
+        the lease as its last three parameters; hold what it returns."""
         if not self._registered:
             await self._touch_node()
         token = uuid.uuid4().hex
-        args = (
-            self.clock() if due is None else due,
-            list(exclude),
-            limit,
-            max_bytes,
-            self.node_id,
-            token,
-            self.lease,
-        )
+        args = (*params, self.node_id, token, self.lease)
 
         async def claim_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             if not self._claim_in_doubt:
                 self._claim_in_doubt = True  # until this claim's answer is in hand
-                rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, *args)
+                rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
                 return rows
             # An earlier claim (maybe this one's first try) got no answer, yet the server may
             # have committed it: those rows are in flight here with nobody delivering them, and
@@ -817,7 +830,7 @@ class PostgresQueue:
             # one transaction, they are in this claim's answer instead.
             async with conn.transaction():
                 released = _count(await conn.execute(_RELEASE_UNKNOWN, self.node_id, list(self._held)))
-                rows = await conn.fetch(_CLAIM, *args)
+                rows = await conn.fetch(statement, *args)
             if released:
                 log.warning("%d messages claimed by a claim whose answer was lost claimed again", released)
             return rows
@@ -828,7 +841,7 @@ class PostgresQueue:
             found = [_message(row) for row in rows]
             for message in found:
                 self._held[message.id] = token
-        return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
+        return found
 
     def _lease(self, qid: str) -> str:
         # Read, not taken: a transition that raises QueueUnavailable is retried by the caller,
@@ -974,10 +987,6 @@ class PostgresQueue:
             self.outcomes_found_stored += 1
             log.info("id=%s: its outcome (%s) was stored by a try whose answer was lost", op.qid, op.kind)
         return stored
-
-    async def expire(self, reason: str) -> list[StoredMessage]:
-        rows = await self._run(lambda c: c.fetch(_EXPIRE, reason, self.clock()))
-        return [_message(row) for row in rows]
 
     async def recover(self, max_recoveries: int) -> Recovery:
         """Take back the messages whose owner is gone: its lease ran out (crashed, hung,

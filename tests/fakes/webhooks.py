@@ -33,6 +33,8 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ratatoskr.events.base import Webhook, WebhookRequest
+from ratatoskr.queue import DeliveryEvent
 from tests.fakes.mailgun import FakeMailgun
 from tests.fakes.mandrill import FakeMandrill
 from tests.fakes.records import Delivery
@@ -618,3 +620,8 @@ class ResendHooks(_Poster):
             await asyncio.sleep(wait * COMPRESS)
             statuses.append(await self.retry())
         return statuses
+
+
+async def events_of(webhook: Webhook, request: WebhookRequest) -> list[DeliveryEvent]:
+    """The events a webhook reads from ``request`` (its claims left out)."""
+    return (await webhook.received(request)).events
