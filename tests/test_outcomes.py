@@ -233,7 +233,7 @@ LIFETIME_OVER = Dead(
     "undelivered after 0 attempts: lifetime over",
     (),
     expired=True,
-    last_error="lifetime over before any provider took traffic",
+    last_error="lifetime over while waiting to be sent",
 )
 
 
@@ -250,7 +250,7 @@ async def test_sweep_claims_expired_waiting_messages_every_ten_seconds_to_bury_w
     assert await applying.apply(message, dead) == 1
     messages = await by_id(queue)
     assert messages["OLD"].state is State.DEAD
-    assert messages["OLD"].last_error == "lifetime over before any provider took traffic"
+    assert messages["OLD"].last_error == "lifetime over while waiting to be sent"
     notice = await queue.show("OLD-B")
     assert notice is not None and b"Status: 4.4.7" in notice.raw
     assert b"undelivered after 0 attempts: lifetime over" in notice.raw
@@ -313,7 +313,7 @@ async def test_an_expired_message_whose_notice_cannot_be_queued_stays_in_flight_
         assert await running.stop(timeout=5) == 0
     messages = await by_id(queue)
     assert sorted(messages) == ["OLD", "OLD-B"]  # exactly one notice
-    assert messages["OLD"].last_error == "lifetime over before any provider took traffic"
+    assert messages["OLD"].last_error == "lifetime over while waiting to be sent"
     assert messages["OLD-B"].envelope.recipients == ("ada@example.com",)
     assert "id=OLD cannot record delivery outcome, retrying" in caplog.text
     assert caplog.text.count("dead id=OLD message_id=<m@x> sender=<ada@example.com>") == 1

@@ -198,5 +198,5 @@ def _expired(stored: StoredMessage) -> Dead:
         f"undelivered after {stored.attempts} attempts: lifetime over",
         (),
         expired=True,
-        last_error="lifetime over before any provider took traffic",
+        last_error="lifetime over while waiting to be sent",
     )
