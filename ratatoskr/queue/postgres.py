@@ -393,10 +393,15 @@ _REQUEUE = (
     "UPDATE ratatoskr_messages SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,"
     f" next_attempt_at = $1, recoveries = recoveries + 1, {_UNLEASE} WHERE {_GONE}"
 )
+# A row locked at this moment is having its outcome written, which ends the lease: skipped, not
+# waited for. Waiting deadlocked with the outcome statements, which lock their rows in another
+# order (the outcome then failed with 451 or the round was lost). Skipped by a failed outcome, a
+# lease is extended at the next round, two before it runs out.
 _EXTEND = (
     f"UPDATE ratatoskr_messages m SET lease_until = {_NOW} + $3"
-    " FROM unnest($1::text[], $2::text[]) AS h(id, token)"
-    " WHERE m.id = h.id AND m.lease_token = h.token AND m.state = 'inflight'"
+    " FROM (SELECT s.id FROM ratatoskr_messages s JOIN unnest($1::text[], $2::text[]) AS h(id, token)"
+    " ON s.id = h.id AND s.lease_token = h.token WHERE s.state = 'inflight'"
+    " FOR UPDATE OF s SKIP LOCKED) AS held WHERE m.id = held.id"
 )
 _TOUCH_NODE = (
     "INSERT INTO ratatoskr_nodes (id, hostname) VALUES ($1, $2)"
@@ -1100,7 +1105,8 @@ class PostgresQueue:
                 log.exception("keeping the queue leases failed unexpectedly; trying again")
 
     async def extend_leases(self) -> int:
-        """Push the deadline of every lease this node holds; return how many still hold."""
+        """Push the deadline of every lease this node holds; return how many were extended
+        (those still held, less any whose outcome is being written at that moment)."""
         if not self._held:
             return 0
         ids, tokens = list(self._held), list(self._held.values())
