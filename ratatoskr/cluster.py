@@ -16,11 +16,23 @@ beside the dispatcher without changing it:
 
 **One trial for the cluster.** A rate limit ends for everyone at the provider's time. An open
 circuit does not simply end: its node sends one trial message when its cool-down is over, and
-the others wait for the answer (their pause runs :data:`TRIAL_WAIT` seconds past the
-cool-down). A trial that is delivered closes the row (``paused_until`` 0, no longer
-``circuit``) and the others take traffic again at once; one that fails reopens the circuit with
-a doubled cool-down, published as a later pause. Should the trial's node die, the others take
-traffic again :data:`TRIAL_WAIT` seconds after the cool-down.
+the others wait for the answer, their pause running :func:`trial_wait` past the cool-down: what
+a trial can take, two of the provider's ``timeout`` (an ambiguous answer is tried once more),
+plus :data:`TRIAL_SLACK` for the trial node to start it and publish its answer (30 s at the
+default ``timeout`` of 10 s; the waiting node reads its own ``[[providers]]`` settings, so
+configure them the same on every node). A trial that is delivered closes the row
+(``paused_until`` 0, no longer ``circuit``) and the others take traffic again at once; one that
+fails reopens the circuit with a doubled cool-down, published as a later pause.
+
+**A trial node that is gone** sends no trial: the others do not wait for it. The row names the
+node, and the queue's ``ratatoskr_nodes`` table says when each node was last seen (its lease
+keeper touches it every third of ``[spool] lease``, and a node that stops cleanly marks itself
+stopped). A circuit whose node has stopped, or has not been seen for longer than ``lease`` (the
+moment the others take back its messages as well), is a plain pause until its cool-down ends:
+once that has passed, a pause taken for its trial is lifted (within ``interval``) and the
+others take traffic again; should the provider still be failing, a node's own circuit opens
+and it publishes it and runs its own trial, as any circuit does. A node missing from the table
+(never seen) counts as alive: the others then wait the whole :func:`trial_wait`.
 
 When the database is unreachable nothing is read or written: every node goes on judging its
 providers by itself, as a single node does. Cluster mode only (``[spool] url``); the table is
@@ -56,12 +68,35 @@ _CLOSE = """
 UPDATE ratatoskr_provider_state SET paused_until = 0, circuit = false, reason = $3, updated_at = now()
 WHERE provider = $1 AND node = $2 AND circuit
 """
-_READ = "SELECT provider, paused_until, reason, node, circuit FROM ratatoskr_provider_state"
+# With each row, whether the node that wrote it is gone ($1: this node's lease, in seconds;
+# the database's clock, as the heartbeats'): stopped, or not seen for longer than a lease.
+_READ = """
+SELECT s.provider, s.paused_until, s.reason, s.node, s.circuit,
+    COALESCE(n.stopped_at IS NOT NULL OR n.seen_at < now() - make_interval(secs => $1), false) AS gone
+FROM ratatoskr_provider_state s LEFT JOIN ratatoskr_nodes n ON n.id = s.node
+"""
 _SLACK = 0.5  # seconds: pauses closer than this to what is known are not news
-#: How long past an open circuit's cool-down the other nodes wait for its node's trial: a
-#: trial takes at most two provider timeouts (10 s each by default: an ambiguous answer is
-#: tried once more).
-TRIAL_WAIT = 30.0
+# The connection is lost or the database away: connect again. InternalClientError: a connection
+# terminated while idle whose FATAL message the driver read before it saw the connection close
+# ("cannot switch to state …; another operation (2) is in progress", see ratatoskr.queue.postgres).
+_LOST = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
+#: Seconds a trial's node needs beyond the trial's own sends: to notice its cool-down is over
+#: and claim a message (the dispatcher's poll), then to publish the answer (``interval``).
+TRIAL_SLACK = 10.0
+DEFAULT_TIMEOUT = 10.0  #: a provider's ``timeout`` when its settings are not known here
+
+
+def trial_wait(timeout: float) -> float:
+    """How long past an open circuit's cool-down the other nodes wait for its node's trial,
+    for a provider whose ``timeout`` is ``timeout``: a trial takes at most two of them (an
+    ambiguous answer is tried once more), plus :data:`TRIAL_SLACK`."""
+    return 2 * timeout + TRIAL_SLACK
 
 
 class SharedProviderState:
@@ -73,12 +108,18 @@ class SharedProviderState:
         node: str,
         healths: Callable[[], Mapping[str, ProviderHealth]],
         *,
+        timeouts: Callable[[], Mapping[str, float]] = dict,
+        lease: float = 30.0,
         clock: Callable[[], float] = time.time,
         interval: float = 0.5,
     ) -> None:
+        """``timeouts``: each provider's ``timeout`` (for :func:`trial_wait`); ``lease``: the
+        queue's ``[spool] lease``, past which a node not seen is gone."""
         self.url = url
         self.node = node
         self.healths = healths
+        self.timeouts = timeouts
+        self.lease = lease
         self.clock = clock
         self.interval = interval
         self.known: dict[str, float] = {}  #: provider → the pause the table holds, as last seen
@@ -112,8 +153,12 @@ class SharedProviderState:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.interval)
                     self._wake.clear()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _LOST as exc:
                 log.debug("provider state not shared for now: %s", exc)
+            except Exception:
+                # A surprise must not end the task: this node would stop sharing for good.
+                log.exception("sharing provider state failed unexpectedly; reconnecting")
+                await asyncio.sleep(self.interval * 2)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
@@ -144,29 +189,38 @@ class SharedProviderState:
                     if circuit:
                         self.trials.add(name)
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, name)
-        for row in await conn.fetch(_READ):
-            self._apply(row, healths.get(row["provider"]), now)
+        timeouts = self.timeouts()
+        for row in await conn.fetch(_READ, self.lease):
+            name = row["provider"]
+            self._apply(row, healths.get(name), now, timeouts.get(name, DEFAULT_TIMEOUT))
 
-    def _apply(self, row: asyncpg.Record, local: ProviderHealth | None, now: float) -> None:
-        name, until, circuit = row["provider"], float(row["paused_until"]), bool(row["circuit"])
+    def _apply(self, row: asyncpg.Record, local: ProviderHealth | None, now: float, timeout: float) -> None:
+        name, until, node = row["provider"], float(row["paused_until"]), row["node"]
+        circuit, gone = bool(row["circuit"]), bool(row["gone"])
         if until > now:
             self.known[name] = max(self.known.get(name, 0.0), until)
-        if local is None or row["node"] == self.node:
+        if local is None or node == self.node:
             return
         if until <= now:
             waited = self.waiting.get(name)
-            if waited is not None and not circuit:  # the trial we waited for was delivered
+            # The trial we waited for was delivered, or will never come: its node is gone.
+            if waited is not None and (not circuit or gone):
                 del self.waiting[name]
-                if local.lift_pause(waited, f"trial delivered by node {row['node']}"):
-                    log.info("provider %s: node %s's trial was delivered", name, row["node"])
+                if circuit:
+                    reason = news = f"node {node}, whose trial we waited for, is gone"
+                else:
+                    reason, news = f"trial delivered by node {node}", f"node {node}'s trial was delivered"
+                if local.lift_pause(waited, reason):
+                    log.info("provider %s: %s", name, news)
             return
-        pause = until + TRIAL_WAIT if circuit else until  # a circuit: wait for its node's trial
+        trial = circuit and not gone  # a live node's circuit: wait for its trial
+        pause = until + trial_wait(timeout) if trial else until
         if local.ready_at() + _SLACK >= pause:
             return
         what = "circuit open at" if circuit else "paused by"
-        local.record_rate_limit(pause - now, f"{what} node {row['node']}: {row['reason']}")
+        local.record_rate_limit(pause - now, f"{what} node {node}: {row['reason']}")
         self.applied[name] = local.paused_until
-        if circuit:
+        if trial:
             self.waiting[name] = local.paused_until
 
 

@@ -188,7 +188,13 @@ class Daemon:
             return None
         from ratatoskr.cluster import SharedProviderState
 
-        shared = SharedProviderState(self.config.spool.url, node, lambda: self.dispatcher.pool.health)
+        shared = SharedProviderState(
+            self.config.spool.url,
+            node,
+            lambda: self.dispatcher.pool.health,
+            timeouts=lambda: {p.name: p.settings.timeout for p in self.dispatcher.pool.providers},
+            lease=self.config.spool.lease,
+        )
         shared.start()
         return shared
 

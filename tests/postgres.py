@@ -141,10 +141,16 @@ class LosingProxy:
     (``b"UPDATE 3"``) has its answer held back until the server's ReadyForQuery (the implicit
     transaction has committed by then), its backend is ended with ``pg_terminate_backend``, and
     the client's connection is closed without the answer. Use :meth:`url` with a url of the
-    test server; SSL is off on it so the proxy can read the protocol's frames."""
+    test server; SSL is off on it so the proxy can read the protocol's frames.
+
+    :meth:`hold_eof` makes a backend that goes away (terminated, say) look to the client as the
+    network can: its last messages (the FATAL error) arrive, the end of the stream does not,
+    until :meth:`stop_holding`."""
 
     def __init__(self) -> None:
         self._armed: list[bytes] = []
+        self._holding = False
+        self._held = asyncio.Event()
         self.lost = 0  #: answers lost so far
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
@@ -156,6 +162,7 @@ class LosingProxy:
 
     async def __aexit__(self, *_: object) -> None:
         assert self._server is not None
+        self.stop_holding()
         self._server.close()
         for client in self._clients:
             client.transport.abort()
@@ -170,6 +177,14 @@ class LosingProxy:
 
     def lose(self, tag: bytes, times: int = 1) -> None:
         self._armed += [tag] * times
+
+    def hold_eof(self) -> None:
+        self._holding = True
+        self._held.clear()
+
+    def stop_holding(self) -> None:
+        self._holding = False
+        self._held.set()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self._clients.add(client_w)
@@ -186,6 +201,8 @@ class LosingProxy:
         pump = asyncio.create_task(upstream())
         try:
             await self._downstream(up_r, client_w, backend_port)
+            if self._holding:  # the server is gone; the client is not told so yet
+                await self._held.wait()
         finally:
             client_w.transport.abort()
             self._clients.discard(client_w)

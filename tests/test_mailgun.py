@@ -12,7 +12,6 @@ from ratatoskr.errors import (
     PermanentFailure,
     ProviderUnavailable,
     RateLimited,
-    TemporaryFailure,
 )
 from ratatoskr.message import Envelope
 from ratatoskr.providers.base import Outbound
@@ -119,14 +118,25 @@ async def test_envelopes_above_1000_recipients_are_split(mailgun, fake_mailgun):
     assert receipt.provider_id == ", ".join(m.id for m in fake_mailgun.messages)
 
 
-async def test_a_later_chunk_failing_says_what_was_accepted(mailgun, fake_mailgun):
-    """If call two fails, the error names the recipients it covered and the first call's id."""
+async def test_a_later_chunk_failing_leaves_only_its_recipients_to_send_again(mailgun, fake_mailgun):
+    """Call two answered 503: the first call's 1000 recipients have their copy; the other 500
+    are in the receipt, for a copy of their own to be queued (nobody gets the message twice)."""
     fake_mailgun.fail(503, after=1)
     recipients = [f"r{n}@example.net" for n in range(1500)]
-    with pytest.raises(TemporaryFailure) as caught:
-        await mailgun.send(outbound(recipients))
-    assert "recipients 1001-1500" in str(caught.value)
-    assert fake_mailgun.messages[0].id in str(caught.value)
+    receipt = await mailgun.send(outbound(recipients))
+    assert len(fake_mailgun.messages) == 1 and receipt.provider_id == fake_mailgun.messages[0].id
+    assert receipt.retry_later == tuple(recipients[1000:])
+    assert set(receipt.rejected) == set(recipients[1000:])
+    assert "call 2 of 2" in receipt.rejected[recipients[1000]]
+
+
+async def test_a_later_chunk_refused_is_left_for_another_provider(mailgun, fake_mailgun):
+    """A 400 refuses the call, not the recipients for good: the copy may go elsewhere."""
+    fake_mailgun.fail(400, {"message": "'to' parameter is not a valid address"}, after=1)
+    recipients = [f"r{n}@example.net" for n in range(1001)]
+    receipt = await mailgun.send(outbound(recipients))
+    assert set(receipt.rejected) == {recipients[1000]}
+    assert receipt.retry_elsewhere == (recipients[1000],) and not receipt.retry_later
 
 
 async def test_tags_are_capped_at_ten_and_ascii(mailgun, fake_mailgun):

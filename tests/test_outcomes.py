@@ -6,6 +6,7 @@ queue in a temporary folder (what the end-to-end tests see only through a daemon
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,16 @@ from typing import Any
 import pytest
 
 from ratatoskr.config import DeliveryConfig, SpoolConfig
+from ratatoskr.delivery import outcomes as outcomes_module
 from ratatoskr.delivery.decision import Dead, Deferred, Delivered, Round, decide, refused_by
+from ratatoskr.delivery.dispatcher import Dispatcher
 from ratatoskr.delivery.outcomes import Outcomes
+from ratatoskr.errors import QueueUnavailable
 from ratatoskr.message import Envelope
+from ratatoskr.metrics import Metrics
 from ratatoskr.providers.base import Receipt
 from ratatoskr.queue import Attempt, Outcome, Queue, State, StoredMessage, queue_for
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, wait_until
 
 NOW = 1_000_000.0
 CONFIG = DeliveryConfig(retry_initial=60.0, retry_max=3600.0, bounce=True)
@@ -224,16 +229,114 @@ async def test_recipients_refused_while_the_rest_were_taken_are_split_or_bounced
     assert notice.envelope.recipients == ("ada@example.com",)
 
 
-async def test_sweep_buries_expired_waiting_messages_with_a_notice_every_ten_seconds(queue, clock):
+LIFETIME_OVER = Dead(
+    "undelivered after 0 attempts: lifetime over",
+    (),
+    expired=True,
+    last_error="lifetime over while waiting to be sent",
+)
+
+
+async def test_sweep_claims_expired_waiting_messages_every_ten_seconds_to_bury_with_a_notice(queue, clock):
     await queue.put("OLD", ENV, RAW, {}, expires_at=NOW + 5)
     applying = outcomes(queue, clock)
-    assert await applying.sweep_expired() == 0  # not expired yet
+    assert await applying.sweep_expired() == []  # not expired yet
     clock.advance(5)
-    assert await applying.sweep_expired() == 0  # swept 5 s ago: not again so soon
+    assert await applying.sweep_expired() == []  # swept 5 s ago: not again so soon
     clock.advance(5)
-    assert await applying.sweep_expired() == 1
+    [(message, dead)] = await applying.sweep_expired()
+    assert (message.id, message.state, dead) == ("OLD", State.INFLIGHT, LIFETIME_OVER)
+    assert (await by_id(queue))["OLD"].state is State.INFLIGHT  # not dead before its notice
+    assert await applying.apply(message, dead) == 1
     messages = await by_id(queue)
     assert messages["OLD"].state is State.DEAD
-    assert messages["OLD"].last_error == "lifetime over before any provider took traffic"
+    assert messages["OLD"].last_error == "lifetime over while waiting to be sent"
     notice = await queue.show("OLD-B")
     assert notice is not None and b"Status: 4.4.7" in notice.raw
+    assert b"undelivered after 0 attempts: lifetime over" in notice.raw
+
+
+async def test_a_sweep_claims_a_bounded_number_and_the_next_one_the_rest(queue, clock, monkeypatch):
+    monkeypatch.setattr(outcomes_module, "_EXPIRE_BATCH", 2)
+    for n in range(3):
+        await queue.put(f"OLD{n}", ENV, RAW, {}, expires_at=NOW + n)
+    clock.advance(5)
+    applying = outcomes(queue, clock)
+    assert [m.id for m, _ in await applying.sweep_expired()] == ["OLD0", "OLD1"]
+    clock.advance(10)
+    assert [m.id for m, _ in await applying.sweep_expired()] == ["OLD2"]
+
+
+# -- the sweep applied by the dispatcher -------------------------------------------------------
+
+
+class NoticesFail:
+    """The queue, except that its next ``times`` puts of a notice raise QueueUnavailable (a
+    full disk, a PostgreSQL connection killed)."""
+
+    def __init__(self, queue: Queue, times: int) -> None:
+        self.queue = queue
+        self.times = times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    async def put(self, qid: str, *args: Any, **kwargs: Any) -> str:
+        if qid.endswith("-B") and self.times:
+            self.times -= 1
+            raise QueueUnavailable("cannot store the message: database or disk is full")
+        return await self.queue.put(qid, *args, **kwargs)
+
+
+def dispatcher(queue: Any, clock: FakeClock) -> Dispatcher:
+    """A dispatcher with no providers: it sweeps, and claims nothing to deliver."""
+    return Dispatcher(
+        queue, [], CONFIG, Metrics(), outcomes=outcomes(queue, clock), clock=clock, poll_interval=0.01
+    )
+
+
+async def test_an_expired_message_whose_notice_cannot_be_queued_stays_in_flight_until_it_can(
+    queue, clock, caplog
+):
+    """The notice's put fails once: the message must not be dead without it. It stays in flight
+    under our claim, the dispatcher applies it again, and the sender gets exactly one notice."""
+    caplog.set_level(logging.INFO, logger="ratatoskr.delivery")
+    await queue.put("OLD", ENV, RAW, {"message_id": "<m@x>"}, expires_at=NOW - 1)
+    failing = NoticesFail(queue, times=1)
+    running = dispatcher(failing, clock)
+    running.start()
+    try:
+        await wait_until(lambda: failing.times == 0, what="the notice's put to fail")
+        clock.advance(10)  # a sweep would find nothing new: the message is claimed, not waiting
+        await wait_until(lambda: _dead(queue, "OLD"), what="the message dead after its notice")
+    finally:
+        assert await running.stop(timeout=5) == 0
+    messages = await by_id(queue)
+    assert sorted(messages) == ["OLD", "OLD-B"]  # exactly one notice
+    assert messages["OLD"].last_error == "lifetime over while waiting to be sent"
+    assert messages["OLD-B"].envelope.recipients == ("ada@example.com",)
+    assert "id=OLD cannot record delivery outcome, retrying" in caplog.text
+    assert caplog.text.count("dead id=OLD message_id=<m@x> sender=<ada@example.com>") == 1
+    assert caplog.text.count("bounce id=OLD-B for id=OLD to <ada@example.com>") == 1
+
+
+async def test_a_daemon_stopping_before_the_notice_is_queued_hands_the_message_back(queue, clock):
+    await queue.put("OLD", ENV, RAW, {}, expires_at=NOW - 1)
+    failing = NoticesFail(queue, times=10**9)
+    running = dispatcher(failing, clock)
+    running.start()
+    await wait_until(lambda: failing.times < 10**9, what="the notice's put to fail")
+    assert await running.stop(timeout=5) == 0
+    assert {m.id: m.state for m in await queue.list()} == {"OLD": State.QUEUED}  # waiting, not dead
+    again = dispatcher(queue, clock)  # the next run
+    again.start()
+    try:
+        await wait_until(lambda: _dead(queue, "OLD"), what="the message dead after its notice")
+    finally:
+        await again.stop(timeout=5)
+    assert sorted(await by_id(queue)) == ["OLD", "OLD-B"]
+
+
+async def _dead(queue: Queue, qid: str) -> bool:
+    stored = await queue.show(qid)
+    return stored is not None and stored.state is State.DEAD

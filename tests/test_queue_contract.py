@@ -378,20 +378,61 @@ async def test_outcomes_at_once_each_get_their_own_answer(queue, clock):
 # -- expiry and recovery -----------------------------------------------------------------------
 
 
-async def test_expire_buries_waiting_messages_out_of_lifetime_and_returns_their_head(queue, clock):
+async def test_claim_expired_takes_waiting_messages_out_of_lifetime_in_flight_with_their_head(
+    queue, open_queue, clock
+):
+    """Claimed, not buried: the caller queues the notice first, then buries (or releases)."""
     big = b"Subject: big\r\n\r\n" + b"z" * 200_000
     old_big = await put(queue, big, expires_at=START + 10, not_before=START + 999)
     in_flight = await put(queue, expires_at=START + 10)
     young = await put(queue)
     await queue.claim(1, exclude={old_big})
     clock.advance(10)
-    [expired] = await queue.expire("lifetime over")
-    assert expired.id == old_big and expired.state is State.DEAD
-    assert expired.last_error == "lifetime over"
+    [expired] = await queue.claim_expired(10)
+    assert expired.id == old_big and expired.state is State.INFLIGHT
+    assert (expired.last_error, expired.attempts) == ("", 0)
     assert expired.raw == big[:65536]
-    assert await queue.expire("again") == []
+    assert await queue.claim_expired(10) == []
+    assert await (await open_queue()).claim_expired(10) == []  # owned: no other handle gets it
+    assert [m.id for m in await queue.claim(10, due=float("inf"))] == [young]  # nor a claim
     states = {m.id: m.state for m in await queue.list()}
-    assert states == {old_big: State.DEAD, in_flight: State.INFLIGHT, young: State.QUEUED}
+    assert states == {old_big: State.INFLIGHT, in_flight: State.INFLIGHT, young: State.INFLIGHT}
+    assert await queue.bury(old_big, error="lifetime over") is True
+    stored = await queue.show(old_big)
+    assert stored is not None and (stored.state, stored.last_error) == (State.DEAD, "lifetime over")
+    assert await queue.claim_expired(10) == []
+
+
+async def test_claim_expired_takes_the_first_to_expire_within_the_limit(queue, clock):
+    later = await put(queue, expires_at=START + 30)
+    first = await put(queue, expires_at=START + 10)
+    second = await put(queue, expires_at=START + 20)
+    await put(queue, expires_at=START + 31)
+    clock.advance(30)
+    assert [m.id for m in await queue.claim_expired(2)] == [first, second]
+    assert [m.id for m in await queue.claim_expired(5)] == [later]
+
+
+async def test_an_expired_message_not_buried_is_released_or_recovered_and_claimed_again(
+    queue, open_queue, clock
+):
+    """A notice that could not be queued leaves the message in flight, never dead: released (the
+    daemon stops) or taken back after a crash, it waits and the next sweep claims it again."""
+    tried = await put(queue, expires_at=START + 10)
+    fresh = await put(queue, expires_at=START + 10)
+    await queue.claim(1)
+    await queue.defer(tried, next_attempt_at=START + 5, error="503", attempts=[attempt()])
+    clock.advance(10)
+    assert {m.id for m in await queue.claim_expired(10)} == {tried, fresh}
+    assert await queue.release(tried) is True
+    by_id = {m.id: m for m in await queue.list()}
+    assert (by_id[tried].state, by_id[tried].attempts, by_id[tried].last_error) == (State.DEFERRED, 1, "503")
+    assert by_id[fresh].state is State.INFLIGHT
+    await queue.close()  # "crashed" with fresh in flight
+    again = await open_queue()
+    assert await again.recover(max_recoveries=5) == (1, 0)
+    assert {m.id: m.state for m in await again.list()} == {tried: State.DEFERRED, fresh: State.QUEUED}
+    assert {m.id for m in await again.claim_expired(10)} == {tried, fresh}
 
 
 async def test_recover_requeues_in_flight_and_quarantines_repeat_offenders(open_queue, clock):

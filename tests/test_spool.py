@@ -224,7 +224,7 @@ async def test_a_body_an_older_daemon_writes_into_the_row_after_the_move_is_stil
     daemon = SqliteQueue(path, lifetime=3600, clock=FakeClock(100.0))
     await daemon.open()
     try:
-        [expired] = await daemon.expire("too old")
+        [expired] = await daemon.claim_expired(10)
         assert expired.id == "EXP" and expired.raw == body  # the bounce quotes its header
         [claimed] = await daemon.claim(10)
         assert claimed.raw == body

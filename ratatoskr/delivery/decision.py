@@ -44,9 +44,10 @@ class Deferred:
 
 @dataclass(frozen=True, slots=True)
 class Dead:
-    reason: str
+    reason: str  #: what the notice and the log say
     attempts: tuple[Attempt, ...]
     expired: bool  #: its lifetime ran out (rather than being refused)
+    last_error: str | None = None  #: what the queue keeps as its last error, when not ``reason``
 
 
 Verdict = Delivered | Deferred | Dead

@@ -29,10 +29,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from ratatoskr.config import DeliveryConfig
-from ratatoskr.delivery.decision import Deferred, Round, Verdict, decide, refused_by
+from ratatoskr.delivery.decision import Dead, Deferred, Round, Verdict, decide, refused_by
 from ratatoskr.delivery.health import ProviderHealth
 from ratatoskr.delivery.outcomes import Outcomes
 from ratatoskr.delivery.pool import ProviderPool, Readiness
@@ -59,8 +60,9 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 class Dispatcher:
     """Runs delivery: claims due messages from the queue (within ``workers`` and
     ``MAX_INFLIGHT_BYTES``), walks each over the providers of its :class:`ProviderPool`, decides
-    the verdict and hands it to ``outcomes``. Claims only between :meth:`start` and
-    :meth:`stop`; every message it claimed ends applied or released."""
+    the verdict and hands it to ``outcomes``; the messages ``outcomes`` claims out of lifetime
+    (:meth:`Outcomes.sweep_expired`) get their Dead verdict the same way. Claims only between
+    :meth:`start` and :meth:`stop`; every message it claimed ends applied or released."""
 
     def __init__(
         self,
@@ -151,8 +153,8 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                if await self.outcomes.sweep_expired():
-                    self.wake()
+                for stored, verdict in await self.outcomes.sweep_expired():
+                    self._track(stored, self.bury_expired(stored, verdict), "expire")
                 claimed = await self._claim()
             except QueueUnavailable as exc:
                 log.error("cannot claim messages: %s", exc)
@@ -163,16 +165,21 @@ class Dispatcher:
             if claimed:
                 log.debug("claimed %d messages, %d in flight before", len(claimed), len(self._tasks))
             for stored in claimed:
-                task = asyncio.create_task(self.deliver(stored), name=f"deliver-{stored.id}")
-                self._tasks[stored.id] = task
-                self._task_bytes[stored.id] = len(stored.raw)
-                task.add_done_callback(functools.partial(self._finished, stored.id))
+                self._track(stored, self.deliver(stored), "deliver")
             if claimed and len(self._tasks) < self.config.workers:
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), self._idle_wait())
             except TimeoutError:
                 pass
+
+    def _track(self, stored: StoredMessage, work: Coroutine[Any, Any, None], kind: str) -> None:
+        """Run ``work`` on the claimed message ``stored`` as a task of its own, held (and its
+        bytes counted) until it ends."""
+        task = asyncio.create_task(work, name=f"{kind}-{stored.id}")
+        self._tasks[stored.id] = task
+        self._task_bytes[stored.id] = len(stored.raw)
+        task.add_done_callback(functools.partial(self._finished, stored.id))
 
     def _finished(self, qid: str, _task: object = None) -> None:
         self._tasks.pop(qid, None)
@@ -247,10 +254,27 @@ class Dispatcher:
             finished = await self._defer_after_bug(stored, exc)
         finally:
             if not finished:
-                try:
-                    await asyncio.shield(self.queue.release(stored.id))
-                except QueueUnavailable:
-                    pass
+                await self._release(stored)
+
+    async def bury_expired(self, stored: StoredMessage, verdict: Dead) -> None:
+        """Apply ``verdict`` to a message the sweep claimed out of lifetime (its notice, then
+        dead), as a delivery's verdict is applied. Not applied (the daemon stops first, or
+        something unexpected fails), it is released: waiting, out of lifetime, it is claimed
+        by a later sweep (the next run's, after a stop) and given its notice then."""
+        finished = False
+        try:
+            finished = await self._apply_when_possible(stored, verdict)
+        except Exception:
+            log.exception("id=%s cannot bury the expired message; a later sweep tries again", stored.id)
+        finally:
+            if not finished:
+                await self._release(stored)
+
+    async def _release(self, stored: StoredMessage) -> None:
+        try:
+            await asyncio.shield(self.queue.release(stored.id))
+        except QueueUnavailable:
+            pass
 
     async def _apply_when_possible(self, stored: StoredMessage, verdict: Verdict) -> bool:
         """Apply the verdict, trying again while the queue cannot commit (a full disk): given

@@ -4,7 +4,7 @@ Delivered → the message leaves the queue; recipients a provider refused while 
 are queued again as a copy of their own or bounced. Dead → bounced to its sender when
 ``[delivery] bounce`` is on, then kept dead. Deferred → waits for its next attempt.
 :meth:`Outcomes.sweep_expired` ends the lifetime of messages no provider could even be asked
-about during a long outage.
+about during a long outage: it claims them, and each is then applied as Dead like any other.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ _SWEEP_EVERY = 10.0
 # Expired history removed per queue call, and calls per sweep at most.
 _SWEEP_BATCH = 500
 _SWEEP_BATCHES = 4
+# Messages out of lifetime claimed per sweep at most (each then holds the head of its bytes,
+# up to 64 KiB, until its notice is queued and it is dead); the rest go at the next sweep.
+_EXPIRE_BATCH = 500
 
 
 class Outcomes:
@@ -84,7 +87,8 @@ class Outcomes:
 
     async def _dead(self, stored: StoredMessage, verdict: Dead) -> int:
         queued = await self._bounce(stored, verdict.reason, expired=verdict.expired)  # first: see above
-        await self.queue.bury(stored.id, error=verdict.reason, attempts=verdict.attempts)
+        error = verdict.last_error or verdict.reason
+        await self.queue.bury(stored.id, error=error, attempts=verdict.attempts)
         self._log_dead(stored, verdict.reason)
         return queued
 
@@ -152,20 +156,21 @@ class Outcomes:
         log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))
         return 1
 
-    async def sweep_expired(self) -> int:
+    async def sweep_expired(self) -> list[tuple[StoredMessage, Dead]]:
         """Messages out of lifetime while no provider could be asked die here, not never (at
-        most every 10 s of the clock), and delivered messages' history past
-        ``history_retention`` goes (in bounded batches). Returns the notices queued."""
+        most every 10 s of the clock, at most :data:`_EXPIRE_BATCH` of them per sweep), and
+        delivered messages' history past ``history_retention`` goes (in bounded batches).
+
+        Returns the expired messages, claimed (in flight for the caller, with the head of their
+        bytes), each with its verdict for :meth:`apply`: notice first, then dead, and safe to
+        repeat after QueueUnavailable, so none is dead without its notice. One the caller
+        cannot apply it releases (or a crash leaves for recovery); a later sweep claims it
+        again."""
         if self.clock() < self._next_sweep:
-            return 0
+            return []
         self._next_sweep = self.clock() + _SWEEP_EVERY
         await self.sweep_history()
-        queued = 0
-        for stored in await self.queue.expire("lifetime over before any provider took traffic"):
-            reason = f"undelivered after {stored.attempts} attempts: lifetime over"
-            self._log_dead(stored, reason)
-            queued += await self._bounce(stored, reason, expired=True)
-        return queued
+        return [(stored, _expired(stored)) for stored in await self.queue.claim_expired(_EXPIRE_BATCH)]
 
     async def sweep_history(self) -> int:
         """Remove expired history (and the webhook signature tokens kept past their window,
@@ -185,3 +190,13 @@ class Outcomes:
                 removed,
             )
         return removed
+
+
+def _expired(stored: StoredMessage) -> Dead:
+    """The verdict on a waiting message the sweep found out of lifetime."""
+    return Dead(
+        f"undelivered after {stored.attempts} attempts: lifetime over",
+        (),
+        expired=True,
+        last_error="lifetime over while waiting to be sent",
+    )

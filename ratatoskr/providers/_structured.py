@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from email import policy
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from aiohttp.payload import BytesIOPayload
 
@@ -355,10 +355,33 @@ class Call:
     body: bytes
 
 
+class Recipients(Protocol):
+    """A call of a message sent in several, as :func:`send_calls` sees it."""
+
+    @property
+    def recipients(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The recipients of one call, for a kind that builds each call's body when it sends it
+    (Mailgun, SES: the body holds the whole message, too large to build for every call first)."""
+
+    recipients: tuple[str, ...]
+
+
+def batches(recipients: Sequence[str], size: int) -> list[Batch]:
+    """``recipients`` in calls of at most ``size``, in order."""
+    return [Batch(tuple(recipients[start : start + size])) for start in range(0, len(recipients), size)]
+
+
+C = TypeVar("C", bound=Recipients)
+
+
 async def send_calls(
     provider: str,
-    calls: Sequence[Call],
-    post: Callable[[int, Call], Awaitable[str]],
+    calls: Sequence[C],
+    post: Callable[[int, C], Awaitable[str]],
     rejected: dict[str, str],
 ) -> Receipt:
     """Make each call in order (``post`` returns the provider's id or raises) and keep every id.

@@ -13,8 +13,9 @@ never on the headers; domains in IDNA form), the MIME with the Bcc header alread
 ``o:tag`` for up to 10 tags from ``X-Tag``/``X-Mailgun-Tag``/``X-MC-Tags`` (those headers then
 leave the MIME), the configured ``o:`` options and ``v:queue_id``. Envelopes above 1000 recipients go in
 several calls, because Mailgun refuses more ("Too many recipients, max is 1000"). If a later
-call fails after an earlier one was accepted, the failure is raised (the message is retried, and
-the first recipients may get a duplicate): losing mail is worse than a duplicate.
+call fails after an earlier one was accepted, the message is delivered to the earlier calls'
+recipients and a copy for the others is queued (:func:`~ratatoskr.providers._structured.send_calls`),
+so nobody gets the message twice.
 
 Auth is HTTP Basic ``api:<key>``. The probe, ``GET /v4/domains/{domain}``, needs the account
 key; a domain sending key can send but gets 401 there (see :meth:`MailgunProvider.probe`).
@@ -37,6 +38,7 @@ from ratatoskr import redaction
 from ratatoskr.errors import ConfigError, DeliveryError
 from ratatoskr.mime import TAG_HEADERS, drop_headers
 from ratatoskr.providers._form import MimeForm
+from ratatoskr.providers._structured import Batch, batches, send_calls
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import (
     HttpAnswer,
@@ -210,24 +212,15 @@ class MailgunProvider(HttpProvider):
         mime = drop_headers(message.mime, TAG_HEADERS)
         fields = [("o:tag", tag) for tag in self.usable_tags(message)]
         fields += [*self.settings.options(), (f"v:{QUEUE_ID_VARIABLE}", message.id)]
-        ids = []
-        for start in range(0, len(recipients), MAX_RECIPIENTS):
-            chunk = recipients[start : start + MAX_RECIPIENTS]
-            form = _form(chunk, mime, fields)
+
+        async def post(_: int, call: Batch) -> str:
+            form = _form(list(call.recipients), mime, fields)
             answer = await self.request(
                 "POST", f"/v3/{self._domain_path}/messages.mime", body=form, headers=self._auth
             )
-            try:
-                ids.append(self.read_send(answer))
-            except DeliveryError as exc:
-                if not start:
-                    raise
-                raise _after_partial_send(exc, start, len(chunk), ids) from exc
-        return Receipt(
-            provider=self.name,
-            provider_id=", ".join(ids),
-            rejected=unsendable,
-        )
+            return self.read_send(answer)
+
+        return await send_calls(self.name, batches(recipients, MAX_RECIPIENTS), post, dict(unsendable))
 
     def usable_tags(self, message: Outbound) -> list[str]:
         """The message's tags that Mailgun takes, at most 10; the rest dropped with a log line."""
@@ -393,13 +386,6 @@ def _form(recipients: Sequence[str], mime: bytes, fields: Sequence[tuple[str, st
         content_type="message/rfc822",
         boundary=uuid.uuid4().hex,
     )
-
-
-def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:
-    """The same failure, saying which recipients it covers and what was already accepted."""
-    note = f" (recipients {start + 1}-{start + size}; earlier ones accepted as {', '.join(ids)})"
-    reason = exc.reason + note
-    return type(exc)(reason, provider=exc.provider, status=exc.status, retry_after=exc.retry_after)
 
 
 def error_text(answer: HttpAnswer) -> str:

@@ -11,8 +11,8 @@ header stripped, no ``FromEmailAddress`` (it would replace the client's From), t
 the ``EmailTags`` entry ``ratatoskr_id`` (SES events carry it as ``mail.tags``), each
 ``X-Tag`` that fits SES's tag alphabet as a tag named after it, and ``ConfigurationSetName``
 when configured. SES takes at most 50 recipients per call, so a larger envelope goes in several
-calls, one ``MessageId`` each; a failure after an earlier call was accepted is raised (the
-message is retried, the first recipients may get a duplicate: better than a loss).
+calls, one ``MessageId`` each; after a failure of a later call only its recipients and those of
+the calls not made get a copy queued (:func:`~ratatoskr.providers._structured.send_calls`).
 
 What SES cannot carry is not sent to it but skipped with :class:`~ratatoskr.errors.CannotCarry`
 (the next provider takes it, and SES's health is untouched): over 40 MB after base64, a line
@@ -41,6 +41,7 @@ from aiohttp.payload import BytesIOPayload
 
 from ratatoskr.errors import CannotCarry, ConfigError, DeliveryError
 from ratatoskr.providers._sigv4 import AwsCredentials, NoCredentials, sign
+from ratatoskr.providers._structured import Batch, batches, send_calls
 from ratatoskr.providers.base import CommonSettings, Outbound, ProbeResult, Receipt
 from ratatoskr.providers.http import (
     HttpAnswer,
@@ -177,18 +178,12 @@ class SesProvider(HttpProvider):
         except ValueError as exc:
             raise CannotCarry(f"a recipient domain has no IDNA form: {exc}", provider=self.name) from exc
         tags = _email_tags(message.id, message.tags)
-        ids: list[str] = []
-        for start in range(0, len(recipients), MAX_RECIPIENTS):
-            chunk = recipients[start : start + MAX_RECIPIENTS]
-            body = _send_body(data, chunk, tags, self.settings.configuration_set)
-            answer = await self.signed("POST", SEND_PATH, body)
-            try:
-                ids.append(self.read_send(answer))
-            except DeliveryError as exc:
-                if not start:
-                    raise
-                raise _after_partial_send(exc, start, len(chunk), ids) from exc
-        return Receipt(provider=self.name, provider_id=", ".join(ids))
+
+        async def post(_: int, call: Batch) -> str:
+            body = _send_body(data, call.recipients, tags, self.settings.configuration_set)
+            return self.read_send(await self.signed("POST", SEND_PATH, body))
+
+        return await send_calls(self.name, batches(recipients, MAX_RECIPIENTS), post, {})
 
     def _check_fits(self, mime: bytes, data: bytes, recipients: Sequence[str]) -> None:
         """Refuse up front what SES would refuse for this message alone, so another provider
@@ -359,12 +354,6 @@ def _email_tags(queue_id: str, tags: Sequence[str]) -> list[dict[str, str]]:
             seen.add(tag)
             found.append({"Name": tag, "Value": "true"})
     return found
-
-
-def _after_partial_send(exc: DeliveryError, start: int, size: int, ids: list[str]) -> DeliveryError:
-    """The same failure, saying which recipients it covers and what was already accepted."""
-    note = f" (recipients {start + 1}-{start + size}; earlier ones accepted as {', '.join(ids)})"
-    return type(exc)(exc.reason + note, provider=exc.provider, status=exc.status, retry_after=exc.retry_after)
 
 
 def error_code(answer: HttpAnswer) -> str:

@@ -8,9 +8,11 @@ Life of a message, in the states of :class:`~ratatoskr.queue.values.State`::
 
     put ──▶ queued ──claim──▶ inflight ──complete──▶ delivered (history only, no body) ──sweep──▶ (gone)
                ▲                 │ defer ──▶ deferred (due at next_attempt_at) ──due──▶ claim
-               │                 │ bury / expire ──▶ dead (kept; retry revives)
+               │                 │ bury ──▶ dead (kept; retry revives)
                │                 │ release ──▶ back to queued/deferred, untouched
                └── recover (start-up): inflight ▶ waiting again; too many crashes ▶ dead
+
+    queued or deferred, lifetime over ──claim_expired──▶ inflight ──notice queued, then bury──▶ dead
 
 Rules every backend keeps (``tests/test_queue_contract.py`` checks them):
 
@@ -20,7 +22,8 @@ Rules every backend keeps (``tests/test_queue_contract.py`` checks them):
   write is safe to repeat (``put`` with ``if_absent``, transitions by id).
 * **Atomic per call.** Each call is one transaction: a claim marks all it returns or none, a
   transition changes state, schedule and history together.
-* **Claimed means owned.** ``claim`` returns messages the caller now owns: no other claim (from
+* **Claimed means owned.** ``claim`` and ``claim_expired`` return messages the caller now owns
+  (in a cluster, under this node's lease, kept and recovered like any other): no other claim (from
   this handle or, in a cluster, any other node) returns them until the owner completes, defers,
   buries or releases them, or a later :meth:`Queue.recover` takes them back. Transitions name
   the message they apply to and apply only while it is in flight; they return False, changing
@@ -137,10 +140,13 @@ class Queue(Protocol):
         not in flight."""
         ...
 
-    async def expire(self, reason: str) -> list[StoredMessage]:
-        """Atomically make dead, with ``reason`` as last error, every waiting message whose
-        ``expires_at`` has passed, whether due or not; return them as they now are, with only
-        the head of their bytes (the first 64 KiB, enough for a bounce)."""
+    async def claim_expired(self, limit: int) -> list[StoredMessage]:
+        """Atomically mark in flight, as :meth:`claim` does, and return up to ``limit`` waiting
+        messages whose ``expires_at`` has passed, whether due or not, ordered by (expires_at,
+        id), with only the head of their bytes (the first 64 KiB, enough for a bounce). Nothing
+        else changes: the caller queues the notice, then buries each (see "Claimed means
+        owned"), so no message is dead before its notice is stored; one the caller cannot bury
+        is released, or recovered after a crash, and is claimed here again."""
         ...
 
     async def recover(self, max_recoveries: int) -> Recovery:

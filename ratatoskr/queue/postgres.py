@@ -24,23 +24,30 @@ and the HTTP API do not know which one they hold. What a cluster adds:
 * **Schema** in versioned migrations (:data:`MIGRATIONS`), recorded in ``ratatoskr_schema`` and
   applied at start-up inside one transaction holding ``pg_advisory_xact_lock``: several nodes
   starting at once apply each migration exactly once.
-* **Leases: one node at a time per message.** ``claim`` takes rows ``FOR UPDATE SKIP LOCKED``
+* **Leases: one node at a time per message.** ``claim`` (and ``claim_expired``, which takes the
+  messages out of lifetime for their notice and bury) takes rows ``FOR UPDATE SKIP LOCKED``
   and stamps them with this node's id, a fresh lease token and a lease deadline in the
   database's clock. A background task extends the leases of everything this node holds and
   sweeps expired ones back to the queue (``recoveries`` + 1; too many → dead, as at a SQLite
   start-up). Every later transition (complete, defer, bury, release) names the lease token, so
-  the late outcome of a node that lost its lease changes nothing (it is logged). Events owed
-  to the application (``ratatoskr_forwards``, ``[events] forward_url``) are claimed the same
-  way; their leases simply run out when a node dies (no sweep needed).
+  the late outcome of a node that lost its lease changes nothing (it is logged, and counted in
+  ``lost_leases``). A transition ends the lease but leaves its token on the row until the next
+  claim: an outcome whose first try committed with its answer lost (the connection dropped)
+  finds its own work by it on the retry, and is told it held (``outcomes_found_stored``), not
+  counted as a lost lease. Events owed to the application (``ratatoskr_forwards``, ``[events]
+  forward_url``) are claimed the same way; their leases simply run out when a node dies (no
+  sweep needed).
 * **Large messages** are ``bytea`` (TOASTed out of line). Measured against large objects
   (``bench/pg_drivers.py``, 1 MB bodies, 4 tasks): bytea stores 22.6/s vs 11.3/s and reads
   76.5/s vs 66.7/s, with no orphaned objects to clean up. The claim's byte budget bounds how
   many bodies are loaded at once exactly as with SQLite; ``put`` joins a message's pieces into
   one buffer (one copy, asyncpg sends a bytea from one buffer), ``list`` never reads bodies and
-  ``expire`` only their first 64 KiB.
+  ``claim_expired`` only their first 64 KiB.
 * **Database trouble** (unreachable, restarting, connections terminated) turns into
   :class:`QueueUnavailable` (451/503); the pool opens new connections on the next call, so the
-  service resumes by itself.
+  service resumes by itself. A connection that drops under a statement (:data:`_LOST`, which
+  includes a pooled connection terminated while idle, see there) is replaced and the statement
+  tried once more.
 """
 
 from __future__ import annotations
@@ -87,13 +94,20 @@ T = TypeVar("T")
 _BATCH_MAX = 256  # puts in one group commit at most
 _BATCH_BYTES = 8 << 20  # and at most this many message bytes
 _WRITERS = 4  # group-commit writers at once: one fills its batch while another commits
-_HEAD_BYTES = 65536  # what expire() returns of each message: enough for a bounce
+_HEAD_BYTES = 65536  # what claim_expired() returns of each message: enough for a bounce
 
 # The server went away under a connection: worth one more try on a fresh connection.
+# InternalClientError "cannot switch to state …; another operation (2) is in progress": the
+# connection was idle in the pool when its backend was terminated, and the driver had read
+# the server's FATAL message (which an idle connection does not expect: its protocol is left
+# discarding input until a ReadyForQuery that never comes) but not yet the end of the stream,
+# so the pool, seeing it open, handed it out. The driver refuses the statement before sending
+# anything and aborts the connection; a fresh one does it.
 _LOST = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, pg_terminate_backend
     asyncpg.InterfaceError,  # "connection is closed"
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
 )
 # Everything that means "the queue cannot do this now" (451/503).
@@ -232,6 +246,10 @@ _INSERT_ALL = (
 )
 _INSERT_ALL_IF_ABSENT = _INSERT_ALL + " ON CONFLICT (id) DO NOTHING"
 _UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
+# An outcome ends its lease but leaves the token on the row, the mark of whose outcome the row
+# holds until the next claim stamps its own: an outcome whose answer was lost (the connection
+# dropped after the commit) is then told from one whose lease was taken over (:data:`_OURS`).
+_ENDED = "owner = NULL, lease_until = NULL"
 # $1 due, $2 excluded ids, $3 limit, $4 byte budget (NULL: none), $5 node, $6 token, $7 lease.
 # SKIP LOCKED: rows another node is claiming right now are passed over, never waited for.
 _CLAIM = f"""
@@ -271,7 +289,7 @@ _KEEP_DELIVERED = f"""
 WITH kept AS (
     UPDATE ratatoskr_messages m SET state = 'delivered', raw = ''::bytea, expires_at = o.keep_until,
         next_attempt_at = o.now, last_error = '', history = m.history || o.history::jsonb,
-        attempts = m.attempts + o.counted, {_UNLEASE}
+        attempts = m.attempts + o.counted, {_ENDED}
     FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::text[], $6::int[])
         AS o(id, token, keep_until, now, history, counted)
     WHERE {_LEASED}
@@ -289,14 +307,22 @@ SELECT id FROM kept
 # $3 state, $4 next attempt, $5 error, $6 attempts (JSON lists), $7 1 when they count.
 _RECORD_ROUND = (
     "UPDATE ratatoskr_messages m SET state = o.state, next_attempt_at = o.due, last_error = o.error,"
-    f" history = m.history || o.history::jsonb, attempts = m.attempts + o.counted, {_UNLEASE}"
+    f" history = m.history || o.history::jsonb, attempts = m.attempts + o.counted, {_ENDED}"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[], $7::int[])"
     f" AS o(id, token, state, due, error, history, counted) WHERE {_LEASED} RETURNING m.id"
 )
 _RELEASE = (
     "UPDATE ratatoskr_messages m SET state = CASE WHEN m.attempts > 0 THEN 'deferred' ELSE 'queued'"
-    f" END, {_UNLEASE} FROM unnest($1::text[], $2::text[]) AS o(id, token) WHERE {_LEASED}"
+    f" END, {_ENDED} FROM unnest($1::text[], $2::text[]) AS o(id, token) WHERE {_LEASED}"
     " RETURNING m.id"
+)
+# Of outcomes that matched nothing under their lease ($1 ids, $2 tokens), the messages that
+# hold an outcome of that lease all the same: out of flight with its token, or gone (state
+# NULL, a complete's DELETE). The outcome's first try committed and its answer was lost.
+_OURS = (
+    "SELECT o.id, m.state FROM unnest($1::text[], $2::text[]) AS o(id, token)"
+    " LEFT JOIN ratatoskr_messages m ON m.id = o.id"
+    " WHERE m.id IS NULL OR (m.lease_token = o.token AND m.state <> 'inflight')"
 )
 # Which statement each kind of outcome takes (the columns after id and token, in order).
 _TRANSITIONS = {"complete": _COMPLETE, "keep": _KEEP_DELIVERED, "round": _RECORD_ROUND, "release": _RELEASE}
@@ -340,11 +366,20 @@ _SWEEP_ORPHANS = """
 DELETE FROM ratatoskr_events WHERE ctid IN (
     SELECT ctid FROM ratatoskr_events WHERE qid IS NULL AND keep_until <= $1 LIMIT $2)
 """
-_EXPIRE = (
-    "UPDATE ratatoskr_messages SET state = 'dead', last_error = $1"
-    " WHERE state IN ('queued', 'deferred') AND expires_at <= $2"
-    f" RETURNING {_COLUMNS}, substring(raw from 1 for {_HEAD_BYTES}) AS raw"
+# Claimed as _CLAIM claims (the bury comes after the notice). $1 now (queue clock), $2 limit,
+# $3 node, $4 token, $5 lease.
+_CLAIM_EXPIRED = f"""
+WITH expired AS (
+    SELECT id FROM ratatoskr_messages WHERE state IN ('queued', 'deferred') AND expires_at <= $1
+    ORDER BY expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
 )
+UPDATE ratatoskr_messages m SET state = 'inflight', owner = $3, lease_token = $4,
+    lease_until = {_NOW} + $5
+FROM expired e WHERE m.id = e.id
+RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
+    m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error,
+    substring(m.raw from 1 for {_HEAD_BYTES}) AS raw
+"""
 # Whose owner is gone: the lease ran out, or the node closed its handle.
 _GONE = (
     f"state = 'inflight' AND (lease_until < {_NOW} OR owner IN"
@@ -542,6 +577,8 @@ class PostgresQueue:
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.commits = 0  #: put transactions committed (group commit: fewer than puts)
         self.lost_leases = 0  #: outcomes that found their lease taken over by another node
+        #: outcomes a retry found stored by its first try, whose answer the connection lost
+        self.outcomes_found_stored = 0
         self.max_recoveries = 5  #: for the sweep of expired leases; set by recover()
         self._pool: asyncpg.Pool | None = None
         self._held: dict[str, str] = {}  # message id → lease token, for the claims we hold
@@ -551,6 +588,7 @@ class PostgresQueue:
         self._registered = False
         self._claiming = asyncio.Lock()
         self._claim_in_doubt = False  # a claim was sent and its answer never came
+        self._in_doubt: set[str] = set()  # messages an outcome of which was sent, its answer lost
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -634,6 +672,7 @@ class PostgresQueue:
                 )
         self._pool = self._puts = self._outcomes = None
         self._held.clear()
+        self._in_doubt.clear()
         try:
             await asyncio.wait_for(pool.close(), 5)
         except (TimeoutError, *_TROUBLE):
@@ -764,23 +803,26 @@ class PostgresQueue:
         due: float | None = None,
         max_bytes: int | None = None,
     ) -> list[StoredMessage]:
+        when = self.clock() if due is None else due
+        found = await self._claim(_CLAIM, when, list(exclude), limit, max_bytes)
+        return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
+
+    async def claim_expired(self, limit: int) -> list[StoredMessage]:
+        found = await self._claim(_CLAIM_EXPIRED, self.clock(), limit)
+        return sorted(found, key=lambda m: (m.expires_at, m.id))  # RETURNING has no order
+
+    async def _claim(self, statement: str, *params: Any) -> list[StoredMessage]:
+        """Run a claiming ``statement`` with ``params``, then this node, a fresh lease token and
+        the lease as its last three parameters; hold what it returns."""
         if not self._registered:
             await self._touch_node()
         token = uuid.uuid4().hex
-        args = (
-            self.clock() if due is None else due,
-            list(exclude),
-            limit,
-            max_bytes,
-            self.node_id,
-            token,
-            self.lease,
-        )
+        args = (*params, self.node_id, token, self.lease)
 
         async def claim_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             if not self._claim_in_doubt:
                 self._claim_in_doubt = True  # until this claim's answer is in hand
-                rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, *args)
+                rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
                 return rows
             # An earlier claim (maybe this one's first try) got no answer, yet the server may
             # have committed it: those rows are in flight here with nobody delivering them, and
@@ -788,7 +830,7 @@ class PostgresQueue:
             # one transaction, they are in this claim's answer instead.
             async with conn.transaction():
                 released = _count(await conn.execute(_RELEASE_UNKNOWN, self.node_id, list(self._held)))
-                rows = await conn.fetch(_CLAIM, *args)
+                rows = await conn.fetch(statement, *args)
             if released:
                 log.warning("%d messages claimed by a claim whose answer was lost claimed again", released)
             return rows
@@ -799,7 +841,7 @@ class PostgresQueue:
             found = [_message(row) for row in rows]
             for message in found:
                 self._held[message.id] = token
-        return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
+        return found
 
     def _lease(self, qid: str) -> str:
         # Read, not taken: a transition that raises QueueUnavailable is retried by the caller,
@@ -877,9 +919,19 @@ class PostgresQueue:
                     ops.task_done()
 
     async def _apply_outcomes(self, batch: list[_Transition]) -> None:
+        tries = 0
+
+        async def run(conn: asyncpg.Connection) -> dict[str, set[str]] | asyncpg.PostgresError:
+            nonlocal tries
+            tries += 1
+            if tries > 1:  # the first try may have committed with its answer lost
+                self._in_doubt.update(op.qid for op in batch if op.token)
+            return await _transitions(conn, batch)
+
         try:
-            matched = await self._run(lambda c: _transitions(c, batch))
+            matched = await self._run(run)
         except QueueUnavailable as exc:
+            self._in_doubt.update(op.qid for op in batch if op.token)  # applied again later
             for op in batch:
                 _settle(op.done, exc)
             return
@@ -891,17 +943,50 @@ class PostgresQueue:
             # Its caller may have stopped waiting (cancelled): setting it again would raise.
             _settle(batch[0].done, QueueUnavailable(f"cannot record the outcome: {_reason(matched)}"))
             return
+        missed = [op for op in batch if op.token and op.qid not in matched[op.kind]]
+        try:
+            ours = await self._ours(missed) if missed else {}
+        except QueueUnavailable as exc:
+            # Whether their leases held is not known: they fail, to be tried again under them.
+            for op in missed:
+                _settle(op.done, exc)
+            batch, missed, ours = [op for op in batch if op not in missed], [], {}
         for op in batch:
             # The statement ran: the claim is over, whatever it matched.
             self._held.pop(op.qid, None)
             held = op.qid in matched[op.kind]
-            if not held and op.token:  # we held it, and someone (another node, an operator) took it
-                self.lost_leases += 1
+            if op in missed:
+                held = self._judge_missed(op, ours)
+            self._in_doubt.discard(op.qid)
             _settle(op.done, held)  # its caller may have stopped waiting
 
-    async def expire(self, reason: str) -> list[StoredMessage]:
-        rows = await self._run(lambda c: c.fetch(_EXPIRE, reason, self.clock()))
-        return [_message(row) for row in rows]
+    async def _ours(self, missed: list[_Transition]) -> dict[str, str | None]:
+        """Of outcomes whose lease condition matched nothing, those whose message holds an
+        outcome of that lease all the same: message id → its state (None: gone)."""
+        ids, tokens = [op.qid for op in missed], [op.token for op in missed]
+        rows = await self._run(lambda c: c.fetch(_OURS, ids, tokens))
+        return {row["id"]: row["state"] for row in rows}
+
+    def _judge_missed(self, op: _Transition, ours: dict[str, str | None]) -> bool:
+        """An outcome that matched nothing although we held the lease. True when an earlier
+        try of it may have committed (its answer lost with the connection) and what it stores
+        is there: that try's work. A lost lease (counted, logged) only when another node or an
+        operator took the message; an outcome of ours that ended the lease before this one (the
+        message named twice) is no loss, and this one changes nothing (False)."""
+        if op.qid not in ours or (ours[op.qid] is None and op.kind != "complete"):
+            self.lost_leases += 1
+            log.warning(
+                "id=%s: our lease on it was taken over before its outcome (%s) was stored;"
+                " the new owner's outcome stands",
+                op.qid,
+                op.kind,
+            )
+            return False
+        stored = op.qid in self._in_doubt and ours[op.qid] in _left_as(op)
+        if stored:
+            self.outcomes_found_stored += 1
+            log.info("id=%s: its outcome (%s) was stored by a try whose answer was lost", op.qid, op.kind)
+        return stored
 
     async def recover(self, max_recoveries: int) -> Recovery:
         """Take back the messages whose owner is gone: its lease ran out (crashed, hung,
@@ -1168,6 +1253,13 @@ async def _transitions(
     except _REFUSED as exc:
         return exc
     return matched
+
+
+def _left_as(op: _Transition) -> tuple[str | None, ...]:
+    """The states ``op`` leaves its message in (None: removed)."""
+    if op.kind == "round":
+        return (op.values[0],)
+    return {"complete": (None,), "keep": ("delivered",)}.get(op.kind, ("queued", "deferred"))
 
 
 def _settle(future: asyncio.Future[T], outcome: T | BaseException) -> None:

@@ -68,7 +68,7 @@ DB_NAME = "queue.sqlite3"
 # Messages up to this size are bound as one value; larger ones are written piece by piece into
 # a zeroblob, so a large message is neither joined nor copied by SQLite's own binding.
 _JOIN_BELOW = 256 * 1024
-# What expire() returns of each message's bytes: enough for a bounce's copy of the header.
+# What claim_expired() returns of each message's bytes: enough for a bounce's copy of the header.
 _HEAD_BYTES = 65536
 
 _SCHEMA = f"""
@@ -231,9 +231,11 @@ _RELEASE = """
 UPDATE messages SET state = CASE WHEN attempts > 0 THEN :deferred ELSE :queued END
 WHERE id = :id AND state = :inflight
 """
-_EXPIRE = f"""
-UPDATE messages SET state = :dead, last_error = :reason
-WHERE state IN (:queued, :deferred) AND expires_at <= :now
+# Claimed as _CLAIM claims (nothing but the state changes): the bury comes after the notice.
+_CLAIM_EXPIRED = f"""
+UPDATE messages SET state = :inflight WHERE id IN (
+    SELECT id FROM messages WHERE state IN (:queued, :deferred) AND expires_at <= :now
+    ORDER BY expires_at, id LIMIT :limit)
 RETURNING {_COLUMNS}
 """
 _QUARANTINE = """
@@ -599,11 +601,14 @@ class SqliteQueue:
         params = {**_STATES, "id": qid}
         return await self._submit(lambda conn: conn.execute(_RELEASE, params).rowcount == 1)
 
-    async def expire(self, reason: str) -> list[StoredMessage]:
-        params = {**_STATES, "reason": reason, "now": self.clock()}
-        return await self._submit(
-            lambda conn: _with_bodies(conn, conn.execute(_EXPIRE, params).fetchall(), _HEADS)
-        )
+    async def claim_expired(self, limit: int) -> list[StoredMessage]:
+        params = {**_STATES, "now": self.clock(), "limit": limit}
+
+        def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
+            found = _with_bodies(conn, conn.execute(_CLAIM_EXPIRED, params).fetchall(), _HEADS)
+            return sorted(found, key=lambda m: (m.expires_at, m.id))  # RETURNING has no order
+
+        return await self._submit(claim)
 
     async def recover(self, max_recoveries: int) -> Recovery:
         reason = f"in flight during {max_recoveries + 1} crashes; quarantined"

@@ -119,7 +119,7 @@ class Attempt:
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     """A message as the queue holds it. ``raw`` is empty where a listing leaves the body out,
-    and only the head (the first 64 KiB) for messages :meth:`Queue.expire` returns."""
+    and only the head (the first 64 KiB) for messages :meth:`Queue.claim_expired` returns."""
 
     id: str
     state: State
