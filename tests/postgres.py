@@ -6,6 +6,11 @@ database per test). Without a server the tests skip with one line saying why, ex
 (``CI`` set), where a skipped cluster test would hide a broken build: there they fail. Tests
 that need the server carry the ``postgres`` mark; without a server they are left out with one
 line saying why (this module is a pytest plugin, loaded by ``tests/conftest.py``).
+
+:class:`PrivatePostgres` (fixture ``private_postgres``) is a server of one test's own, for what
+the shared one must never undergo: a restart, a crash. It needs the PostgreSQL binaries
+(``RATATOSKR_TEST_PG_BIN``, default ``/usr/lib/postgresql/15/bin``) and, run as root, the
+``postgres`` user (initdb refuses root); without them the test skips, or fails under CI.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import asyncio
 import contextlib
 import functools
 import os
+import pwd
+import shutil
 import socket
+import subprocess
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +34,7 @@ import asyncpg
 import pytest
 
 ADMIN_URL = os.environ.get("RATATOSKR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_BIN = Path(os.environ.get("RATATOSKR_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def _base(url: str) -> str:
@@ -63,7 +74,10 @@ _LEFT_OUT = pytest.StashKey[int]()
 
 def require_postgres() -> None:
     """Skip (fail under CI) when the test PostgreSQL is not there."""
-    reason = _unreachable()
+    _require(_unreachable())
+
+
+def _require(reason: str | None) -> None:
     if reason is None:
         return
     if os.environ.get("CI"):
@@ -233,3 +247,93 @@ async def _terminate_port(client_port: int) -> None:
         )
     finally:
         await conn.close()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of its own in a temporary folder, on an ephemeral loopback port,
+    trust authentication, ``fsync`` on (the default), so a test may restart or crash it. Run as
+    root, its programs run as the ``postgres`` user (initdb refuses root)."""
+
+    def __init__(self) -> None:
+        # Not under tmp_path, whose parents are 0700: the postgres user must get in.
+        self.folder = Path(tempfile.mkdtemp(prefix="ratatoskr-pg-"))
+        self.data = self.folder / "data"
+        self.log = self.folder / "server.log"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            os.chown(self.folder, pwd.getpwnam("postgres").pw_uid, -1)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
+        self._server = ["-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "30"]
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why a private server cannot be made here, or None."""
+        for program in ("initdb", "pg_ctl", "postgres"):
+            if not (PG_BIN / program).is_file():
+                return f"no {PG_BIN / program}: the restart tests need PostgreSQL's programs"
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                return "no postgres user: the restart tests run initdb as postgres (it refuses root)"
+            if shutil.which("runuser") is None:
+                return "no runuser: the restart tests run initdb as postgres with it (it refuses root)"
+        return None
+
+    def _command(self, program: str, *args: str) -> list[str]:
+        return [*self._as, str(PG_BIN / program), *args]
+
+    def start(self) -> None:
+        # --no-sync: only the initial files skip their flush (nothing here survives a power
+        # cut anyway); the server itself runs with fsync on.
+        for command in (
+            self._command("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"),
+            self._command("pg_ctl", "start", *self._server),
+        ):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}{self.log_tail()}"
+
+    async def restart(self, mode: str) -> None:
+        """``pg_ctl restart -m fast`` (sessions ended, a checkpoint) or ``-m immediate`` (no
+        checkpoint: a crash, WAL recovery at the start); returns once it takes connections."""
+        process = await asyncio.create_subprocess_exec(
+            *self._command("pg_ctl", "restart", "-m", mode, *self._server),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await process.communicate()
+        assert process.returncode == 0, f"pg_ctl restart -m {mode}: {out.decode()}{self.log_tail()}"
+
+    def stop(self) -> None:
+        """Stop the server the quickest way there is, and remove its folder."""
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(
+                self._command("pg_ctl", "stop", "-m", "immediate", "-D", str(self.data), "-w"),
+                capture_output=True,
+                timeout=60,
+            )
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\nserver log:\n" + "\n".join(self.log.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A started :class:`PrivatePostgres`, stopped (``-m immediate``) after the test whatever
+    happened; skipped (failed under CI) where one cannot be made."""
+    _require(PrivatePostgres.missing())
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
