@@ -43,9 +43,9 @@ class Load:
     """``CLIENTS`` SMTP clients sending one message after another until :meth:`stop`; each
     subject's reply to the end of DATA (or to the command that refused it) is in ``replies``.
     A client goes on in its session after a 250 and opens a new one after anything else, as an
-    MTA retries a deferred message (the session would otherwise meet the server's tarpit for
-    clients that keep making errors, ``soft_error_limit``, and slow the load down to one
-    message a second just when the restart should meet it)."""
+    MTA retries a deferred message. (Our own 451s do not count as the client's errors, so a
+    session kept through the restart would not meet the tarpit either: see
+    tests/test_hostile_clients.py.)"""
 
     def __init__(self, port: int) -> None:
         self.port = port

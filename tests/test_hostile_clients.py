@@ -444,6 +444,36 @@ async def test_errors_past_the_soft_limit_are_answered_slowly(running_daemon):
         assert (await s.reply())[0] == 421
 
 
+async def test_our_own_queue_trouble_is_not_the_clients_error(running_daemon, monkeypatch):
+    """451s because the queue cannot take the message (a database restart, a full disk) do not
+    put the session in the tarpit nor hang it up: an MTA keeping its session through our
+    outage gets its mail in at full speed once the queue is back."""
+    from ratatoskr.errors import QueueUnavailable
+
+    daemon = await running_daemon(smtp={"soft_error_limit": 1, "error_sleep": 2.0, "max_errors": 3})
+    put = daemon.spool.put
+    down = True
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if down:
+            raise QueueUnavailable("queue database unavailable: connection refused")
+        return await put(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.spool, "put", flaky)
+    async with RawSmtp(daemon.smtp_port) as s:
+        await s.cmd("EHLO client.test")
+        started = time.perf_counter()
+        for n in range(6):
+            if n == 5:
+                down = False
+            assert (await s.cmd("MAIL FROM:<ada@example.com>"))[0] == 250
+            assert (await s.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+            assert (await s.cmd("DATA"))[0] == 354
+            code, text = await s.cmd(f"From: ada@example.com\r\nSubject: {n}\r\n\r\nhi\r\n.")
+            assert code == (250 if n == 5 else 451), text
+        assert time.perf_counter() - started < 1.0  # no error_sleep of 2 s was waited
+
+
 async def test_sessions_opened_under_stress_get_short_limits(running_daemon):
     """With most of max_connections open, a new session hangs up at its first error and times
     out after stress_timeout (Postfix's stress-dependent smtpd_timeout and hard error limit)."""

@@ -35,7 +35,8 @@ Hostile clients (issue 13), after Postfix's smtpd:
 * the command loop yields to the event loop after every reply: a client that pipelines 100,000
   commands gets them answered one loop turn at a time, between everyone else's; EHLO and HELO
   count as junk commands, and every RCPT (a repeated one too) counts against ``max_recipients``;
-* after ``soft_error_limit`` errors each further error reply waits ``error_sleep`` seconds;
+* after ``soft_error_limit`` errors each further error reply waits ``error_sleep`` seconds
+  (a 451 because our queue cannot take the message is not the client's error, and not counted);
 * HELO/EHLO names are checked (``reject_invalid_helo``); on a listener that is not trusted, an
   unauthenticated client that sends more after a command that must end a pipelined group (EHLO,
   HELO, DATA, NOOP, STARTTLS; RFC 2920 §3.1) is told 554 and dropped
@@ -375,6 +376,13 @@ class RelaySMTP(HookNames, FastPaths):
         up to Postfix's ``smtpd_recipient_overshoot_limit``."""
         self._overshoot += 1
         self._excused = self._overshoot <= _RECIPIENT_OVERSHOOT
+
+    def our_trouble(self) -> None:
+        """The next reply is a 4xx for trouble of ours (the queue cannot take the message): not
+        the client's error, so it neither slows the session down nor counts towards hanging up.
+        Counted, it put every MTA that kept its session through a database restart in the
+        tarpit, at one message a second, just when the queue was back."""
+        self._excused = True
 
     def message_accepted(self) -> None:
         """The next reply says a message is queued: the session's error counts start again."""
@@ -762,6 +770,8 @@ class RelayHandler(HookNames):
         except QueueUnavailable as exc:
             log.error("queue unavailable, answering 4xx: %s", exc)
             self.rejected("queue_unavailable")
+            if isinstance(server, RelaySMTP):
+                server.our_trouble()
             if _is_disk_full(exc):
                 return replies.STORAGE_FULL
             return replies.QUEUE_UNAVAILABLE
