@@ -1,4 +1,6 @@
-"""Logging to stderr, as text or JSON lines, with every configured secret redacted."""
+"""Logging to stderr, as text or JSON lines, with every configured secret redacted, and the
+control characters of messages (clients' Message-IDs, remote servers' reasons) escaped, so that
+no client can forge a line or drive the terminal the log is read on."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
+from ratatoskr.printable import json_shown, shown
 from ratatoskr.redaction import forms
 
 REDACTED = "[REDACTED]"
@@ -39,10 +42,15 @@ class RedactingFormatter(logging.Formatter):
             }
             if record.exc_info:
                 entry["exception"] = self.formatException(record.exc_info)
-            text = json.dumps(entry, ensure_ascii=False)
+            text = json_shown(json.dumps(entry, ensure_ascii=False))
         else:
             text = super().format(record)
         return self.redact(text)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message only: a traceback after it keeps its lines.
+        record.message = shown(record.message)
+        return super().formatMessage(record)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:

@@ -6,9 +6,8 @@ time, and each message's last reason on its own indented lines, wrapped at space
 ``--json`` is one object per message per line, times in RFC 3339 (UTC).
 
 Much of what is shown comes from others: a client's subject and headers, a provider's or a
-remote server's reasons. Control characters in it are shown as ``\\xNN`` escapes in the table
-(``\\uNNNN`` in JSON), so that no message can move the cursor, retitle or recolour the
-operator's terminal.
+remote server's reasons. Control characters in it are shown as escapes
+(:mod:`ratatoskr.printable`).
 """
 
 from __future__ import annotations
@@ -24,21 +23,18 @@ from typing import Any, Protocol
 from ratatoskr.circuits import ProviderCircuit, all_open
 from ratatoskr.history import event_json, recipient_states, sent_attempt
 from ratatoskr.message import Envelope
+from ratatoskr.printable import json_shown, shown
 from ratatoskr.queue import DeliveryEvent
 
 STATES = ("queued", "inflight", "deferred", "dead")
 _WAITING = ("queued", "deferred")
 _WIDTH = 100
 _SHOWN_RECIPIENTS = 3
-# C0 controls but tab, DEL, C1 controls (0x9b alone starts an escape sequence in some terminals).
-_CONTROLS = (*range(0x09), *range(0x0A, 0x20), 0x7F, *range(0x80, 0xA0))
-_SHOWN_CONTROL = {c: f"\\x{c:02x}" for c in _CONTROLS}
-_JSON_CONTROL = {c: f"\\u{c:04x}" for c in _CONTROLS}  # json.dumps escapes only C0 itself
 
 
 def terminal_safe(text: str) -> str:
     """``text`` with its control characters written as visible escapes."""
-    return text.translate(_SHOWN_CONTROL)
+    return shown(text)
 
 
 class Listed(Protocol):
@@ -115,13 +111,13 @@ def table(messages: list[Listed], circuits: list[ProviderCircuit] | None, *, now
 
 def _rows(m: Listed, held: str, *, now: float) -> list[str]:
     recipients = m.envelope.recipients
-    shown = ", ".join(recipients[:_SHOWN_RECIPIENTS])
+    listed = ", ".join(recipients[:_SHOWN_RECIPIENTS])
     if len(recipients) > _SHOWN_RECIPIENTS:
-        shown += f", +{len(recipients) - _SHOWN_RECIPIENTS} more"
+        listed += f", +{len(recipients) - _SHOWN_RECIPIENTS} more"
     state = state_of(m)
     row = (
         f"{m.id:<19}  {state:<8}  {human_size(size_of(m)):>6}  {_local(m.created_at):<19}  "
-        f"{_next_attempt(m, held, now=now):<19}  <{m.envelope.sender}> -> {shown}"
+        f"{_next_attempt(m, held, now=now):<19}  <{m.envelope.sender}> -> {listed}"
     )
     rows = [row]
     for reason in (held, m.last_error):
@@ -246,9 +242,7 @@ def json_line(
     full: bool = False,
     events: Sequence[DeliveryEvent] = (),
 ) -> str:
-    return json.dumps(as_json(m, circuits, full=full, events=events), ensure_ascii=False).translate(
-        _JSON_CONTROL
-    )
+    return json_shown(json.dumps(as_json(m, circuits, full=full, events=events), ensure_ascii=False))
 
 
 # -- one message, for people -----------------------------------------------------------------------

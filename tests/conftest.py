@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from ratatoskr import config as config_mod
-from ratatoskr.daemon import Daemon
+from ratatoskr.daemon import Daemon, event_loop_factory
 from ratatoskr.queue import Queue, StoredMessage, queue_for
 
 # Fixtures for the fake provider servers live beside the fakes themselves.
@@ -39,6 +39,13 @@ _HYPOTHESIS = {
 }
 settings.register_profile("ratatoskr", max_examples=30, **_HYPOTHESIS)
 settings.register_profile("ratatoskr-slow", max_examples=300, **_HYPOTHESIS)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """In-process tests run on the loop ``ratatoskr serve`` runs on (uvloop where installed):
+    its transports differ from asyncio's (they subclass none of asyncio's transport classes)."""
+    factory = event_loop_factory()
+    return {"uvloop": factory} if factory is not None else {"asyncio": asyncio.new_event_loop}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

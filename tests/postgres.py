@@ -301,13 +301,11 @@ class PrivatePostgres:
     async def restart(self, mode: str) -> None:
         """``pg_ctl restart -m fast`` (sessions ended, a checkpoint) or ``-m immediate`` (no
         checkpoint: a crash, WAL recovery at the start); returns once it takes connections."""
-        process = await asyncio.create_subprocess_exec(
-            *self._command("pg_ctl", "restart", "-m", mode, *self._server),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await process.communicate()
-        assert process.returncode == 0, f"pg_ctl restart -m {mode}: {out.decode()}{self.log_tail()}"
+        # In a thread, not the loop's subprocess support: under uvloop (the daemon's loop, which
+        # the tests run on) communicate() never returned, the restarted server holding on.
+        command = self._command("pg_ctl", "restart", "-m", mode, *self._server)
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"pg_ctl restart -m {mode}: {done.stdout}{done.stderr}{self.log_tail()}"
 
     def stop(self) -> None:
         """Stop the server the quickest way there is, and remove its folder."""

@@ -130,6 +130,16 @@ async def test_a_later_chunk_failing_leaves_only_its_recipients_to_send_again(ma
     assert "call 2 of 2" in receipt.rejected[recipients[1000]]
 
 
+async def test_the_recipients_left_to_send_again_are_named_as_the_client_gave_them(mailgun, fake_mailgun):
+    """Sent in IDNA form; the copy for a failed call (and any bounce) names the addresses the
+    client gave, so `queue list --recipient` and the notice show them as written."""
+    fake_mailgun.fail(503, after=1)
+    recipients = [f"r{n}@bücher.example" for n in range(1001)]
+    receipt = await mailgun.send(outbound(recipients))
+    assert fake_mailgun.messages[0].envelope[0] == "r0@xn--bcher-kva.example"
+    assert receipt.retry_later == ("r1000@bücher.example",)
+
+
 async def test_a_later_chunk_refused_is_left_for_another_provider(mailgun, fake_mailgun):
     """A 400 refuses the call, not the recipients for good: the copy may go elsewhere."""
     fake_mailgun.fail(400, {"message": "'to' parameter is not a valid address"}, after=1)

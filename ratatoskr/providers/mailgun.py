@@ -14,8 +14,8 @@ never on the headers; domains in IDNA form), the MIME with the Bcc header alread
 leave the MIME), the configured ``o:`` options and ``v:queue_id``. Envelopes above 1000 recipients go in
 several calls, because Mailgun refuses more ("Too many recipients, max is 1000"). If a later
 call fails after an earlier one was accepted, the message is delivered to the earlier calls'
-recipients and a copy for the others is queued (:func:`~ratatoskr.providers._structured.send_calls`),
-so nobody gets the message twice.
+recipients and a copy for the others is queued (:func:`~ratatoskr.providers._structured.send_calls`):
+the accepted calls' recipients are not sent it again.
 
 Auth is HTTP Basic ``api:<key>``. The probe, ``GET /v4/domains/{domain}``, needs the account
 key; a domain sending key can send but gets 401 there (see :meth:`MailgunProvider.probe`).
@@ -203,8 +203,8 @@ class MailgunProvider(HttpProvider):
         self._checking_sender = False  # probe(): whether ping() asks with api_key or probe_api_key
 
     async def send(self, message: Outbound) -> Receipt:
-        recipients, unsendable = _wire_recipients(message.envelope.recipients)
-        if not recipients:
+        wire, unsendable = _wire_recipients(message.envelope.recipients)
+        if not wire:
             listed = ", ".join(f"{r} ({why})" for r, why in unsendable.items())
             raise self.permanent(f"no recipient Mailgun can take: {listed}")
         # The tag headers become o:tag and leave the MIME, so that recipients never see them
@@ -213,14 +213,16 @@ class MailgunProvider(HttpProvider):
         fields = [("o:tag", tag) for tag in self.usable_tags(message)]
         fields += [*self.settings.options(), (f"v:{QUEUE_ID_VARIABLE}", message.id)]
 
+        # Calls by the client's addresses, so that a copy for the recipients of a failed call
+        # (and its bounce) names them as the client did; sent in IDNA form.
         async def post(_: int, call: Batch) -> str:
-            form = _form(list(call.recipients), mime, fields)
+            form = _form([wire[r] for r in call.recipients], mime, fields)
             answer = await self.request(
                 "POST", f"/v3/{self._domain_path}/messages.mime", body=form, headers=self._auth
             )
             return self.read_send(answer)
 
-        return await send_calls(self.name, batches(recipients, MAX_RECIPIENTS), post, dict(unsendable))
+        return await send_calls(self.name, batches(list(wire), MAX_RECIPIENTS), post, dict(unsendable))
 
     def usable_tags(self, message: Outbound) -> list[str]:
         """The message's tags that Mailgun takes, at most 10; the rest dropped with a log line."""
@@ -363,13 +365,14 @@ def mailgun_tag_problem(tag: str) -> str:
     return ""
 
 
-def _wire_recipients(recipients: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """The envelope as Mailgun's ``to`` takes it, domains in IDNA form (a UTF-8 local part goes
-    as it is: Mailgun delivers to EAI addresses), and the recipients that cannot go."""
-    wire, unsendable = [], {}
+def _wire_recipients(recipients: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Each recipient as Mailgun's ``to`` takes it (by the address the client gave), domains in
+    IDNA form (a UTF-8 local part goes as it is: Mailgun delivers to EAI addresses), and the
+    recipients that cannot go."""
+    wire, unsendable = {}, {}
     for rcpt in recipients:
         try:
-            wire.append(ascii_domain(rcpt))
+            wire[rcpt] = ascii_domain(rcpt)
         except ValueError:
             unsendable[rcpt] = "the domain has no IDNA form"
     return wire, unsendable

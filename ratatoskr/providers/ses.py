@@ -174,16 +174,17 @@ class SesProvider(HttpProvider):
         data = base64.b64encode(mime)
         self._check_fits(mime, data, message.envelope.recipients)
         try:
-            recipients = [ascii_domain(r) for r in message.envelope.recipients]  # SES wants punycode
+            wire = {r: ascii_domain(r) for r in message.envelope.recipients}  # SES wants punycode
         except ValueError as exc:
             raise CannotCarry(f"a recipient domain has no IDNA form: {exc}", provider=self.name) from exc
         tags = _email_tags(message.id, message.tags)
 
+        # Calls by the client's addresses (a copy for a failed call's recipients names them so).
         async def post(_: int, call: Batch) -> str:
-            body = _send_body(data, call.recipients, tags, self.settings.configuration_set)
+            body = _send_body(data, [wire[r] for r in call.recipients], tags, self.settings.configuration_set)
             return self.read_send(await self.signed("POST", SEND_PATH, body))
 
-        return await send_calls(self.name, batches(recipients, MAX_RECIPIENTS), post, {})
+        return await send_calls(self.name, batches(list(wire), MAX_RECIPIENTS), post, {})
 
     def _check_fits(self, mime: bytes, data: bytes, recipients: Sequence[str]) -> None:
         """Refuse up front what SES would refuse for this message alone, so another provider

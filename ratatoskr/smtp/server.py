@@ -323,9 +323,11 @@ class RelaySMTP(HookNames, FastPaths):
         return True
 
     def _timeout_cb(self) -> None:
-        # aiosmtpd just hangs up on an idle session; say why first, as Postfix does.
-        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
-            self.transport.write(replies.TIMEOUT.encode() + b"\r\n")
+        # aiosmtpd just hangs up on an idle session; say why first, as Postfix does. (Not an
+        # isinstance check: uvloop's transports subclass none of asyncio's.)
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(replies.TIMEOUT.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def push(self, status: AnyStr) -> None:
