@@ -33,7 +33,7 @@ from ratatoskr.errors import ConfigError
 from ratatoskr.events.receiver import EventReceiver
 from ratatoskr.events.types import EventType
 from ratatoskr.ingest import Ingest
-from ratatoskr.memory import tune_malloc
+from ratatoskr.memory import tune_gc, tune_malloc
 from ratatoskr.metrics import Metrics
 from ratatoskr.providers import Provider, build_providers
 from ratatoskr.providers.http import HttpProvider
@@ -446,6 +446,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP calls ``loader`` for a fresh config and applies it."""
     tune_malloc()
+    tune_gc()
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(_serve(config, loader))
     return 0
