@@ -228,11 +228,14 @@ async def in_flight_rows(url: str) -> dict[str, tuple[str | None, str | None, in
     return {r["id"]: (r["owner"], r["lease_token"], r["recoveries"]) for r in rows}
 
 
-async def test_a_claim_whose_answer_was_lost_strands_nothing(tmp_path):
+@pytest.mark.parametrize("expiry", [False, True], ids=["claim", "expiry claim"])
+async def test_a_claim_whose_answer_was_lost_strands_nothing(expiry: bool):
     """The server commits a claim, then its connection is terminated before the answer reaches
     the node: the claim's retry must hand over those messages (they used to stay in flight
     under this node with nobody delivering them until the lease ran out, then counted as a
-    crash), and no other node may get them meanwhile."""
+    crash), and no other node may get them meanwhile. ``claim_expired`` is a claim too: its
+    messages are then held under this node's lease (which the keeper extends) for their
+    notice and bury."""
     env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
     async with database() as url, LosingProxy() as proxy:
         node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
@@ -241,15 +244,22 @@ async def test_a_claim_whose_answer_was_lost_strands_nothing(tmp_path):
         await other.open()
         try:
             for qid in ("M1", "M2", "M3"):
-                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {})
+                await node.put(
+                    qid, env, b"Subject: x\r\n\r\nhi\r\n", {}, **({"expires_at": 1.0} if expiry else {})
+                )
             proxy.lose(b"UPDATE 3\x00")
-            claimed = await node.claim(10)
+            claimed = await (node.claim_expired(10) if expiry else node.claim(10))
             assert proxy.lost == 1
             assert [m.id for m in claimed] == ["M1", "M2", "M3"]
             rows = await in_flight_rows(url)
             assert rows == {m.id: (node.node_id, node._held[m.id], 0) for m in claimed}
-            assert await other.claim(10) == []
-            assert [await node.complete(m.id) for m in claimed] == [True, True, True]
+            assert await other.claim_expired(10) == [] and await other.claim(10, due=float("inf")) == []
+            assert await node.extend_leases() == 3
+            ended = [
+                await (node.bury(m.id, error="lifetime over") if expiry else node.complete(m.id))
+                for m in claimed
+            ]
+            assert ended == [True, True, True]
         finally:
             await node.close()
             await other.close()
@@ -280,33 +290,6 @@ async def test_a_claim_that_lost_both_answers_is_made_good_by_the_next_claim(tmp
             assert held.id == "M1" and all(n == 0 for _, _, n in rows.values())
         finally:
             await node.close()
-
-
-async def test_an_expiry_claim_whose_answer_was_lost_strands_nothing(tmp_path):
-    """claim_expired is a claim: after a lost answer its retry hands the messages over, in
-    flight under this node's lease (which the lease keeper extends) and no other node's, for
-    their notice and bury."""
-    env = Envelope(sender="ada@example.com", recipients=("bob@example.net",))
-    async with database() as url, LosingProxy() as proxy:
-        node = PostgresQueue(proxy.url(url), lifetime=60, lease=30)
-        other = PostgresQueue(url, lifetime=60, lease=30)
-        await node.open()
-        await other.open()
-        try:
-            for qid in ("M1", "M2"):
-                await node.put(qid, env, b"Subject: x\r\n\r\nhi\r\n", {}, expires_at=1.0)
-            proxy.lose(b"UPDATE 2\x00")
-            expired = await node.claim_expired(10)
-            assert proxy.lost == 1
-            assert [m.id for m in expired] == ["M1", "M2"]
-            rows = await in_flight_rows(url)
-            assert rows == {m.id: (node.node_id, node._held[m.id], 0) for m in expired}
-            assert await other.claim_expired(10) == [] and await other.claim(10, due=float("inf")) == []
-            assert await node.extend_leases() == 2
-            assert [await node.bury(m.id, error="lifetime over") for m in expired] == [True, True]
-        finally:
-            await node.close()
-            await other.close()
 
 
 async def test_a_put_whose_commit_answer_was_lost_is_acknowledged_once(tmp_path):
