@@ -155,6 +155,9 @@ class SharedProviderState:
                     self._wake.clear()
             except _LOST as exc:
                 log.debug("provider state not shared for now: %s", exc)
+                # Not at once: an error that lasts (a missing table, a revoked grant) would
+                # otherwise open a connection after another, as fast as the server answers.
+                await asyncio.sleep(self.interval * 2)
             except Exception:
                 # A surprise must not end the task: this node would stop sharing for good.
                 log.exception("sharing provider state failed unexpectedly; reconnecting")

@@ -9,8 +9,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from ratatoskr.printable import json_shown, shown
+from ratatoskr.printable import json_shown, shown, shown_keeping_lines
 from ratatoskr.redaction import forms
 
 REDACTED = "[REDACTED]"
@@ -51,6 +52,10 @@ class RedactingFormatter(logging.Formatter):
         # The message only: a traceback after it keeps its lines.
         record.message = shown(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        # An exception's text can hold what a client or a remote server sent: its lines stay.
+        return shown_keeping_lines(super().formatException(ei))
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:

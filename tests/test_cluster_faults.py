@@ -808,8 +808,10 @@ async def test_outcome_writers_outlive_a_batch_that_fails_unexpectedly(monkeypat
     async with node_holding_one() as (url, node, claimed):
         refused = 0
         while failures:
-            with pytest.raises(QueueUnavailable):
-                await asyncio.wait_for(node.release(claimed.id), 10)
+            with pytest.raises(QueueUnavailable):  # (a release would also let the lease go)
+                await asyncio.wait_for(
+                    node.defer(claimed.id, next_attempt_at=0.0, error="x", attempts=[]), 10
+                )
             refused += 1
         assert refused == 3 * postgres._WRITERS
         assert await asyncio.wait_for(node.complete(claimed.id), 10) is True
@@ -891,3 +893,21 @@ async def test_extending_leases_never_waits_for_an_outcome_being_written():
             assert await node.complete(claimed.id) and await node.complete(second.id)
         finally:
             await writer.close()
+
+
+async def test_a_release_that_cannot_be_committed_lets_the_lease_run_out(monkeypatch):
+    """A message the dispatcher hands back while the database is away is no longer extended:
+    its lease runs out and recovery takes it back. Held, it stayed in flight under this node,
+    its lease extended, with nobody working on it."""
+    async with node_holding_one() as (_, node, claimed):
+        run = node._run
+
+        async def unavailable(*args: Any, **kwargs: Any) -> Any:
+            raise QueueUnavailable("queue database unavailable: connection refused")
+
+        monkeypatch.setattr(node, "_run", unavailable)
+        with pytest.raises(QueueUnavailable):
+            await node.release(claimed.id)
+        monkeypatch.setattr(node, "_run", run)
+        assert claimed.id not in node._held
+        assert await node.extend_leases() == 0

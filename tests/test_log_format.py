@@ -13,11 +13,11 @@ from ratatoskr.logs import RedactingFormatter
 FORGED = "<a@b>\n2026-12-02 06:00:00,000 INFO ratatoskr.delivery: delivered id=X\x1b]0;owned\x07\x9b2J"
 
 
-def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+def _record(msg: str, *args: object, exc: bool = False, why: str = "boom") -> logging.LogRecord:
     exc_info = None
     if exc:
         try:
-            raise ValueError("boom")
+            raise ValueError(why)
         except ValueError:
             exc_info = sys.exc_info()
     return logging.LogRecord("ratatoskr.ingest", logging.INFO, __file__, 1, msg, args, exc_info)
@@ -38,3 +38,10 @@ def test_json_lines_escape_c1_and_del_too_and_still_parse():
     line = formatter.format(_record("queued message_id=%s", FORGED + "\x7f"))
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
     assert json.loads(line)["message"] == f"queued message_id={FORGED}\x7f"
+
+
+def test_an_exception_text_from_outside_keeps_its_lines_but_not_its_escapes():
+    formatter = RedactingFormatter([], as_json=False)
+    traced = formatter.format(_record("handler failed", exc=True, why="bad reply \x1b[2J\r\nforged"))
+    assert "\x1b" not in traced and "\r" not in traced
+    assert traced.endswith("ValueError: bad reply \\x1b[2J\\x0d\nforged")

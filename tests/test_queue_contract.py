@@ -403,6 +403,15 @@ async def test_claim_expired_takes_waiting_messages_out_of_lifetime_in_flight_wi
     assert await queue.claim_expired(10) == []
 
 
+async def test_claim_expired_leaves_out_what_the_caller_is_working_on(queue, clock):
+    """An outcome being retried may already have committed its message back to waiting: the
+    sweep must not claim it from under that work (its token would replace the work's)."""
+    busy, other = await put(queue, expires_at=clock.now + 1), await put(queue, expires_at=clock.now + 1)
+    clock.now += 2
+    assert [m.id for m in await queue.claim_expired(10, exclude=[busy])] == [other]
+    assert [m.id for m in await queue.claim_expired(10)] == [busy]
+
+
 async def test_claim_expired_takes_the_first_to_expire_within_the_limit(queue, clock):
     later = await put(queue, expires_at=START + 30)
     first = await put(queue, expires_at=START + 10)

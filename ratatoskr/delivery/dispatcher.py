@@ -153,7 +153,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                for stored, verdict in await self.outcomes.sweep_expired():
+                for stored, verdict in await self.outcomes.sweep_expired(busy=self._tasks.keys()):
                     self._track(stored, self.bury_expired(stored, verdict), "expire")
                 claimed = await self._claim()
             except QueueUnavailable as exc:
@@ -181,7 +181,9 @@ class Dispatcher:
         self._task_bytes[stored.id] = len(stored.raw)
         task.add_done_callback(functools.partial(self._finished, stored.id))
 
-    def _finished(self, qid: str, _task: object = None) -> None:
+    def _finished(self, qid: str, task: object = None) -> None:
+        if task is not None and self._tasks.get(qid) is not task:
+            return  # a later task holds the id now: its entry is not this one's to remove
         self._tasks.pop(qid, None)
         self._task_bytes.pop(qid, None)
         if self.pool.trial == qid:

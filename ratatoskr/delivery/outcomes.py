@@ -10,7 +10,7 @@ about during a long outage: it claims them, and each is then applied as Dead lik
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from ratatoskr.config import DeliveryConfig
@@ -156,7 +156,7 @@ class Outcomes:
         log.info("split id=%s from id=%s for %d refused recipients", qid, stored.id, len(recipients))
         return 1
 
-    async def sweep_expired(self) -> list[tuple[StoredMessage, Dead]]:
+    async def sweep_expired(self, busy: Collection[str] = ()) -> list[tuple[StoredMessage, Dead]]:
         """Messages out of lifetime while no provider could be asked die here, not never (at
         most every 10 s of the clock, at most :data:`_EXPIRE_BATCH` of them per sweep), and
         delivered messages' history past ``history_retention`` goes (in bounded batches).
@@ -165,12 +165,15 @@ class Outcomes:
         bytes), each with its verdict for :meth:`apply`: notice first, then dead, and safe to
         repeat after QueueUnavailable, so none is dead without its notice. One the caller
         cannot apply it releases (or a crash leaves for recovery); a later sweep claims it
-        again."""
+        again. ``busy``: the ids the caller is still working on, left alone."""
         if self.clock() < self._next_sweep:
             return []
         self._next_sweep = self.clock() + _SWEEP_EVERY
         await self.sweep_history()
-        return [(stored, _expired(stored)) for stored in await self.queue.claim_expired(_EXPIRE_BATCH)]
+        return [
+            (stored, _expired(stored))
+            for stored in await self.queue.claim_expired(_EXPIRE_BATCH, exclude=busy)
+        ]
 
     async def sweep_history(self) -> int:
         """Remove expired history (and the webhook signature tokens kept past their window,

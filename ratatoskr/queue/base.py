@@ -140,10 +140,12 @@ class Queue(Protocol):
         not in flight."""
         ...
 
-    async def claim_expired(self, limit: int) -> list[StoredMessage]:
+    async def claim_expired(self, limit: int, *, exclude: Collection[str] = ()) -> list[StoredMessage]:
         """Atomically mark in flight, as :meth:`claim` does, and return up to ``limit`` waiting
         messages whose ``expires_at`` has passed, whether due or not, ordered by (expires_at,
-        id), with only the head of their bytes (the first 64 KiB, enough for a bounce). Nothing
+        id), with only the head of their bytes (the first 64 KiB, enough for a bounce), leaving
+        out the ids in ``exclude`` (those the caller is still working on: an outcome it is
+        retrying may have committed the message back to waiting already). Nothing
         else changes: the caller queues the notice, then buries each (see "Claimed means
         owned"), so no message is dead before its notice is stored; one the caller cannot bury
         is released, or recovered after a crash, and is claimed here again."""

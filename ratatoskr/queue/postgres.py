@@ -371,10 +371,11 @@ DELETE FROM ratatoskr_events WHERE ctid IN (
 _CLAIM_EXPIRED = f"""
 WITH expired AS (
     SELECT id FROM ratatoskr_messages WHERE state IN ('queued', 'deferred') AND expires_at <= $1
-    ORDER BY expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
+        AND NOT (id = ANY($2::text[]))
+    ORDER BY expires_at, id LIMIT $3 FOR UPDATE SKIP LOCKED
 )
-UPDATE ratatoskr_messages m SET state = 'inflight', owner = $3, lease_token = $4,
-    lease_until = {_NOW} + $5
+UPDATE ratatoskr_messages m SET state = 'inflight', owner = $4, lease_token = $5,
+    lease_until = {_NOW} + $6
 FROM expired e WHERE m.id = e.id
 RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
     m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error,
@@ -812,8 +813,8 @@ class PostgresQueue:
         found = await self._claim(_CLAIM, when, list(exclude), limit, max_bytes)
         return sorted(found, key=lambda m: (m.next_attempt_at, m.id))  # RETURNING has no order
 
-    async def claim_expired(self, limit: int) -> list[StoredMessage]:
-        found = await self._claim(_CLAIM_EXPIRED, self.clock(), limit)
+    async def claim_expired(self, limit: int, *, exclude: Collection[str] = ()) -> list[StoredMessage]:
+        found = await self._claim(_CLAIM_EXPIRED, self.clock(), list(exclude), limit)
         return sorted(found, key=lambda m: (m.expires_at, m.id))  # RETURNING has no order
 
     async def _claim(self, statement: str, *params: Any) -> list[StoredMessage]:
@@ -882,7 +883,14 @@ class PostgresQueue:
         return await self._transition("round", qid, values)
 
     async def release(self, qid: str) -> bool:
-        return await self._transition("release", qid, ())
+        try:
+            return await self._transition("release", qid, ())
+        except QueueUnavailable:
+            # No longer extended: the lease runs out and recovery hands the message back. Held,
+            # it stayed in flight under this node, extended, for as long as the node lived.
+            self._held.pop(qid, None)
+            self._in_doubt.discard(qid)
+            raise
 
     async def _transition(
         self, kind: str, qid: str, values: tuple[Any, ...], pids: tuple[tuple[str, str], ...] = ()

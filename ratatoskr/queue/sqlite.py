@@ -235,6 +235,7 @@ WHERE id = :id AND state = :inflight
 _CLAIM_EXPIRED = f"""
 UPDATE messages SET state = :inflight WHERE id IN (
     SELECT id FROM messages WHERE state IN (:queued, :deferred) AND expires_at <= :now
+        AND id NOT IN (SELECT value FROM json_each(:exclude))
     ORDER BY expires_at, id LIMIT :limit)
 RETURNING {_COLUMNS}
 """
@@ -601,8 +602,8 @@ class SqliteQueue:
         params = {**_STATES, "id": qid}
         return await self._submit(lambda conn: conn.execute(_RELEASE, params).rowcount == 1)
 
-    async def claim_expired(self, limit: int) -> list[StoredMessage]:
-        params = {**_STATES, "now": self.clock(), "limit": limit}
+    async def claim_expired(self, limit: int, *, exclude: Collection[str] = ()) -> list[StoredMessage]:
+        params = {**_STATES, "now": self.clock(), "limit": limit, "exclude": json.dumps(list(exclude))}
 
         def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
             found = _with_bodies(conn, conn.execute(_CLAIM_EXPIRED, params).fetchall(), _HEADS)
