@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Any
 
@@ -472,6 +473,30 @@ async def test_our_own_queue_trouble_is_not_the_clients_error(running_daemon, mo
             code, text = await s.cmd(f"From: ada@example.com\r\nSubject: {n}\r\n\r\nhi\r\n.")
             assert code == (250 if n == 5 else 451), text
         assert time.perf_counter() - started < 1.0  # no error_sleep of 2 s was waited
+
+
+async def test_a_client_that_hangs_up_frees_its_connection_slot_at_once(running_daemon):
+    """aiosmtpd keeps the transport half open at EOF: a session a client closed (without QUIT)
+    could go on counting against max_connections until its idle timeout. A burst of
+    connect-and-close then kept slots taken; now every slot is free again at once and the next
+    sessions get their 220."""
+    daemon = await running_daemon(smtp={"max_connections": 3, "max_connections_per_client": 3})
+
+    def hang_up(times: int) -> None:  # from another thread: the closes race the session starts
+        for _ in range(times):
+            socket.create_connection(("127.0.0.1", daemon.smtp_port)).close()  # a FIN, unread
+
+    await asyncio.to_thread(hang_up, 200)
+    # Each slot is freed once the daemon has seen its close; before, they stayed taken.
+    await wait_until(lambda: daemon.limiter.open == 0, 5, what="every slot freed")
+    held = [RawSmtp(daemon.smtp_port) for _ in range(3)]
+    try:
+        for s in held:
+            await s.__aenter__()
+            assert s.greeting[0] == 220
+    finally:
+        for s in held:
+            await s.__aexit__()
 
 
 async def test_sessions_opened_under_stress_get_short_limits(running_daemon):

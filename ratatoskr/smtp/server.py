@@ -281,6 +281,14 @@ class RelaySMTP(HookNames, FastPaths):
             self._max_errors = 1
             self._reset_timeout()
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session at EOF but keeps the transport half open (True), so the
+        # session went on counting against max_connections until its idle timeout (a burst of
+        # connect-and-close took every slot). A client that sent EOF can send no command:
+        # close, and connection_lost frees the slot.
+        super().eof_received()
+        return False
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:  # aiosmtpd may call this twice after a failed TLS handshake
             self._admitted = False
