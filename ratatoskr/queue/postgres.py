@@ -245,6 +245,8 @@ _INSERT_ALL = (
     " AS r(id, created_at, expires_at, due, sender, recipients, meta, history, size, raw)"
 )
 _INSERT_ALL_IF_ABSENT = _INSERT_ALL + " ON CONFLICT (id) DO NOTHING"
+# _COLUMNS of the rows a claim updates (``m``), qualified: its FROM has an ``id`` of its own.
+_CLAIMED_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
 _UNLEASE = "owner = NULL, lease_token = NULL, lease_until = NULL"
 # An outcome ends its lease but leaves the token on the row, the mark of whose outcome the row
 # holds until the next claim stamps its own: an outcome whose answer was lost (the connection
@@ -263,8 +265,7 @@ WITH due AS (
 UPDATE ratatoskr_messages m SET state = 'inflight', owner = $5, lease_token = $6,
     lease_until = {_NOW} + $7
 FROM budget b WHERE m.id = b.id AND ($4::bigint IS NULL OR b.before < $4::bigint)
-RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
-    m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error, m.raw
+RETURNING {_CLAIMED_COLUMNS}, m.raw
 """
 # A claim whose answer never came (the connection dropped after the server committed it) left
 # rows in flight under this node that it does not know it holds: back to the queue with them.
@@ -377,9 +378,7 @@ WITH expired AS (
 UPDATE ratatoskr_messages m SET state = 'inflight', owner = $4, lease_token = $5,
     lease_until = {_NOW} + $6
 FROM expired e WHERE m.id = e.id
-RETURNING m.id, m.state, m.created_at, m.expires_at, m.next_attempt_at, m.attempts, m.recoveries,
-    m.sender, m.recipients, m.meta, m.history::text AS history, m.last_error,
-    substring(m.raw from 1 for {_HEAD_BYTES}) AS raw
+RETURNING {_CLAIMED_COLUMNS}, substring(m.raw from 1 for {_HEAD_BYTES}) AS raw
 """
 # Whose owner is gone: the lease ran out, or the node closed its handle.
 _GONE = (
