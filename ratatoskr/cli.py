@@ -19,6 +19,7 @@ from ratatoskr import config as config_mod
 from ratatoskr.auth import hash_password
 from ratatoskr.config import Config, redact_url
 from ratatoskr.errors import ConfigError, QueueUnavailable
+from ratatoskr.printable import shown
 from ratatoskr.providers import build_providers
 from ratatoskr.queue import Queue, queue_for
 from ratatoskr.queue.sqlite import DB_NAME
@@ -241,7 +242,7 @@ async def _probe_all(config: Config) -> int:
             await provider.close()
         failing += not result.ok
         word = ("ok" if result.verified else "unverified") if result.ok else "FAILED"
-        print(f"probe {provider.name}: {word}: {queue_output.terminal_safe(result.detail)}")
+        print(f"probe {provider.name}: {word}: {shown(result.detail)}")
     return failing
 
 

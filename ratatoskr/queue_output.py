@@ -32,11 +32,6 @@ _WIDTH = 100
 _SHOWN_RECIPIENTS = 3
 
 
-def terminal_safe(text: str) -> str:
-    """``text`` with its control characters written as visible escapes."""
-    return shown(text)
-
-
 class Listed(Protocol):
     """The fields of a queued message this module reads (the queue's StoredMessage)."""
 
@@ -106,7 +101,7 @@ def table(messages: list[Listed], circuits: list[ProviderCircuit] | None, *, now
     for m in messages:
         lines += _rows(m, held_reason(m, circuits), now=now)
     lines.append(summary(messages))
-    return [terminal_safe(line) for line in lines]
+    return [shown(line) for line in lines]
 
 
 def _rows(m: Listed, held: str, *, now: float) -> list[str]:
@@ -282,4 +277,4 @@ def show(
     head = m.raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     if head:
         lines += ["", *head.split("\r\n")]
-    return [terminal_safe(line) for line in lines]
+    return [shown(line) for line in lines]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from ratatoskr.message import Envelope
+from ratatoskr.printable import shown
 from ratatoskr.queue import State, StoredMessage
 from ratatoskr.queue.values import Attempt, Outcome
-from ratatoskr.queue_output import json_line, show, table, terminal_safe
+from ratatoskr.queue_output import json_line, show, table
 
 ESCAPES = "\x1b]0;owned\x07\x1b[2J\x9b31m\r"
 
@@ -49,4 +50,4 @@ def test_json_escapes_c1_controls_too_and_still_parses():
 
 
 def test_ordinary_text_is_unchanged():
-    assert terminal_safe("Grüße\tfrom Zürich — ok") == "Grüße\tfrom Zürich — ok"
+    assert shown("Grüße\tfrom Zürich — ok") == "Grüße\tfrom Zürich — ok"
